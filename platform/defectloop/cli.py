@@ -1,0 +1,258 @@
+"""The ``defectloop`` command: train, evaluate, score, demo.
+
+Model settings come from defaults, then a JSON config file (``--config`` or ``DEFECTLOOP_CONFIG``),
+then command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("defectloop")
+
+
+def _model_config(args: argparse.Namespace):
+    from defectloop.models import ModelConfig
+
+    data: dict = {}
+    config_file = args.config or os.environ.get("DEFECTLOOP_CONFIG")
+    if config_file:
+        data.update(json.loads(Path(config_file).read_text()))
+    for key in ("backbone", "backbone_checkpoint", "seed", "image_size"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    data["kind"] = args.model
+    return ModelConfig.from_dict(data)
+
+
+def _categories(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+def _masks(ex) -> list[np.ndarray | None]:
+    return [None if m is None else (m > 0.5).numpy() for m in ex.masks]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from defectloop.data import load_split
+    from defectloop.features import extract
+    from defectloop.models import create_model
+    from defectloop.store import Registry
+
+    config = _model_config(args)
+    split = load_split(args.data, _categories(args.categories), args.anomalies_per_class, config.seed)
+    for note in split.notes:
+        log.info(note)
+    model = create_model(config)
+    t0 = time.perf_counter()
+    train = extract(model.embedder, split.train, config.image_size, progress="features")
+    for path, reason in train.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    stats = model.fit(train, progress=True)
+    stats["fit_seconds"] = time.perf_counter() - t0
+    stats["categories"] = split.categories
+    stats["notes"] = split.notes
+    if args.registry:
+        version = Registry(args.registry).register(model, metrics={"fit": stats})
+        out = Registry(args.registry).path(version)
+        print(f"registered {config.kind} model as {version} in {args.registry}")
+    else:
+        out = model.save(args.out)
+    (out / "fit.json").write_text(json.dumps(stats, indent=1, default=str))
+    print(f"trained {config.kind} on {stats['n_train_images']} images of {len(split.categories)} categories "
+          f"({len(train.skipped)} skipped) in {stats['fit_seconds']:.1f}s: normal bank {stats['normal_bank_size']}"
+          f", abnormal bank {len(model.abnormal_bank)}; saved to {out}")
+    return 0
+
+
+def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed: int, plots: Path | None = None):
+    """Score the test split of ``data`` and compute metrics (and plots)."""
+    from defectloop.data import load_image, load_split
+    from defectloop.features import extract
+    from defectloop.metrics import evaluate
+
+    split = load_split(data, categories, k, seed)
+    test = extract(model.embedder, split.test, model.config.image_size, progress="scoring")
+    scores, maps = model.score_features(test.features)
+    cats = [s.category for s in test.samples]
+    labels = np.array([s.label for s in test.samples])
+    result = evaluate(cats, scores.numpy(), labels, maps.numpy(), _masks(test))
+    result["skipped"] = test.skipped
+    if plots is not None:
+        from defectloop.features import image_tensor
+        from defectloop.plots import overlays, score_histograms
+
+        plots.mkdir(parents=True, exist_ok=True)
+        score_histograms(plots / "score_histograms.png", cats, scores.numpy(), labels,
+                         {c: model.threshold(c) for c in set(cats)})
+        for cat in sorted(set(cats)):
+            idx = [i for i in np.argsort(-scores.numpy()) if cats[i] == cat][:8]
+            size = model.config.image_size
+            imgs = [(image_tensor(load_image(test.samples[i].path), size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+                    for i in idx]
+            titles = [f"{test.samples[i].defect} {scores[i]:.2f}" for i in idx]
+            overlays(plots / f"overlay_{cat}.png", imgs, maps[idx].numpy(), titles, [_masks(test)[i] for i in idx])
+    return result
+
+
+def print_table(result: dict) -> None:
+    from defectloop.metrics import METRIC_KEYS, fmt
+
+    head = f"{'category':18s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'n_test':>8s}"
+    print(head)
+    print("-" * len(head))
+    for name, m in [*result["categories"].items(), ("mean", result["mean"])]:
+        print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from defectloop.models import load_model
+    from defectloop.store import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    result = evaluate_model(model, args.data, _categories(args.categories), args.anomalies_per_class,
+                            args.seed, Path(args.plots) if args.plots else None)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    (model_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from defectloop.data import ImageError, load_image
+    from defectloop.features import image_tensor
+    from defectloop.models import load_model
+    from defectloop.store import resolve_model_dir
+
+    model = load_model(resolve_model_dir(args.model))
+    size = model.config.image_size
+    threshold = model.threshold(args.category)
+    failed = 0
+    if args.heatmaps:
+        Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        try:
+            img = image_tensor(load_image(path), size)
+        except ImageError as e:
+            print(f"error {e}", file=sys.stderr)
+            failed += 1
+            continue
+        score, amap = model.score_images(img[None])
+        s = float(score[0])
+        decision = "unknown" if threshold is None else ("anomalous" if s > threshold else "normal")
+        print(f"{path}\t{s:.4f}\t{decision}")
+        if args.heatmaps:
+            from defectloop.plots import overlays
+
+            overlays(Path(args.heatmaps) / f"{Path(path).stem}_heatmap.png",
+                     [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], amap.numpy(), [f"{s:.3f} {decision}"])
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a small multi-category data set, train one unified DMAD model, evaluate it."""
+    from defectloop.data import load_split
+    from defectloop.data.synthetic import make_dataset
+    from defectloop.features import extract
+    from defectloop.models import ModelConfig, create_model
+    from defectloop.store import Registry
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
+    data = Path(args.data) if args.data else make_dataset(work / "data", seed=args.seed)
+    print(f"data: {data}")
+    split = load_split(data, anomalies_per_class=args.anomalies_per_class, seed=args.seed)
+    results = {}
+    for kind in ("patchcore", "dmad"):
+        model = create_model(ModelConfig(kind=kind, seed=args.seed, steps=args.steps))
+        train = extract(model.embedder, split.train, model.config.image_size, progress=f"{kind}: features")
+        model.fit(train, progress=True)
+        registry = Registry(work / "registry")
+        version = registry.register(model)
+        res = evaluate_model(model, str(data), None, args.anomalies_per_class, args.seed, work / "plots" / kind)
+        (registry.path(version) / "metrics.json").write_text(json.dumps(res, indent=1))
+        results[kind] = res
+        print(f"\n{kind} ({version})")
+        print_table(res)
+    print(f"\nregistry: {work / 'registry'}  plots: {work / 'plots'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="defectloop", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", choices=["dmad", "patchcore"], default="dmad")
+        sp.add_argument("--backbone", help="tf_efficientnet_lite0/1/2, mobilenetv2, or a timm name with a checkpoint")
+        sp.add_argument("--backbone-checkpoint", help="local weights file for --backbone")
+        sp.add_argument("--image-size", type=int)
+        sp.add_argument("--config", help="JSON file of model settings (default: $DEFECTLOOP_CONFIG)")
+
+    t = sub.add_parser("train", help="train one unified model over categories")
+    t.add_argument("--data", required=True, help="folder in MVTec layout")
+    t.add_argument("--categories", help="comma-separated subset (default: all)")
+    t.add_argument("--anomalies-per-class", type=int, default=0, help="annotated test anomalies moved into training")
+    t.add_argument("--seed", type=int, default=0)
+    model_opts(t)
+    dest = t.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="model version directory to write")
+    dest.add_argument("--registry", help="registry folder: register as a new current version")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a model on a data set's test split")
+    e.add_argument("--model", required=True, help="model version directory or registry")
+    e.add_argument("--data", required=True)
+    e.add_argument("--categories")
+    e.add_argument("--anomalies-per-class", type=int, default=0, help="as in training: seen anomalies leave the test set")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="write metrics JSON here")
+    e.add_argument("--plots", help="write PNG overlays and score histograms here")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", help="score image files")
+    s.add_argument("--model", required=True, help="model version directory or registry")
+    s.add_argument("--category", help="category for the decision threshold")
+    s.add_argument("--heatmaps", help="write a heatmap PNG per image here")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(func=cmd_score)
+
+    d = sub.add_parser("demo", help="train and evaluate PatchCore and DMAD on generated data (no arguments needed)")
+    d.add_argument("--data", help="use this MVTec-layout folder instead of generated data")
+    d.add_argument("--out", help="working folder (default: a new temporary folder)")
+    d.add_argument("--anomalies-per-class", type=int, default=2)
+    d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, LookupError, RuntimeError) as e:
+        print(f"defectloop: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Patch embedding (PatchCore/SimpleNet style) and batched feature extraction.
+
+Stride-8 and stride-16 maps are each averaged over their 3x3 neighbourhood (local context), the
+stride-16 map is upsampled to the stride-8 grid and both are concatenated: a 256 px image gives a
+32 x 32 grid of C-dim patch vectors (C = 152 for tf_efficientnet_lite0).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from defectloop.data.images import ImageError, load_image, load_mask
+from defectloop.data.mvtec import Sample
+from defectloop.features.backbones import FeatureBackbone
+
+log = logging.getLogger(__name__)
+
+
+class PatchEmbedder(nn.Module):
+    """Backbone + local aggregation: images (B x 3 x S x S in [0, 1]) -> B x C x S/8 x S/8."""
+
+    def __init__(self, backbone: FeatureBackbone):
+        super().__init__()
+        self.backbone = backbone
+        self.dim = sum(backbone.channels)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f8, f16 = self.backbone(images)
+        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=False)
+        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=False)
+        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([f8, f16], dim=1)
+
+
+def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 H x W x 3 -> 3 x size x size float tensor in [0, 1] (antialiased resize)."""
+    img = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    """Bool H x W mask -> size x size float tensor: the defective fraction of each output pixel."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+@dataclass
+class Extracted:
+    """Patch features of a list of samples (those that could be read), in order."""
+
+    features: torch.Tensor  # N x C x H x W
+    samples: list[Sample]
+    masks: list[torch.Tensor | None]  # size x size defect coverage, None if unknown
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def _load(sample: Sample, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    image = load_image(sample.path)
+    mask = None
+    if sample.mask_path is not None:
+        mask = mask_tensor(load_mask(sample.mask_path, expected_hw=image.shape[:2]), size)
+    elif sample.label == 0:
+        mask = torch.zeros(size, size)
+    return image_tensor(image, size), mask
+
+
+def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int = 256, batch_size: int = 16,
+            progress: bool | str = False, device: str | torch.device = "cpu") -> Extracted:
+    """Embed samples in batches; unreadable files are skipped and reported, never silently."""
+    feats: list[torch.Tensor] = []
+    kept: list[Sample] = []
+    masks: list[torch.Tensor | None] = []
+    skipped: list[tuple[str, str]] = []
+    desc = progress if isinstance(progress, str) else "features"
+    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
+
+    def load(s: Sample):
+        try:
+            return _load(s, image_size)
+        except ImageError as e:
+            return e
+
+    def flush(batch: list[torch.Tensor]) -> None:
+        if batch:
+            feats.append(embedder(torch.stack(batch).to(device)).float().cpu())
+            bar.update(len(batch))
+            batch.clear()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # decoding runs ahead of the backbone, at most a few batches (bounded memory)
+        queue: deque = deque()
+        todo = iter(samples)
+        for s in islice(todo, 4 * batch_size):
+            queue.append((s, pool.submit(load, s)))
+        batch: list[torch.Tensor] = []
+        while queue:
+            sample, future = queue.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(load, nxt)))
+            res = future.result()
+            if isinstance(res, ImageError):
+                skipped.append((str(sample.path), res.reason))
+                log.warning("skipped %s: %s", sample.path, res.reason)
+                bar.update(1)
+                continue
+            batch.append(res[0])
+            kept.append(sample)
+            masks.append(res[1])
+            if len(batch) == batch_size:
+                flush(batch)
+        flush(batch)
+    bar.close()
+    if not kept:
+        raise ValueError(f"none of the {len(samples)} images could be read")
+    return Extracted(torch.cat(feats), kept, masks, skipped)

@@ -1,0 +1,8 @@
+"""Memory: coreset sampling, nearest-neighbour indexes, normal/abnormal banks."""
+
+from defectloop.memory.banks import AbnormalBank, NormalBank, Provenance
+from defectloop.memory.coreset import CoresetSampler, KCenterGreedy, RandomSampler, target_size
+from defectloop.memory.nn_index import ExactIndex, IVFIndex, NNIndex, build_index, knn
+
+__all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "KCenterGreedy", "NNIndex", "NormalBank",
+           "Provenance", "RandomSampler", "build_index", "knn", "target_size"]

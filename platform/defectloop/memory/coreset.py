@@ -1,0 +1,127 @@
+"""Coreset samplers: choose the patch features that become the normal memory bank.
+
+:class:`KCenterGreedy` is PatchCore's greedy k-center (farthest-point) selection on a random
+projection, made fast for a million patches: every selected centre owns a Voronoi cell of the
+points it covers, and a new centre ``c`` can only take points from cells whose owner ``s``
+satisfies ``d(c, s) < 2 * radius(s)`` (triangle inequality). Points of all other cells are never
+touched, so late iterations cost a few cells instead of a pass over all N points, and the
+selection is the same as the plain algorithm's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+
+class CoresetSampler(Protocol):
+    """Strategy: pick ``n`` row indices of ``features`` (N x D) to keep."""
+
+    def select(self, features: torch.Tensor, n: int) -> torch.Tensor: ...
+
+
+def target_size(n_total: int, ratio: float, max_size: int | None = None) -> int:
+    """Bank size for a ratio (at least 1 entry, at most ``max_size``)."""
+    n = max(1, math.ceil(n_total * ratio))
+    return min(n, max_size) if max_size else n
+
+
+class RandomSampler:
+    """Uniform random subset: the baseline a coreset must beat."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(features.shape[0], generator=g)[: min(n, features.shape[0])]
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Johnson-Lindenstrauss projection to ``dim`` columns (identity when already that small)."""
+    if features.shape[1] <= dim:
+        return features.float()
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(features.shape[1], dim, generator=g) / math.sqrt(dim)
+    out = torch.empty(features.shape[0], dim)
+    for i in range(0, features.shape[0], 262144):
+        out[i:i + 262144] = features[i:i + 262144].float() @ proj
+    return out
+
+
+class KCenterGreedy:
+    """Greedy k-center coreset with Voronoi-cell pruning (exact farthest-point order).
+
+    Args:
+        projection_dim: distances are computed after a random projection to this many dims.
+        seed: chooses the projection and the first centre.
+    """
+
+    def __init__(self, projection_dim: int = 128, seed: int = 0):
+        self.projection_dim = projection_dim
+        self.seed = seed
+
+    def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
+        x = random_projection(features, self.projection_dim, self.seed)
+        return farthest_points(x, n, self.seed)
+
+
+def _dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return (x_sq - 2 * (x @ c) + c.dot(c)).clamp_min_(0).sqrt_()
+
+
+@torch.no_grad()
+def farthest_points(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` rows of ``x`` chosen by farthest-point traversal from a seeded start."""
+    total = x.shape[0]
+    n = min(n, total)
+    x_sq = (x * x).sum(1)
+    first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
+    selected = torch.empty(n, dtype=torch.long)
+    centres = x.new_empty(n, x.shape[1])
+    selected[0], centres[0] = first, x[first]
+    mind = _dist(x, x_sq, x[first])  # distance of every point to its nearest centre
+    owner = torch.zeros(total, dtype=torch.long)  # which centre covers it
+    radius = x.new_zeros(n)  # per cell: largest distance of a point it covers
+    radius[0] = mind.max()
+    in_cell = torch.zeros(n, dtype=torch.bool)
+    for t in range(1, n):
+        i = int(mind.argmax())
+        if mind[i] <= 0:  # every point is a centre already (duplicates)
+            return selected[:t]
+        c = x[i]
+        selected[t], centres[t] = i, c
+        centre_dist = (centres[:t] - c).norm(dim=1)
+        cand = centre_dist < 2 * radius[:t] * (1 + 1e-5) + 1e-6
+        if int(cand.sum()) > t // 2:  # early: most cells are reachable, a full pass is cheaper
+            d = _dist(x, x_sq, c)
+            closer = d < mind
+            mind = torch.where(closer, d, mind)
+            owner[closer] = t
+            radius.zero_().scatter_reduce_(0, owner, mind, "amax")
+            continue
+        in_cell[:t] = cand
+        idx = in_cell[owner].nonzero().squeeze(1)
+        d = _dist(x[idx], x_sq[idx], c)
+        closer = d < mind[idx]
+        moved = idx[closer]
+        mind[moved] = d[closer]
+        owner[moved] = t
+        # exact new radii of the cells that were looked at (and of the new one)
+        radius[:t].masked_fill_(cand, 0)
+        radius.scatter_reduce_(0, owner[idx], mind[idx], "amax")
+        in_cell[:t] = False
+    return selected
+
+
+def coverage_radius(features: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> float:
+    """Largest distance from any feature to its nearest bank entry (how well the bank covers)."""
+    worst = 0.0
+    b_sq = (bank * bank).sum(1)
+    for i in range(0, features.shape[0], chunk):
+        q = features[i:i + chunk].float()
+        d = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + b_sq[None]
+        worst = max(worst, float(d.min(1).values.clamp_min(0).max().sqrt()))
+    return worst

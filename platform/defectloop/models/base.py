@@ -1,0 +1,209 @@
+"""What every anomaly model shares: config, normal bank, calibration, post-processing, save/load.
+
+A model version is a directory: ``config.json``, ``weights.safetensors`` (learned parts, if any),
+``normal_bank.*``, ``abnormal_bank.*``, ``calibration.json`` and, once evaluated, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from defectloop.features import Extracted, PatchEmbedder, load_backbone
+from defectloop.memory import AbnormalBank, KCenterGreedy, NormalBank, target_size
+
+log = logging.getLogger(__name__)
+
+#: the key of the threshold used for images of a category the model has not seen
+ANY_CATEGORY = "*"
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model; saved as config.json in each version."""
+
+    kind: str = "dmad"
+    backbone: str = "tf_efficientnet_lite0"
+    backbone_checkpoint: str | None = None
+    image_size: int = 256
+    seed: int = 0
+    coreset_ratio: float = 0.01  # fraction of normal patches kept in the normal bank
+    coreset_max: int = 50_000
+    holdout_fraction: float = 0.1  # normal training images held back for threshold calibration
+    threshold_quantile: float = 0.99
+    smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
+    # DMAD
+    mask_coverage: float = 0.25  # a patch is abnormal when this fraction of its cell is defective
+    k_abnormal: int = 4
+    hidden: int = 256
+    steps: int = 1500
+    batch_size: int = 1024
+    lr: float = 1e-3
+    real_weight: float = 5.0
+    synthetic_weight: float = 1.0
+    synthetic_per_category: int = 8
+    train_patches: int = 100_000
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of B x H x W maps (reflect padding)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    m = F.pad(maps[:, None], (radius, radius, 0, 0), mode="reflect")
+    m = F.conv2d(m, k.view(1, 1, 1, -1))
+    m = F.pad(m, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(m, k.view(1, 1, -1, 1))[:, 0]
+
+
+def split_holdout(samples: list, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (fit, held-back) normal samples; per category, at least one held back when possible."""
+    by_cat: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.label == 0:
+            by_cat.setdefault(s.category, []).append(i)
+    fit, held = [], []
+    for cat, idx in sorted(by_cat.items()):
+        idx = idx[:]
+        random.Random(f"{seed}/holdout/{cat}").shuffle(idx)
+        n = min(len(idx) - 1, max(1, round(len(idx) * fraction))) if fraction > 0 else 0
+        held += idx[:n]
+        fit += idx[n:]
+    return sorted(fit), sorted(held)
+
+
+class AnomalyModel(nn.Module):
+    """Base class: frozen embedder + normal bank; subclasses define ``patch_scores``."""
+
+    kind = "base"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedder = PatchEmbedder(load_backbone(config.backbone, config.backbone_checkpoint))
+        self.dim = self.embedder.dim
+        self.normal_bank: NormalBank | None = None
+        self.abnormal_bank = AbnormalBank(self.dim)
+        self.calibration: dict[str, dict[str, float]] = {}
+
+    # ----- fitting -------------------------------------------------------------------------
+    def fit(self, train: Extracted, progress: bool = False) -> dict:
+        """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals."""
+        torch.manual_seed(self.config.seed)
+        fit_idx, held_idx = split_holdout(train.samples, self.config.holdout_fraction, self.config.seed)
+        if not fit_idx:
+            raise ValueError("no normal training image to fit on")
+        stats = {"n_train_images": len(train.samples), "n_fit_normal": len(fit_idx),
+                 "n_calibration": len(held_idx), "skipped": train.skipped}
+        stats.update(self.build_normal_bank(train, fit_idx, progress))
+        stats.update(self.fit_head(train, fit_idx, progress))
+        if held_idx:
+            scores, _ = self.score_features(train.features[held_idx])
+            self.calibrate([train.samples[i].category for i in held_idx], scores)
+        return stats
+
+    def build_normal_bank(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+        feats = train.features[fit_idx]  # n x C x H x W
+        n, c, h, w = feats.shape
+        flat = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        owners = torch.arange(n).repeat_interleave(h * w)
+        size = target_size(flat.shape[0], self.config.coreset_ratio, self.config.coreset_max)
+        if progress:
+            tqdm.write(f"coreset: selecting {size} of {flat.shape[0]} patches")
+        sel = KCenterGreedy(seed=self.config.seed).select(flat, size)
+        image_ids = [train.samples[i].image_id for i in fit_idx]
+        self.normal_bank = NormalBank(flat[sel].clone(), image_ids, owners[sel])
+        return {"normal_bank_size": len(self.normal_bank), "n_normal_patches": int(flat.shape[0])}
+
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+        """Learned parts (none for PatchCore)."""
+        return {}
+
+    def calibrate(self, categories: list[str], scores: torch.Tensor) -> None:
+        """Per-category decision thresholds from normal image scores (never from test data)."""
+        q = self.config.threshold_quantile
+        groups: dict[str, list[float]] = {ANY_CATEGORY: scores.tolist()}
+        for cat, s in zip(categories, scores.tolist(), strict=True):
+            groups.setdefault(cat, []).append(s)
+        self.calibration = {
+            cat: {"threshold": float(torch.tensor(v).quantile(q)), "normal_mean": float(torch.tensor(v).mean()),
+                  "normal_std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0, "n": len(v)}
+            for cat, v in groups.items()}
+
+    def threshold(self, category: str | None = None) -> float | None:
+        entry = self.calibration.get(category or ANY_CATEGORY) or self.calibration.get(ANY_CATEGORY)
+        return entry["threshold"] if entry else None
+
+    # ----- scoring -------------------------------------------------------------------------
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """B x C x H x W patch features -> B x H x W anomaly scores (higher = more anomalous)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_features(self, feats: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B) and anomaly maps (B x S x S) from patch features."""
+        self.eval()
+        scores, maps = [], []
+        size = self.config.image_size
+        sigma = self.config.smoothing_sigma * size / 256
+        for i in range(0, feats.shape[0], batch_size):
+            p = self.patch_scores(feats[i:i + batch_size])
+            m = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            m = gaussian_blur(m, sigma)
+            maps.append(m)
+            scores.append(m.flatten(1).max(1).values)
+        return torch.cat(scores), torch.cat(maps)
+
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B x 3 x S x S in [0, 1]) -> image scores and anomaly maps."""
+        return self.score_features(self.embedder(images))
+
+    # ----- persistence ---------------------------------------------------------------------
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """Learned tensors saved in weights.safetensors (backbone excluded: it is frozen)."""
+        return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("embedder.")}
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        save_file(self.head_state(), str(folder / "weights.safetensors"))
+        if self.normal_bank is None:
+            raise RuntimeError("model is not fitted")
+        self.normal_bank.save(folder)
+        self.abnormal_bank.save(folder)
+        (folder / "calibration.json").write_text(json.dumps(self.calibration, indent=1))
+        return folder
+
+    def load_state(self, folder: Path) -> None:
+        state = load_file(str(folder / "weights.safetensors"))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("embedder.")]
+        if missing or unexpected:
+            raise RuntimeError(f"{folder}: weights do not fit a {self.kind} model ({missing[:3]}, {unexpected[:3]})")
+        self.normal_bank = NormalBank.load(folder)
+        self.abnormal_bank = AbnormalBank.load(folder)
+        self.calibration = json.loads((folder / "calibration.json").read_text())

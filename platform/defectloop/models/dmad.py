@@ -1,0 +1,249 @@
+"""DMAD: dual memory banks (normal + abnormal) feeding a learned patch scorer.
+
+Implements the method as DESIGN.md section 4 corrects it:
+
+- knowledge enhancement of a patch q: residual to its nearest normal entry, and residual to a
+  softmax(-d^2/tau)-attended vector over its k nearest abnormal entries, plus both distances;
+- the same enhancement for training and test patches, with leave-one-image-out: a training
+  patch never sees bank entries of its own image (else the scorer learns "I am in the bank");
+- pseudo-anomalies: noise on normal features, with the enhancement recomputed for the noisy one;
+- scorer: feature adaptor + MLP, hinge loss (margin 0.5) over normal, pseudo, synthetic and real
+  abnormal patches (real ones weighted up); no normalisation layers, so eval = train behaviour;
+- cold start: without annotations the abnormal bank holds synthetic defects painted on normal
+  training images;
+- the abnormal bank is read at scoring time, so a newly confirmed mask changes scores at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from defectloop.data.images import ImageError, load_image
+from defectloop.data.synthetic import add_defect
+from defectloop.features import Extracted, image_tensor
+from defectloop.memory import Provenance, knn
+from defectloop.memory.nn_index import sq_dists
+from defectloop.models.base import AnomalyModel
+
+log = logging.getLogger(__name__)
+
+#: distance (in units of the typical normal distance) standing for "no abnormal entry to compare"
+NO_ABNORMAL = 10.0
+MARGIN = 0.5
+
+
+@dataclass
+class Enhanced:
+    """Knowledge-enhanced patches: query, residuals and distances to both banks."""
+
+    q: torch.Tensor  # N x D
+    r_n: torch.Tensor  # N x D, q - nearest normal entry
+    d_n: torch.Tensor  # N
+    r_a: torch.Tensor  # N x D, q - attended abnormal vector
+    d_a: torch.Tensor  # N, distance to nearest abnormal entry
+
+    def take(self, idx: torch.Tensor) -> Enhanced:
+        return Enhanced(self.q[idx], self.r_n[idx], self.d_n[idx], self.r_a[idx], self.d_a[idx])
+
+
+class DMADScorer(nn.Module):
+    """Adaptor + MLP mapping an enhanced patch to a normality score (positive = normal)."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.adaptor = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(3 * dim + 2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        # feature statistics and distance scale, set from training data before fitting
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, e: Enhanced) -> torch.Tensor:
+        a = self.adaptor
+        x = torch.cat([a((e.q - self.mean) / self.std), a(e.r_n / self.std), a(e.r_a / self.std),
+                       torch.log1p(e.d_n / self.scale)[:, None], torch.log1p(e.d_a / self.scale)[:, None]], 1)
+        return self.mlp(x)[:, 0]
+
+
+def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
+                   query_owner: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest normal entry from another image than the query's (exact; used for training)."""
+    d, idx = knn(q, bank_feats, k)
+    other = bank_owner[idx] != query_owner[:, None]
+    first = torch.where(other.any(1), other.float().argmax(1), torch.full_like(query_owner, k - 1))
+    rows = torch.arange(q.shape[0])
+    return d[rows, first], idx[rows, first]
+
+
+def attend_abnormal(q: torch.Tensor, feats: torch.Tensor, k: int, tau: float, no_abnormal: float,
+                    owner: torch.Tensor | None = None, query_owner: torch.Tensor | None = None,
+                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual to the softmax(-d^2/tau)-weighted k nearest abnormal entries, and the nearest distance.
+
+    With owners given, entries of the query's own image are left out (leave-one-image-out).
+    """
+    n = q.shape[0]
+    if feats.shape[0] == 0:
+        return torch.zeros_like(q), torch.full((n,), no_abnormal)
+    k = min(k, feats.shape[0])
+    f_sq = (feats * feats).sum(1)
+    r_a, d_a = torch.empty_like(q), torch.empty(n)
+    for i in range(0, n, chunk):
+        qc = q[i:i + chunk]
+        d2 = sq_dists(qc, feats, f_sq)
+        if owner is not None:
+            d2 = d2.masked_fill(query_owner[i:i + chunk, None] == owner[None], float("inf"))
+        d2k, idx = d2.topk(k, dim=1, largest=False)
+        valid = torch.isfinite(d2k)
+        w = torch.softmax((-d2k / tau).masked_fill(~valid, float("-inf")), dim=1).nan_to_num(0.0)
+        attended = (w[:, :, None] * feats[idx]).sum(1)
+        has = valid[:, 0]
+        r_a[i:i + chunk] = torch.where(has[:, None], qc - attended, torch.zeros_like(qc))
+        d_a[i:i + chunk] = torch.where(has, d2k[:, 0].clamp_min(0).sqrt(), torch.full_like(d2k[:, 0], no_abnormal))
+    return r_a, d_a
+
+
+def _cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Patch features (C x H x W) whose cell is covered by the mask at least ``threshold`` (area pooling)."""
+    c, h, w = feats.shape
+    cov = F.adaptive_avg_pool2d(coverage[None, None], (h, w))[0, 0]
+    return feats.permute(1, 2, 0)[cov >= threshold]
+
+
+class DMAD(AnomalyModel):
+    kind = "dmad"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scorer = DMADScorer(self.dim, config.hidden)
+
+    # ----- enhancement ---------------------------------------------------------------------
+    def _tau(self) -> float:
+        return float(self.scorer.scale) ** 2
+
+    def _no_abnormal(self) -> float:
+        return NO_ABNORMAL * float(self.scorer.scale)
+
+    def enhance(self, q: torch.Tensor) -> Enhanced:
+        """Enhancement of test patches against the current banks (no exclusions)."""
+        bank = self.normal_bank
+        d_n, idx = bank.index.search(q)
+        feats, _, _ = self.abnormal_bank.tensors()
+        r_a, d_a = attend_abnormal(q, feats, self.config.k_abnormal, self._tau(), self._no_abnormal())
+        return Enhanced(q, q - bank.features[idx], d_n, r_a, d_a)
+
+    @torch.no_grad()
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = feats.shape
+        e = self.enhance(feats.permute(0, 2, 3, 1).reshape(-1, c))
+        return (-self.scorer(e)).view(b, h, w)
+
+    # ----- training ------------------------------------------------------------------------
+    def _synthetic_anomalies(self, train: Extracted, fit_idx: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """Paint synthetic defects on a few normal training images per category; (image, patches)."""
+        per_cat: dict[str, list[int]] = {}
+        for i in fit_idx:
+            per_cat.setdefault(train.samples[i].category, []).append(i)
+        out = []
+        rng = np.random.default_rng(self.config.seed)
+        for cat, idx in sorted(per_cat.items()):
+            random.Random(f"{self.config.seed}/synthetic/{cat}").shuffle(idx)
+            for i in idx[: self.config.synthetic_per_category]:
+                try:
+                    image = load_image(train.samples[i].path)
+                except ImageError:
+                    continue
+                painted, mask = add_defect(image, rng=rng)
+                size = self.config.image_size
+                f = self.embedder(image_tensor(painted, size)[None])[0]
+                cov = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(size, size),
+                                    mode="area")[0, 0]
+                cells = _cells(f, cov, self.config.mask_coverage)
+                if len(cells):
+                    out.append((i, cells))
+        return out
+
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed)
+        ids = {s.image_id: i for i, s in enumerate(train.samples)}
+        bank = self.normal_bank
+        bank_owner = torch.tensor([ids[x] for x in bank.image_ids])[bank.owners]
+
+        # abnormal bank: real annotated masks, then synthetic defects (cold start and extra negatives)
+        self.abnormal_bank = type(self.abnormal_bank)(self.dim)
+        real_q, real_owner = [], []
+        for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True)):
+            if s.label == 1 and m is not None:
+                cells = _cells(train.features[i], m, cfg.mask_coverage)
+                if len(cells):
+                    self.abnormal_bank.add(Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells)
+                    real_q.append(cells)
+                    real_owner.append(torch.full((len(cells),), i))
+        syn_q, syn_owner = [], []
+        for j, (i, cells) in enumerate(self._synthetic_anomalies(train, fit_idx)):
+            s = train.samples[i]
+            self.abnormal_bank.add(Provenance(f"synthetic:{j}", s.image_id, s.category, "synthetic", "synthetic"), cells)
+            syn_q.append(cells)
+            syn_owner.append(torch.full((len(cells),), i))
+        ab_feats, ab_group, ab_provs = self.abnormal_bank.tensors()
+        ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
+
+        # normal patch pool from the fitted images
+        feats = train.features[fit_idx]
+        n_img, c, h, w = feats.shape
+        n_pool = min(cfg.train_patches, n_img * h * w)
+        flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
+        q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
+        own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
+        self.scorer.mean.copy_(q_n.mean(0))
+        self.scorer.std.copy_(q_n.std(0).clamp_min(1e-6))
+
+        def enhanced(q: torch.Tensor, owner: torch.Tensor) -> Enhanced:
+            d_n, idx = nearest_normal(q, bank.features, bank_owner, owner)
+            r_a, d_a = attend_abnormal(q, ab_feats, cfg.k_abnormal, self._tau(), self._no_abnormal(), ab_owner, owner)
+            return Enhanced(q, q - bank.features[idx], d_n, r_a, d_a)
+
+        d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
+        self.scorer.scale.fill_(float(d_n0.median().clamp_min(1e-6)))
+        e_n = enhanced(q_n, own_n)
+        # pseudo-anomalies: noise along the feature spread, 1-3 typical normal distances long
+        noise = torch.randn(q_n.shape, generator=g) * self.scorer.std
+        length = self.scorer.scale * (1 + 2 * torch.rand(n_pool, 1, generator=g))
+        e_p = enhanced(q_n + noise / noise.norm(dim=1, keepdim=True) * length, own_n)
+        e_r = enhanced(torch.cat(real_q), torch.cat(real_owner)) if real_q else None
+        e_s = enhanced(torch.cat(syn_q), torch.cat(syn_owner)) if syn_q else None
+
+        opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+        self.scorer.train()
+        bs = cfg.batch_size
+        bar = tqdm(range(cfg.steps), desc="dmad scorer", disable=not progress, leave=False)
+        loss_val = float("nan")
+        for _ in bar:
+            i = torch.randint(n_pool, (bs,), generator=g)
+            loss = F.relu(MARGIN - self.scorer(e_n.take(i))).mean() + F.relu(MARGIN + self.scorer(e_p.take(i))).mean()
+            if e_r is not None:
+                j = torch.randint(len(e_r.q), (bs // 2,), generator=g)
+                loss = loss + cfg.real_weight * F.relu(MARGIN + self.scorer(e_r.take(j))).mean()
+            if e_s is not None:
+                j = torch.randint(len(e_s.q), (bs // 2,), generator=g)
+                loss = loss + cfg.synthetic_weight * F.relu(MARGIN + self.scorer(e_s.take(j))).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_val = loss.item()
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+        self.scorer.eval()
+        return {"abnormal_bank_size": len(self.abnormal_bank), "real_abnormal_patches": 0 if e_r is None else len(e_r.q),
+                "synthetic_abnormal_patches": 0 if e_s is None else len(e_s.q), "final_loss": loss_val}

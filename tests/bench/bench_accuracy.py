@@ -1,0 +1,151 @@
+"""Accuracy, speed and coreset benchmark on real inspection images (run on demand, not in CI).
+
+    .venv/bin/python tests/bench/bench_accuracy.py [--data ../shared/data/dev] [--json OUT]
+
+One unified model over all categories of --data. PatchCore, DMAD unsupervised and DMAD with 1, 5
+and 10 annotated anomalies per category share one backbone, one seed and one test set (the test
+images left after removing the 10 seen anomalies per category; seen(1) and seen(5) are subsets
+of seen(10)). Also measured in the same run: scoring throughput vs the bare backbone at 256 px,
+batch 16, and the coreset against the plain greedy k-center loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from defectloop.data import load_split
+from defectloop.features import Extracted, PatchEmbedder, extract, load_backbone
+from defectloop.memory.coreset import coverage_radius, farthest_points, random_projection
+from defectloop.metrics import evaluate, fmt
+from defectloop.models import ModelConfig, create_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def subset(ex: Extracted, keep) -> Extracted:
+    idx = [i for i, s in enumerate(ex.samples) if keep(s)]
+    return Extracted(ex.features[idx], [ex.samples[i] for i in idx], [ex.masks[i] for i in idx], ex.skipped)
+
+
+def naive_kcenter(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The plain greedy loop (PatchCore/anomalib): a full distance pass for every selected centre."""
+    first = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    sel = [first]
+    mind = torch.linalg.norm(x - x[first], dim=1)
+    for _ in range(1, n):
+        i = int(mind.argmax())
+        sel.append(i)
+        mind = torch.minimum(mind, torch.linalg.norm(x - x[i], dim=1))
+    return torch.tensor(sel)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dev"))
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--cache", default="/tmp/defectloop-bench-features.pt")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    out: dict = {"modes": {}}
+
+    full = load_split(args.data, anomalies_per_class=10, seed=args.seed)
+    base = load_split(args.data, anomalies_per_class=0, seed=args.seed)
+    test_paths = {s.path for s in full.test}
+    embedder = PatchEmbedder(load_backbone(args.backbone))
+    cache = Path(args.cache)
+    if cache.exists():
+        every = Extracted(**torch.load(cache, weights_only=False))
+    else:
+        t = time.perf_counter()
+        every = extract(embedder, base.train + base.test, 256, progress="features (all images)")
+        out["extract_s"] = time.perf_counter() - t
+        torch.save(vars(every), cache)
+    test = subset(every, lambda s: s.path in test_paths)
+    print(f"{len(every.samples)} images, test set {len(test.samples)}; notes: {full.notes}", flush=True)
+
+    modes = [("patchcore", "patchcore", 0), ("dmad-unsup", "dmad", 0), ("dmad-1", "dmad", 1),
+             ("dmad-5", "dmad", 5), ("dmad-10", "dmad", 10)]
+    for name, kind, k in modes:
+        split = load_split(args.data, anomalies_per_class=k, seed=args.seed)
+        train_paths = {s.path for s in split.train}
+        train = subset(every, lambda s, tp=train_paths: s.path in tp)
+        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone))
+        t = time.perf_counter()
+        stats = model.fit(train, progress=True)
+        fit_s = time.perf_counter() - t
+        t = time.perf_counter()
+        scores, maps = model.score_features(test.features)
+        score_s = time.perf_counter() - t
+        res = evaluate([s.category for s in test.samples], scores.numpy(), [s.label for s in test.samples],
+                       maps.numpy(), [None if m is None else (m > 0.5).numpy() for m in test.masks])
+        res.update(fit_s=fit_s, head_images_per_s=len(test.samples) / score_s, fit=stats)
+        out["modes"][name] = res
+        print(f"{name:11s} fit {fit_s:6.1f}s  " + "  ".join(
+            f"{c}: {fmt(m['image_auroc'])}/{fmt(m['pixel_auroc'])}/{fmt(m['aupro'])}"
+            for c, m in [*res["categories"].items(), ("mean", res["mean"])]), flush=True)
+
+    # throughput at 256 px, batch 16: scorer (embedding + search + head + maps) vs bare backbone
+    batch = torch.stack([torch.rand(3, 256, 256) for _ in range(16)])
+    def rate(fn, reps=4):
+        fn(batch)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(batch)
+        return reps * 16 / (time.perf_counter() - t)
+    bb = rate(embedder.backbone)
+    out["throughput"] = {"backbone_img_s": bb}
+    pc = create_model(ModelConfig(kind="patchcore", seed=args.seed, backbone=args.backbone))
+    dm = create_model(ModelConfig(kind="dmad", seed=args.seed, backbone=args.backbone))
+    train10 = subset(every, lambda s, tp={s.path for s in full.train}: s.path in tp)
+    pc.fit(train10)
+    dm.fit(train10)
+    for name, m in (("patchcore", pc), ("dmad-10", dm)):
+        r = rate(m.score_images)
+        out["throughput"][f"{name}_img_s"] = r
+        out["throughput"][f"{name}_ratio"] = r / bb
+        print(f"throughput {name}: {r:.1f} img/s vs backbone {bb:.1f} img/s = {r / bb:.2f}x", flush=True)
+
+    # coreset: 51k patches (50 images of one category), 10% and 1%, ours vs the plain greedy loop
+    cat = test.samples[0].category
+    imgs = [i for i, s in enumerate(every.samples) if s.category == cat and s.label == 0][:50]
+    flat = every.features[imgs].permute(0, 2, 3, 1).reshape(-1, every.features.shape[1])
+    x = random_projection(flat, 128, args.seed)
+    out["coreset"] = {"n_patches": int(flat.shape[0])}
+    for ratio in (0.1, 0.01):
+        n = int(flat.shape[0] * ratio)
+        t = time.perf_counter()
+        ours = farthest_points(x, n, args.seed)
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        plain = naive_kcenter(x, n, args.seed)
+        t_plain = time.perf_counter() - t
+        same = float((ours == plain).float().mean())
+        r_ours = coverage_radius(flat, flat[ours])
+        out["coreset"][str(ratio)] = {"ours_s": t_ours, "plain_s": t_plain, "speedup": t_plain / t_ours,
+                                      "patches_per_s": flat.shape[0] / t_ours, "same_selection": same,
+                                      "coverage_radius": r_ours}
+        print(f"coreset {ratio:.0%} of {flat.shape[0]}: ours {t_ours:.2f}s, plain loop {t_plain:.2f}s "
+              f"({t_plain / t_ours:.1f}x), identical selection {same:.3f}", flush=True)
+    # a million patches: all normal training patches of the unified set, 1%
+    allflat = every.features[[i for i, s in enumerate(every.samples) if s.label == 0]]
+    allflat = allflat.permute(0, 2, 3, 1).reshape(-1, allflat.shape[1])
+    t = time.perf_counter()
+    farthest_points(random_projection(allflat, 128, args.seed), int(allflat.shape[0] * 0.01), args.seed)
+    t_all = time.perf_counter() - t
+    out["coreset"]["unified_1pct"] = {"n_patches": int(allflat.shape[0]), "s": t_all,
+                                      "patches_per_s": allflat.shape[0] / t_all}
+    print(f"coreset 1% of {allflat.shape[0]} patches: {t_all:.1f}s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
