@@ -54,18 +54,35 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
 class KCenterGreedy:
     """Greedy k-center coreset with Voronoi-cell pruning (exact farthest-point order).
 
+    Above ``shard_size`` patches the features are cut into contiguous shards (whole images, as
+    they arrive) and each shard selects its share at the same ratio: the cost falls from
+    n * N to n * shard_size, which is what makes a million patches take seconds, and it is the
+    same composition a distributed build uses (each worker selects from its own shard).
+
     Args:
         projection_dim: distances are computed after a random projection to this many dims.
         seed: chooses the projection and the first centre.
+        shard_size: largest number of patches one k-center run sees.
     """
 
-    def __init__(self, projection_dim: int = 128, seed: int = 0):
+    def __init__(self, projection_dim: int = 128, seed: int = 0, shard_size: int = 65536):
         self.projection_dim = projection_dim
         self.seed = seed
+        self.shard_size = shard_size
 
     def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
         x = random_projection(features, self.projection_dim, self.seed)
-        return farthest_points(x, n, self.seed)
+        total = x.shape[0]
+        shards = max(1, math.ceil(total / self.shard_size))
+        if shards == 1:
+            return farthest_points(x, n, self.seed)
+        bounds = [round(total * i / shards) for i in range(shards + 1)]
+        picks = []
+        for i in range(shards):
+            lo, hi = bounds[i], bounds[i + 1]
+            share = max(1, round(n * (hi - lo) / total))
+            picks.append(lo + farthest_points(x[lo:hi], share, self.seed + i))
+        return torch.cat(picks)
 
 
 def _dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -83,16 +100,19 @@ def farthest_points(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     centres = x.new_empty(n, x.shape[1])
     selected[0], centres[0] = first, x[first]
     mind = _dist(x, x_sq, x[first])  # distance of every point to its nearest centre
+    mind[first] = 0
     owner = torch.zeros(total, dtype=torch.long)  # which centre covers it
     radius = x.new_zeros(n)  # per cell: largest distance of a point it covers
     radius[0] = mind.max()
+    tol = 1e-4 * float(radius[0])  # rounding of the expanded distance formula: duplicates, not new points
     in_cell = torch.zeros(n, dtype=torch.bool)
     for t in range(1, n):
         i = int(mind.argmax())
-        if mind[i] <= 0:  # every point is a centre already (duplicates)
+        if mind[i] <= tol:  # every point is (a duplicate of) a centre already
             return selected[:t]
         c = x[i]
         selected[t], centres[t] = i, c
+        mind[i] = 0  # exactly, whatever the rounding of the expanded distance formula
         centre_dist = (centres[:t] - c).norm(dim=1)
         cand = centre_dist < 2 * radius[:t] * (1 + 1e-5) + 1e-6
         if int(cand.sum()) > t // 2:  # early: most cells are reachable, a full pass is cheaper

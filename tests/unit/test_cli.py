@@ -1,0 +1,63 @@
+import json
+
+import pytest
+from PIL import Image
+
+from defectloop.cli import main
+
+
+@pytest.fixture()
+def cfg_file(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"image_size": 128, "coreset_ratio": 0.1, "steps": 60, "batch_size": 256,
+                             "synthetic_per_category": 1, "train_patches": 10000}))
+    return p
+
+
+def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(tiny_data), "--categories", "disc,mesh", "--model", "dmad",
+                 "--anomalies-per-class", "1", "--config", str(cfg_file), "--out", str(out)]) == 0
+    assert (out / "weights.safetensors").is_file() and (out / "fit.json").is_file()
+    js = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_data), "--categories", "disc,mesh",
+                 "--anomalies-per-class", "1", "--json", str(js), "--plots", str(tmp_path / "plots")]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["categories"]) == {"disc", "mesh"}
+    keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "n_test"}
+    assert set(res["mean"]) == keys and all(set(v) == keys for v in res["categories"].values())
+    assert res["categories"]["disc"]["n_test"] == 10
+    assert (tmp_path / "plots" / "score_histograms.png").is_file()
+    assert (tmp_path / "plots" / "overlay_disc.png").is_file()
+    printed = capsys.readouterr().out
+    assert "image_auroc" in printed and "mean" in printed
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    good = next((tiny_data / "disc" / "test" / "blob").glob("*.png"))
+    rc = main(["score", "--model", str(out), "--category", "disc", "--heatmaps", str(tmp_path / "hm"),
+               str(good), str(bad)])
+    captured = capsys.readouterr()
+    assert rc == 1  # one file failed, and said so
+    assert str(good) in captured.out and "bad.png: empty file" in captured.err
+    assert (tmp_path / "hm" / f"{good.stem}_heatmap.png").is_file()
+
+
+def test_train_reports_skipped_files(tiny_data, tmp_path, cfg_file, capsys):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data / "tile", data / "tile")
+    (data / "tile" / "train" / "good" / "broken.png").write_bytes(b"\x89PNG garbage")
+    Image.new("RGB", (5, 5)).save(data / "tile" / "train" / "good" / "tiny.bmp")
+    assert main(["train", "--data", str(data), "--model", "patchcore", "--config", str(cfg_file),
+                 "--registry", str(tmp_path / "reg")]) == 0
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "not a readable image" in err
+    fit = json.loads(next((tmp_path / "reg" / "versions").glob("v*/fit.json")).read_text())
+    assert len(fit["skipped"]) == 1
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "neither a model version directory nor a registry" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+import torch
+
+from defectloop.memory import AbnormalBank, ExactIndex, IVFIndex, KCenterGreedy, NormalBank, Provenance, knn
+from defectloop.memory.coreset import coverage_radius, farthest_points
+
+
+def _naive(x, n, seed=0):
+    first = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    sel, mind = [first], (x - x[first]).norm(dim=1)
+    for _ in range(1, n):
+        i = int(mind.argmax())
+        sel.append(i)
+        mind = torch.minimum(mind, (x - x[i]).norm(dim=1))
+    return torch.tensor(sel)
+
+
+def _clustered(n=6000, d=24, k=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 4
+    return centres[torch.randint(k, (n,), generator=g)] + torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g)
+
+
+def test_pruned_kcenter_selects_what_the_plain_loop_selects():
+    x = _clustered()
+    assert torch.equal(farthest_points(x, 400, seed=3), _naive(x, 400, seed=3))
+
+
+def test_kcenter_covers_better_than_random():
+    x = _clustered(d=3)
+    sel = KCenterGreedy().select(x, 200)
+    rnd = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:200]
+    assert coverage_radius(x, x[sel]) < 0.8 * coverage_radius(x, x[rnd])
+
+
+def test_kcenter_with_duplicates_stops_early():
+    x = torch.zeros(50, 4)
+    x[:5] = torch.randn(5, 4)
+    sel = farthest_points(x, 20)
+    assert len(sel) <= 6 and len(set(sel.tolist())) == len(sel)
+
+
+def test_exact_index_matches_brute_force():
+    bank, q = torch.randn(500, 16), torch.randn(300, 16)
+    d, i = ExactIndex(bank).search(q)
+    ref = torch.cdist(q, bank)
+    assert torch.equal(i, ref.argmin(1))
+    assert torch.allclose(d, ref.min(1).values, atol=1e-4)
+
+
+def test_ivf_index_recall():
+    bank = _clustered(8000, 32)
+    q = bank[:2000] + 0.1 * torch.randn(2000, 32)
+    d, i = IVFIndex(bank, nprobe=8).search(q)
+    _, ie = ExactIndex(bank).search(q)
+    assert (i == ie).float().mean() > 0.97
+    assert torch.allclose(d, (q - bank[i]).norm(dim=1), atol=1e-3)
+
+
+def test_knn_sorted():
+    d, i = knn(torch.randn(10, 8), torch.randn(50, 8), 5)
+    assert d.shape == (10, 5) and (d[:, 1:] >= d[:, :-1]).all()
+
+
+def test_abnormal_bank_idempotent_by_annotation(tmp_path):
+    bank = AbnormalBank(4)
+    p = Provenance("ann-1", "img-1", "screw", "scratch")
+    bank.add(p, torch.ones(3, 4))
+    bank.add(p, torch.ones(3, 4))  # webhook delivered twice
+    assert len(bank) == 3
+    bank.add(p, torch.zeros(5, 4))  # annotation edited
+    assert len(bank) == 5 and bank.tensors()[0].sum() == 0
+    bank.add(Provenance("ann-2", "img-2"), torch.ones(2, 4))
+    v = bank.version
+    bank.save(tmp_path)
+    loaded = AbnormalBank.load(tmp_path)
+    assert len(loaded) == 7 and loaded.version == v
+    assert [a.annotation_id for a in loaded.annotations] == ["ann-1", "ann-2"]
+    assert loaded.remove("ann-1") and not loaded.remove("ann-1")
+    assert len(loaded) == 2 and loaded.version == v + 1
+
+
+def test_normal_bank_roundtrip(tmp_path):
+    bank = NormalBank(torch.randn(10, 4), ["a", "b"], torch.tensor([0, 1] * 5))
+    bank.save(tmp_path)
+    loaded = NormalBank.load(tmp_path)
+    assert torch.equal(loaded.features, bank.features) and loaded.image_ids == ["a", "b"]

@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectloop.data import load_split
+from defectloop.features import extract
+from defectloop.memory import Provenance
+from defectloop.metrics import auroc
+from defectloop.models import ANY_CATEGORY, create_model, load_model
+from defectloop.store import Registry
+
+
+@pytest.fixture(scope="module")
+def features(tiny_data):
+    """Features of the generated set with 2 seen anomalies per category (one embedder for all tests)."""
+    from defectloop.features import PatchEmbedder, load_backbone
+
+    split = load_split(tiny_data, anomalies_per_class=2)
+    emb = PatchEmbedder(load_backbone("tf_efficientnet_lite0"))
+    return extract(emb, split.train, 128), extract(emb, split.test, 128)
+
+
+@pytest.fixture(scope="module")
+def fitted(features, tmp_path_factory):
+    from defectloop.models import ModelConfig
+
+    train, _ = features
+    models = {}
+    for kind in ("patchcore", "dmad"):
+        cfg = ModelConfig(kind=kind, image_size=128, coreset_ratio=0.1, steps=150, batch_size=512,
+                          synthetic_per_category=2, train_patches=20_000)
+        m = create_model(cfg)
+        m.fit(train)
+        models[kind] = m
+    return models
+
+
+@pytest.mark.parametrize("kind", ["patchcore", "dmad"])
+def test_defects_score_higher_than_normals(fitted, features, kind):
+    _, test = features
+    scores, maps = fitted[kind].score_features(test.features)
+    labels = np.array([s.label for s in test.samples])
+    assert auroc(scores.numpy(), labels) > 0.9
+    assert maps.shape == (len(test.samples), 128, 128)
+    masks = torch.stack([m for m in test.masks])
+    assert auroc(maps.numpy(), (masks > 0.5).numpy()) > 0.9
+
+
+def test_dmad_uses_real_and_synthetic_anomalies(fitted):
+    provs = fitted["dmad"].abnormal_bank.annotations
+    assert {p.source for p in provs} == {"annotation", "synthetic"}
+    assert len([p for p in provs if p.source == "annotation"]) == 6
+
+
+def test_calibrated_thresholds_per_category(fitted):
+    cal = fitted["dmad"].calibration
+    assert set(cal) == {"tile", "disc", "mesh", ANY_CATEGORY}
+    assert all(v["n"] >= 1 for v in cal.values())
+    assert fitted["dmad"].threshold("unknown-category") == cal[ANY_CATEGORY]["threshold"]
+
+
+@pytest.mark.parametrize("kind", ["patchcore", "dmad"])
+def test_save_load_bit_exact(fitted, features, kind, tmp_path):
+    _, test = features
+    fitted[kind].save(tmp_path / kind)
+    loaded = load_model(tmp_path / kind)
+    a, ma = fitted[kind].score_features(test.features)
+    b, mb = loaded.score_features(test.features)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert json.loads((tmp_path / kind / "config.json").read_text())["kind"] == kind
+
+
+def test_abnormal_bank_change_moves_scores_at_once(fitted, features):
+    """A newly confirmed mask changes DMAD's scores before any retraining."""
+    model = fitted["dmad"]
+    _, test = features
+    i = next(k for k, s in enumerate(test.samples) if s.label == 1)
+    before, _ = model.score_features(test.features[i:i + 1])
+    from defectloop.models.dmad import _cells
+
+    cells = _cells(test.features[i], test.masks[i], model.config.mask_coverage)
+    prov = Provenance("ls-annotation-42", test.samples[i].image_id, test.samples[i].category, "scratch")
+    model.abnormal_bank.add(prov, cells)
+    after, _ = model.score_features(test.features[i:i + 1])
+    model.abnormal_bank.remove("ls-annotation-42")
+    restored, _ = model.score_features(test.features[i:i + 1])
+    assert abs(after.item() - before.item()) > 1e-3
+    assert restored.item() == before.item()
+
+
+def test_registry_versions_current_rollback(fitted, tmp_path):
+    reg = Registry(tmp_path / "reg")
+    assert reg.current() is None
+    v1 = reg.register(fitted["patchcore"])
+    v2 = reg.register(fitted["dmad"], metrics={"note": "x"})
+    assert reg.ids() == [v1, v2] and reg.current() == v2
+    assert [v.current for v in reg.list()] == [False, True]
+    assert reg.rollback() == v1 and reg.current() == v1
+    assert reg.load().kind == "patchcore"
+    with pytest.raises(LookupError):
+        reg.path("v9999")
+
+
+def test_failed_save_leaves_registry_unchanged(fitted, tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.register(fitted["patchcore"])
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fitted["dmad"].abnormal_bank, "save", boom)
+    with pytest.raises(OSError):
+        reg.register(fitted["dmad"])
+    assert reg.ids() == [v1] and reg.current() == v1
+    assert not [p for p in reg.versions.iterdir() if p.name.startswith(".")]
