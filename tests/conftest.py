@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from defectloop.data import load_split
 from defectloop.data.synthetic import make_dataset
+from defectloop.features import PatchEmbedder, extract, load_backbone
 from defectloop.models import ModelConfig
 
 torch.set_num_threads(2)
@@ -26,3 +28,21 @@ def small_config():
         base.update(kw)
         return ModelConfig(**base)
     return make
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return PatchEmbedder(load_backbone("tf_efficientnet_lite0"))
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_data, embedder):
+    """(train, test) features of ``tiny_data`` at 128 px with K seen anomalies per category, cached per K."""
+    cache: dict[int, tuple] = {}
+
+    def get(k: int):
+        if k not in cache:
+            split = load_split(tiny_data, anomalies_per_class=k)
+            cache[k] = extract(embedder, split.train, 128), extract(embedder, split.test, 128)
+        return cache[k]
+    return get

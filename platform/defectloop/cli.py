@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", choices=["dmad", "patchcore"], default="dmad")
+        sp.add_argument("--model", choices=["dmad", "patchcore", "crad"], default="dmad")
         sp.add_argument("--backbone", help="tf_efficientnet_lite0/1/2, mobilenetv2, or a timm name with a checkpoint")
         sp.add_argument("--backbone-checkpoint", help="local weights file for --backbone")
         sp.add_argument("--image-size", type=int)

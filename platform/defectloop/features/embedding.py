@@ -8,6 +8,9 @@ stride-16 map is upsampled to the stride-8 grid and both are concatenated: a 256
 from __future__ import annotations
 
 import logging
+import math
+import os
+import tempfile
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,11 @@ class PatchEmbedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.dim = sum(backbone.channels)
+
+    @staticmethod
+    def grid(image_size: int) -> int:
+        """Side of the patch grid for a square image (stride 8, padded like the backbones)."""
+        return math.ceil(image_size / 8)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -77,10 +85,34 @@ def _load(sample: Sample, size: int) -> tuple[torch.Tensor, torch.Tensor | None]
     return image_tensor(image, size), mask
 
 
+def feature_buffer(shape: tuple[int, ...], max_memory: int, cache_dir: str | None = None) -> torch.Tensor:
+    """A float32 tensor of this shape: in RAM when it fits ``max_memory`` bytes, else on disk.
+
+    The disk variant is a memory-mapped file in ``cache_dir`` (default: the temp folder) that is
+    unlinked at once, so the OS pages features in and out and the file vanishes with the tensor.
+    """
+    if math.prod(shape) * 4 <= max_memory:
+        return torch.empty(shape)
+    fd, path = tempfile.mkstemp(prefix="defectloop-features-", suffix=".npy", dir=cache_dir)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    finally:
+        os.unlink(path)
+    log.info("features (%.1f GB) cached on disk in %s", math.prod(shape) * 4 / 1e9, cache_dir or tempfile.gettempdir())
+    return torch.from_numpy(array)
+
+
 def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int = 256, batch_size: int = 16,
-            progress: bool | str = False, device: str | torch.device = "cpu") -> Extracted:
-    """Embed samples in batches; unreadable files are skipped and reported, never silently."""
-    feats: list[torch.Tensor] = []
+            progress: bool | str = False, device: str | torch.device = "cpu", max_memory: int = 8 << 30,
+            cache_dir: str | None = None) -> Extracted:
+    """Embed samples in batches; unreadable files are skipped and reported, never silently.
+
+    Features above ``max_memory`` bytes go to a disk cache (see :func:`feature_buffer`).
+    """
+    grid = embedder.grid(image_size)
+    out = feature_buffer((len(samples), embedder.dim, grid, grid), max_memory, cache_dir)
+    n_done = 0
     kept: list[Sample] = []
     masks: list[torch.Tensor | None] = []
     skipped: list[tuple[str, str]] = []
@@ -94,8 +126,10 @@ def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int 
             return e
 
     def flush(batch: list[torch.Tensor]) -> None:
+        nonlocal n_done
         if batch:
-            feats.append(embedder(torch.stack(batch).to(device)).float().cpu())
+            out[n_done:n_done + len(batch)] = embedder(torch.stack(batch).to(device)).float().cpu()
+            n_done += len(batch)
             bar.update(len(batch))
             batch.clear()
 
@@ -126,4 +160,4 @@ def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int 
     bar.close()
     if not kept:
         raise ValueError(f"none of the {len(samples)} images could be read")
-    return Extracted(torch.cat(feats), kept, masks, skipped)
+    return Extracted(out[:n_done], kept, masks, skipped)

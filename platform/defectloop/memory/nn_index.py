@@ -25,9 +25,14 @@ def sq_dists(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tens
     return ((q * q).sum(1, keepdim=True) - 2 * q @ b.T + b_sq[None]).clamp_min_(0)
 
 
-def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours: (distances Q x k, indices Q x k), sorted nearest first."""
+def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours: (distances Q x k, indices Q x k), sorted nearest first.
+
+    Queries go in chunks whose distance block stays near 8 MB: larger blocks cost more in page
+    faults for fresh allocations than they save in GEMM efficiency.
+    """
     k = min(k, bank.shape[0])
+    chunk = chunk or max(32, (1 << 21) // max(1, bank.shape[0]))
     b_sq = (bank * bank).sum(1)
     dists, idx = [], []
     for i in range(0, queries.shape[0], chunk):

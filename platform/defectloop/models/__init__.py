@@ -1,4 +1,4 @@
-"""Anomaly models: PatchCore baseline and DMAD, behind one interface (see base.AnomalyModel)."""
+"""Anomaly models: PatchCore baseline, DMAD and CRAD, behind one interface (see base.AnomalyModel)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from defectloop.models.base import ANY_CATEGORY, AnomalyModel, ModelConfig
+from defectloop.models.crad import CRAD
 from defectloop.models.dmad import DMAD
 from defectloop.models.patchcore import PatchCore
 
-MODEL_TYPES: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "dmad": DMAD}
+MODEL_TYPES: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "dmad": DMAD, "crad": CRAD}
 
 
 def create_model(config: ModelConfig) -> AnomalyModel:
@@ -30,5 +31,5 @@ def load_model(folder: str | Path) -> AnomalyModel:
     return model.eval()
 
 
-__all__ = ["ANY_CATEGORY", "DMAD", "MODEL_TYPES", "AnomalyModel", "ModelConfig", "PatchCore", "create_model",
+__all__ = ["ANY_CATEGORY", "CRAD", "DMAD", "MODEL_TYPES", "AnomalyModel", "ModelConfig", "PatchCore", "create_model",
            "load_model"]

@@ -37,8 +37,8 @@ class ModelConfig:
     backbone_checkpoint: str | None = None
     image_size: int = 256
     seed: int = 0
-    coreset_ratio: float = 0.01  # fraction of normal patches kept in the normal bank
-    coreset_max: int = 50_000
+    coreset_ratio: float = 0.05  # fraction of normal patches kept in the normal bank
+    coreset_max: int = 100_000
     holdout_fraction: float = 0.1  # normal training images held back for threshold calibration
     threshold_quantile: float = 0.99
     smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
@@ -53,6 +53,21 @@ class ModelConfig:
     synthetic_weight: float = 1.0
     synthetic_per_category: int = 8
     train_patches: int = 100_000
+    # CRAD
+    crad_epochs: int = 40
+    crad_patience: int = 8  # epochs without a better held-back loss before stopping
+    crad_batch_size: int = 16
+    crad_grid_lr: float = 0.1
+    crad_weight_decay: float = 0.01
+    crad_layers: int = 4
+    crad_width: int = 0  # fusion channels; 0 = the backbone's patch dimension
+    crad_expansion: int = 2
+    crad_local_res: int = 8
+    crad_global_res: int = 4
+    crad_global: bool = True
+    crad_refine: bool = True
+    crad_jitter: float = 0.05
+    crad_bf16: bool = True  # bfloat16 autocast while training the head
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -98,6 +113,8 @@ class AnomalyModel(nn.Module):
     """Base class: frozen embedder + normal bank; subclasses define ``patch_scores``."""
 
     kind = "base"
+    #: whether the model keeps a discrete normal bank (CRAD's memory is its learned grids)
+    uses_normal_bank = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,6 +124,7 @@ class AnomalyModel(nn.Module):
         self.normal_bank: NormalBank | None = None
         self.abnormal_bank = AbnormalBank(self.dim)
         self.calibration: dict[str, dict[str, float]] = {}
+        self.fitted = False
 
     # ----- fitting -------------------------------------------------------------------------
     def fit(self, train: Extracted, progress: bool = False) -> dict:
@@ -117,11 +135,13 @@ class AnomalyModel(nn.Module):
             raise ValueError("no normal training image to fit on")
         stats = {"n_train_images": len(train.samples), "n_fit_normal": len(fit_idx),
                  "n_calibration": len(held_idx), "skipped": train.skipped}
-        stats.update(self.build_normal_bank(train, fit_idx, progress))
+        if self.uses_normal_bank:
+            stats.update(self.build_normal_bank(train, fit_idx, progress))
         stats.update(self.fit_head(train, fit_idx, progress))
         if held_idx:
             scores, _ = self.score_features(train.features[held_idx])
             self.calibrate([train.samples[i].category for i in held_idx], scores)
+        self.fitted = True
         return stats
 
     def build_normal_bank(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
@@ -163,7 +183,7 @@ class AnomalyModel(nn.Module):
 
     @torch.no_grad()
     def score_features(self, feats: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B) and anomaly maps (B x S x S) from patch features."""
+        """Image scores (B: the top patch score) and smoothed anomaly maps (B x S x S) from patch features."""
         self.eval()
         scores, maps = [], []
         size = self.config.image_size
@@ -171,9 +191,9 @@ class AnomalyModel(nn.Module):
         for i in range(0, feats.shape[0], batch_size):
             p = self.patch_scores(feats[i:i + batch_size])
             m = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-            m = gaussian_blur(m, sigma)
-            maps.append(m)
-            scores.append(m.flatten(1).max(1).values)
+            maps.append(gaussian_blur(m, sigma))
+            # the image score is the most anomalous patch: smoothing would wash out small defects
+            scores.append(p.flatten(1).max(1).values)
         return torch.cat(scores), torch.cat(maps)
 
     @torch.no_grad()
@@ -190,10 +210,11 @@ class AnomalyModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        save_file(self.head_state(), str(folder / "weights.safetensors"))
-        if self.normal_bank is None:
+        if not self.fitted:
             raise RuntimeError("model is not fitted")
-        self.normal_bank.save(folder)
+        save_file(self.head_state(), str(folder / "weights.safetensors"))
+        if self.normal_bank is not None:
+            self.normal_bank.save(folder)
         self.abnormal_bank.save(folder)
         (folder / "calibration.json").write_text(json.dumps(self.calibration, indent=1))
         return folder
@@ -204,6 +225,8 @@ class AnomalyModel(nn.Module):
         missing = [k for k in missing if not k.startswith("embedder.")]
         if missing or unexpected:
             raise RuntimeError(f"{folder}: weights do not fit a {self.kind} model ({missing[:3]}, {unexpected[:3]})")
-        self.normal_bank = NormalBank.load(folder)
+        if self.uses_normal_bank:
+            self.normal_bank = NormalBank.load(folder)
         self.abnormal_bank = AbnormalBank.load(folder)
         self.calibration = json.loads((folder / "calibration.json").read_text())
+        self.fitted = True

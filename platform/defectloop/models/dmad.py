@@ -9,6 +9,7 @@ Implements the method as DESIGN.md section 4 corrects it:
 - pseudo-anomalies: noise on normal features, with the enhancement recomputed for the noisy one;
 - scorer: feature adaptor + MLP, hinge loss (margin 0.5) over normal, pseudo, synthetic and real
   abnormal patches (real ones weighted up); no normalisation layers, so eval = train behaviour;
+  it learns a correction on top of the nearest-normal distance (see DMADScorer);
 - cold start: without annotations the abnormal bank holds synthetic defects painted on normal
   training images;
 - the abnormal bank is read at scoring time, so a newly confirmed mask changes scores at once.
@@ -17,6 +18,7 @@ Implements the method as DESIGN.md section 4 corrects it:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 
@@ -55,13 +57,27 @@ class Enhanced:
 
 
 class DMADScorer(nn.Module):
-    """Adaptor + MLP mapping an enhanced patch to a normality score (positive = normal)."""
+    """Adaptor + MLP mapping an enhanced patch to an anomaly score (positive = anomalous).
+
+    The score is the PatchCore evidence l_n = log(1 + d_n / scale), raised by how much closer the
+    patch is to a confirmed defect than to any normal patch, relu(l_n - l_a), plus a learned
+    correction. So a patch near a confirmed defect scores higher the moment that defect enters the
+    abnormal bank, while patches nearer the normal bank (most of them) keep PatchCore's ranking. The last layer starts at zero, so an untrained scorer ranks by
+    this evidence; the hinge loss then only
+    moves patches that sit on the wrong side of the margin (seen defect types pulled up through
+    the abnormal bank, normal variation pushed down), and the distance keeps ranking the rest
+    instead of the scores collapsing onto the two margins.
+    """
 
     def __init__(self, dim: int, hidden: int = 256):
         super().__init__()
         self.adaptor = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(3 * dim + 2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
                                  nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        # decision boundary of the hinge loss, learned; starts at d_n = 2 typical distances
+        self.threshold = nn.Parameter(torch.tensor(math.log(3.0)))
         # feature statistics and distance scale, set from training data before fitting
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
@@ -69,9 +85,10 @@ class DMADScorer(nn.Module):
 
     def forward(self, e: Enhanced) -> torch.Tensor:
         a = self.adaptor
+        log_dn, log_da = torch.log1p(e.d_n / self.scale), torch.log1p(e.d_a / self.scale)
         x = torch.cat([a((e.q - self.mean) / self.std), a(e.r_n / self.std), a(e.r_a / self.std),
-                       torch.log1p(e.d_n / self.scale)[:, None], torch.log1p(e.d_a / self.scale)[:, None]], 1)
-        return self.mlp(x)[:, 0]
+                       log_dn[:, None], log_da[:, None]], 1)
+        return log_dn + F.relu(log_dn - log_da) + torch.tanh(self.mlp(x)[:, 0])
 
 
 def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
@@ -86,7 +103,7 @@ def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.
 
 def attend_abnormal(q: torch.Tensor, feats: torch.Tensor, k: int, tau: float, no_abnormal: float,
                     owner: torch.Tensor | None = None, query_owner: torch.Tensor | None = None,
-                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual to the softmax(-d^2/tau)-weighted k nearest abnormal entries, and the nearest distance.
 
     With owners given, entries of the query's own image are left out (leave-one-image-out).
@@ -145,7 +162,7 @@ class DMAD(AnomalyModel):
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape
         e = self.enhance(feats.permute(0, 2, 3, 1).reshape(-1, c))
-        return (-self.scorer(e)).view(b, h, w)
+        return self.scorer(e).view(b, h, w)
 
     # ----- training ------------------------------------------------------------------------
     def _synthetic_anomalies(self, train: Extracted, fit_idx: list[int]) -> list[tuple[int, torch.Tensor]]:
@@ -231,13 +248,14 @@ class DMAD(AnomalyModel):
         loss_val = float("nan")
         for _ in bar:
             i = torch.randint(n_pool, (bs,), generator=g)
-            loss = F.relu(MARGIN - self.scorer(e_n.take(i))).mean() + F.relu(MARGIN + self.scorer(e_p.take(i))).mean()
+            t = self.scorer.threshold
+            loss = F.relu(MARGIN + self.scorer(e_n.take(i)) - t).mean() + F.relu(MARGIN - self.scorer(e_p.take(i)) + t).mean()
             if e_r is not None:
                 j = torch.randint(len(e_r.q), (bs // 2,), generator=g)
-                loss = loss + cfg.real_weight * F.relu(MARGIN + self.scorer(e_r.take(j))).mean()
+                loss = loss + cfg.real_weight * F.relu(MARGIN - self.scorer(e_r.take(j)) + t).mean()
             if e_s is not None:
                 j = torch.randint(len(e_s.q), (bs // 2,), generator=g)
-                loss = loss + cfg.synthetic_weight * F.relu(MARGIN + self.scorer(e_s.take(j))).mean()
+                loss = loss + cfg.synthetic_weight * F.relu(MARGIN - self.scorer(e_s.take(j)) + t).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

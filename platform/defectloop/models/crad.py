@@ -1,0 +1,204 @@
+"""CRAD: a continuous memory of normal features, read at predicted grid coordinates.
+
+DESIGN.md section 5, adapted to our backbones:
+
+- a local grid (C x R_l x R_l) is sampled by bilinear interpolation at a 2-D coordinate predicted
+  for every patch position, a global grid (R_g x R_g nodes, each a whole C x H x W map) at one
+  coordinate predicted per image; coordinates come from tanh-bounded 1x1-conv / MLP heads;
+- MobileNetV3-style bottlenecks fuse the two sampled maps into a "normal" reconstruction f_n;
+- refinement blends it with the input, x_hat = S x + (1 - S) f_n with
+  S = 0.3 [mse <= 10] + 0.7 cos(f_n, x), and the anomaly map is |x_hat - x| per position;
+- trained with MSE(x_hat, x) on normal features only, local coordinates jittered during training,
+  AdamW with a large learning rate for the grids and a small one for the network.
+
+The grids can only hold normal features and the fusion network never sees x itself, so anomalies
+are not reproduced (no identity shortcut). Sizes follow the backbone (C) and the feature grid
+(H x W); features are standardised per channel so one set of hyper-parameters fits any backbone.
+The backbone stays frozen: the head trains on cached features, and the epoch with the lowest loss
+on held-back normal training images is kept (never test data). Training runs under bfloat16
+autocast by default (2-3x faster on CPU; weights and scoring stay float32).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from defectloop.features import Extracted
+from defectloop.models.base import AnomalyModel, split_holdout
+
+log = logging.getLogger(__name__)
+
+
+def bilinear_weights(coord: torch.Tensor, res: int) -> torch.Tensor:
+    """Interpolation weights of N points (x, y in [-1, 1]) over the res x res nodes of a grid.
+
+    The same as ``F.grid_sample(..., align_corners=False, padding_mode="zeros")``, written as an
+    N x res^2 matrix so that sampling is one GEMM: grid_sample on a grid expanded over the batch is
+    far slower on CPU, above all for the global grid whose "channels" are whole feature maps.
+    """
+    p = ((coord + 1) * res - 1) / 2  # N x 2, in node units
+    nodes = torch.arange(res, dtype=coord.dtype, device=coord.device)
+    w = (1 - (p[:, :, None] - nodes).abs()).clamp_min(0)  # N x 2 x res (hat function per axis)
+    return (w[:, 1, :, None] * w[:, 0, None, :]).flatten(1)  # row = y node, column = x node
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(ch, max(8, ch // 4)), nn.ReLU(), nn.Linear(max(8, ch // 4), ch),
+                                nn.Hardsigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV3 inverted residual at stride 1: expand 1x1, depthwise 3x3, SE, project 1x1."""
+
+    def __init__(self, ch: int, expanded: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(ch, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish(),
+            nn.Conv2d(expanded, expanded, 3, padding=1, groups=expanded, bias=False), nn.BatchNorm2d(expanded),
+            SqueezeExcite(expanded), nn.Hardswish(),
+            nn.Conv2d(expanded, ch, 1, bias=False), nn.BatchNorm2d(ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class CRADHead(nn.Module):
+    """Continuous-memory reconstruction of C x H x W (standardised) patch features."""
+
+    def __init__(self, dim: int, grid_hw: tuple[int, int], local_res: int = 8, global_res: int = 4,
+                 width: int | None = None, expansion: int = 2, layers: int = 4, use_global: bool = True,
+                 refine: bool = True):
+        super().__init__()
+        h, w = grid_hw
+        self.dim, self.grid_hw, self.use_global, self.refine = dim, (h, w), use_global, refine
+        self.local_coord = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.Tanh(), nn.Conv2d(dim, 2, 1), nn.Tanh())
+        self.local_grid = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, dim, local_res, local_res)))
+        fused = dim
+        if use_global:
+            self.global_coord = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 2), nn.Tanh())
+            self.global_grid = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, dim * h * w, global_res, global_res)))
+            fused = 2 * dim
+        width = width or dim
+        self.stem = nn.Conv2d(fused, width, 1, bias=False)
+        self.blocks = nn.Sequential(*[Bottleneck(width, expansion * width) for _ in range(layers)])
+        self.out = nn.Conv2d(width, dim, 1, bias=False)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def grids(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.endswith("_grid")]
+
+    def normalise(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def reconstruct(self, x: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
+        """Normal reconstruction f_n of standardised features x (B x C x H x W)."""
+        b, c, h, w = x.shape
+        coord = self.local_coord(x).permute(0, 2, 3, 1).reshape(-1, 2)  # B*H*W x 2
+        if jitter > 0:
+            coord = coord + jitter * torch.randn_like(coord)
+        local = bilinear_weights(coord, self.local_grid.shape[-1]) @ self.local_grid.flatten(2)[0].T
+        parts = [local.view(b, h, w, c).permute(0, 3, 1, 2)]
+        if self.use_global:
+            g = bilinear_weights(self.global_coord(x.mean((2, 3))), self.global_grid.shape[-1])  # B x R^2
+            parts.insert(0, (g @ self.global_grid.flatten(2)[0].T).view(b, c, h, w))
+        return self.out(self.blocks(self.stem(torch.cat(parts, 1))))
+
+    def forward(self, x: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
+        """Refined reconstruction x_hat of standardised features x."""
+        f_n = self.reconstruct(x, jitter)
+        if not self.refine:
+            return f_n
+        mse = (f_n - x).pow(2).mean(1, keepdim=True)
+        s = 0.3 * (mse <= 10).float() + 0.7 * F.cosine_similarity(f_n, x, dim=1)[:, None]
+        return s * x + (1 - s) * f_n
+
+
+class CRAD(AnomalyModel):
+    kind = "crad"
+    uses_normal_bank = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config
+        grid = self.embedder.grid(cfg.image_size)
+        self.head = CRADHead(self.dim, (grid, grid), cfg.crad_local_res, cfg.crad_global_res, cfg.crad_width or None,
+                             cfg.crad_expansion, cfg.crad_layers, cfg.crad_global, cfg.crad_refine)
+
+    @torch.no_grad()
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.head.normalise(feats)
+        return (self.head(x) - x).norm(dim=1)
+
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+        cfg, head = self.config, self.head
+        g = torch.Generator().manual_seed(cfg.seed)
+        # model selection on held-back normals of the fit set (calibration keeps its own)
+        sel_fit, sel_val = split_holdout([train.samples[i] for i in fit_idx], 0.1, cfg.seed + 1)
+        tr_idx = [fit_idx[i] for i in sel_fit]
+        val_idx = [fit_idx[i] for i in sel_val]
+        sample = train.features[tr_idx[:: max(1, len(tr_idx) // 256)]]
+        head.mean.copy_(sample.mean((0, 2, 3)))
+        head.std.copy_(sample.std((0, 2, 3)).clamp_min(1e-6))
+        grid_ids = {id(p) for p in head.grids()}
+        opt = torch.optim.AdamW([
+            {"params": head.grids(), "lr": cfg.crad_grid_lr},
+            {"params": [p for p in head.parameters() if id(p) not in grid_ids], "lr": cfg.lr}],
+            weight_decay=cfg.crad_weight_decay)
+        steps_per_epoch = max(1, len(tr_idx) // cfg.crad_batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.crad_epochs * steps_per_epoch)
+        best, best_state, history, bad = float("inf"), None, [], 0
+        t0 = time.perf_counter()
+        bar = tqdm(range(cfg.crad_epochs), desc="crad head", disable=not progress, leave=False)
+        for epoch in bar:
+            head.train()
+            order = torch.tensor(tr_idx)[torch.randperm(len(tr_idx), generator=g)]
+            total = 0.0
+            for s in range(steps_per_epoch):
+                x = head.normalise(train.features[order[s * cfg.crad_batch_size:(s + 1) * cfg.crad_batch_size]])
+                jitter = cfg.crad_jitter if float(torch.rand((), generator=g)) < 0.5 else 0.0
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.crad_bf16):
+                    x_hat = head(x, jitter)
+                loss = F.mse_loss(x_hat.float(), x)
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                total += loss.item()
+            val = self._val_loss(train.features[val_idx]) if val_idx else total / steps_per_epoch
+            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": val})
+            bar.set_postfix(train=f"{total / steps_per_epoch:.4f}", val=f"{val:.4f}")
+            if val < best:
+                best, best_state, bad = val, copy.deepcopy(head.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= cfg.crad_patience:
+                    log.info("crad: early stop at epoch %d (best val %.4f)", epoch, best)
+                    break
+        if best_state is not None:
+            head.load_state_dict(best_state)
+        head.eval()
+        return {"crad_epochs_run": len(history), "crad_best_val_loss": best, "crad_history": history,
+                "crad_train_s": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def _val_loss(self, feats: torch.Tensor, batch: int = 64) -> float:
+        self.head.eval()
+        total = 0.0
+        for i in range(0, feats.shape[0], batch):
+            x = self.head.normalise(feats[i:i + batch])
+            total += F.mse_loss(self.head(x), x, reduction="sum").item()
+        return total / feats.numel()
