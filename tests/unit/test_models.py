@@ -109,3 +109,17 @@ def test_failed_save_leaves_registry_unchanged(fitted, tmp_path, monkeypatch):
         reg.register(fitted["dmad"])
     assert reg.ids() == [v1] and reg.current() == v1
     assert not [p for p in reg.versions.iterdir() if p.name.startswith(".")]
+
+
+def test_map_operator_is_upsampling_then_gaussian():
+    """The two-GEMM anomaly map equals bilinear upsampling followed by a reflect-padded Gaussian."""
+    from scipy.ndimage import gaussian_filter1d
+
+    from defectloop.models.base import map_operator
+
+    p = torch.rand(3, 32, 24, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(p[:, None], size=(256, 256), mode="bilinear", align_corners=False)[:, 0]
+    ref = gaussian_filter1d(gaussian_filter1d(up.numpy(), 4.0, axis=1, mode="mirror", truncate=4.0),
+                            4.0, axis=2, mode="mirror", truncate=4.0)
+    ours = map_operator(32, 256, 4.0).double() @ p @ map_operator(24, 256, 4.0).double().T
+    assert np.abs(ours.numpy() - ref).max() < 1e-5
