@@ -46,3 +46,18 @@ def tiny_features(tiny_data, embedder):
             cache[k] = extract(embedder, split.train, 128), extract(embedder, split.test, 128)
         return cache[k]
     return get
+
+
+@pytest.fixture(scope="session")
+def served_registry(tiny_features, tmp_path_factory):
+    """A registry holding one small DMAD version (2 seen anomalies per category), for scorer tests."""
+    from defectloop.models import create_model
+    from defectloop.store import Registry
+
+    train, _ = tiny_features(2)
+    model = create_model(ModelConfig(kind="dmad", image_size=128, coreset_ratio=0.1, steps=120, batch_size=512,
+                                     synthetic_per_category=2, train_patches=20_000))
+    model.fit(train)
+    root = tmp_path_factory.mktemp("registry")
+    Registry(root).register(model)
+    return root

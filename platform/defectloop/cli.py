@@ -191,6 +191,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the Ray Serve scorer on local Ray (or a cluster) in the foreground."""
+    import secrets
+
+    from defectloop.serve.settings import ServeSettings
+
+    overrides = {"model": args.registry or args.model, "version": args.version,
+                 "auth": False if args.no_auth else None}
+    try:
+        settings = ServeSettings.load(args.serve_config, **overrides)
+    except ValueError as e:
+        if "no API token" not in str(e):
+            raise
+        token = secrets.token_urlsafe(24)  # auth stays on: make a token and tell the user
+        settings = ServeSettings.load(args.serve_config, api_token=token, **overrides)
+        print(f"API token (set DEFECTLOOP_API_TOKEN to choose your own): {token}", flush=True)
+    from defectloop.serve.app import run_foreground
+
+    run_foreground(settings, host=args.host, port=args.port, ray_address=args.ray_address,
+                   replicas=args.replicas, gpus=args.gpus)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="defectloop", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -230,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heatmaps", help="write a heatmap PNG per image here")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_score)
+
+    v = sub.add_parser("serve", help="HTTP scoring service + Label Studio ML backend on Ray Serve (foreground)")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--registry", help="registry folder: serve its current version, follow updates")
+    src.add_argument("--model", help="a model version directory (or a registry)")
+    v.add_argument("--version", help="pin this registry version instead of following the current one")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--serve-config", help="YAML/JSON scorer settings (default: $DEFECTLOOP_SERVE_CONFIG)")
+    v.add_argument("--no-auth", action="store_true", help="no API token (local demo only)")
+    v.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="train and evaluate PatchCore and DMAD on generated data (no arguments needed)")
     d.add_argument("--data", help="use this MVTec-layout folder instead of generated data")

@@ -30,6 +30,10 @@ class ImageError(ValueError):
         super().__init__(f"{self.source}: {reason}")
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (a service answers 413, not 400)."""
+
+
 def _open(source: str | os.PathLike | bytes, max_pixels: int) -> tuple[Image.Image, str]:
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
     if isinstance(source, bytes | bytearray):
@@ -49,11 +53,13 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int) -> tuple[Image.Ima
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(name, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                raise ImageTooLarge(name, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(name, f"image too large ({e})") from e
+    except UnidentifiedImageError as e:
         raise ImageError(name, f"not a readable image ({type(e).__name__}: {e})") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageError(name, f"corrupt or truncated image ({e})") from e

@@ -142,8 +142,8 @@ class AnomalyModel(nn.Module):
             stats.update(self.build_normal_bank(train, fit_idx, progress))
         stats.update(self.fit_head(train, fit_idx, progress))
         if held_idx:
-            scores, _ = self.score_features(train.features[held_idx])
-            self.calibrate([train.samples[i].category for i in held_idx], scores)
+            scores, maps = self.score_features(train.features[held_idx])
+            self.calibrate([train.samples[i].category for i in held_idx], scores, maps.flatten(1).max(1).values)
         self.fitted = True
         return stats
 
@@ -164,20 +164,48 @@ class AnomalyModel(nn.Module):
         """Learned parts (none for PatchCore)."""
         return {}
 
-    def calibrate(self, categories: list[str], scores: torch.Tensor) -> None:
-        """Per-category decision thresholds from normal image scores (never from test data)."""
+    def calibrate(self, categories: list[str], scores: torch.Tensor, map_peaks: torch.Tensor | None = None) -> None:
+        """Per-category decision thresholds from normal images only (never from test data).
+
+        ``threshold`` decides on the image score; ``pixel_threshold`` cuts the smoothed anomaly map
+        into a predicted defect mask, set by the same rule on the maps' peaks so that a normal image
+        shows an (empty) mask as often as it is called anomalous.
+        """
         q = self.config.threshold_quantile
-        groups: dict[str, list[float]] = {ANY_CATEGORY: scores.tolist()}
-        for cat, s in zip(categories, scores.tolist(), strict=True):
-            groups.setdefault(cat, []).append(s)
-        self.calibration = {
-            cat: {"threshold": float(torch.tensor(v).quantile(q)), "normal_mean": float(torch.tensor(v).mean()),
-                  "normal_std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0, "n": len(v)}
-            for cat, v in groups.items()}
+        peaks = scores if map_peaks is None else map_peaks
+        groups: dict[str, list[tuple[float, float]]] = {ANY_CATEGORY: list(zip(scores.tolist(), peaks.tolist(), strict=True))}
+        for cat, s, p in zip(categories, scores.tolist(), peaks.tolist(), strict=True):
+            groups.setdefault(cat, []).append((s, p))
+        self.calibration = {}
+        for cat, pairs in groups.items():
+            v, pk = torch.tensor([s for s, _ in pairs]), torch.tensor([p for _, p in pairs])
+            self.calibration[cat] = {
+                "threshold": float(v.quantile(q)), "pixel_threshold": float(pk.quantile(q)),
+                "normal_mean": float(v.mean()), "normal_std": float(v.std()) if len(v) > 1 else 0.0, "n": len(v)}
+
+    def _calibration(self, category: str | None) -> dict | None:
+        return self.calibration.get(category or ANY_CATEGORY) or self.calibration.get(ANY_CATEGORY)
 
     def threshold(self, category: str | None = None) -> float | None:
-        entry = self.calibration.get(category or ANY_CATEGORY) or self.calibration.get(ANY_CATEGORY)
+        """Image-score threshold of a category (the all-category one for unseen categories)."""
+        entry = self._calibration(category)
         return entry["threshold"] if entry else None
+
+    def pixel_threshold(self, category: str | None = None) -> float | None:
+        """Anomaly-map threshold for the predicted mask (versions calibrated before it: the image threshold)."""
+        entry = self._calibration(category)
+        return entry.get("pixel_threshold", entry["threshold"]) if entry else None
+
+    def normalise(self, score: float, category: str | None = None) -> float:
+        """Score in (0, 1) with the category's threshold at 0.5 (a logistic over normal-score spread).
+
+        Comparable across categories, which raw scores are not: what a labeling queue sorts by.
+        """
+        entry = self._calibration(category)
+        if not entry:
+            return float(score)
+        scale = max(entry["normal_std"], 0.1 * abs(entry["threshold"]), 1e-6)
+        return float(1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, (score - entry["threshold"]) / scale)))))
 
     # ----- scoring -------------------------------------------------------------------------
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Label Studio glue: mask codec, label config, event inbox (no Ray, no FastAPI)."""

@@ -1,0 +1,76 @@
+"""The Label Studio label config defectloop works with: build it, and read the names out of it.
+
+Predictions and annotations refer to tags by name (``from_name``/``to_name``), so everything that
+talks to a project reads them from its config instead of assuming ours.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+NORMAL, ANOMALOUS = "normal", "anomalous"
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Tag names of an anomaly-labeling project."""
+
+    image: str  # <Image name=...>
+    image_key: str  # the task data field holding the image URL ($image -> "image")
+    brush: str | None  # <BrushLabels name=...>
+    defects: tuple[str, ...]  # its <Label value=...>s
+    choices: str | None  # <Choices name=...> for the image-level verdict
+    choice_values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, xml: str) -> LabelConfig:
+        """Read the tags; a clear error tells the user what the config lacks."""
+        try:
+            root = ET.fromstring(xml)
+        except ET.ParseError as e:
+            raise ValueError(f"label config is not valid XML: {e}") from e
+        images = [el for el in root.iter() if el.tag == "Image"]
+        if not images:
+            raise ValueError("label config has no <Image> tag: add <Image name=\"image\" value=\"$image\"/>")
+        image = images[0]
+        value = image.get("value", "")
+        if not value.startswith("$"):
+            raise ValueError(f"<Image name={image.get('name')!r}> must read a task field, e.g. value=\"$image\"")
+        brush = next((el for el in root.iter() if el.tag == "BrushLabels"
+                      and el.get("toName") == image.get("name")), None)
+        choices = next((el for el in root.iter() if el.tag == "Choices"
+                        and el.get("toName") == image.get("name")), None)
+        if brush is None and choices is None:
+            raise ValueError("label config needs <BrushLabels> (defect masks) or <Choices> (normal/anomalous) "
+                             f"with toName={image.get('name')!r}")
+        return cls(
+            image=image.get("name", "image"), image_key=value[1:],
+            brush=None if brush is None else brush.get("name"),
+            defects=() if brush is None else tuple(el.get("value", "") for el in brush if el.tag == "Label"),
+            choices=None if choices is None else choices.get("name"),
+            choice_values=() if choices is None else tuple(el.get("value", "") for el in choices if el.tag == "Choice"))
+
+    def defect_label(self, preferred: str | None = None) -> str | None:
+        """The brush label a predicted mask carries: ``preferred`` if the config has it, else the first."""
+        if preferred in self.defects:
+            return preferred
+        return self.defects[0] if self.defects else None
+
+
+def build_label_config(defects: list[str] | tuple[str, ...] = ("defect",)) -> str:
+    """Image + BrushLabels (one label per defect type) + Choices normal/anomalous."""
+    if not defects:
+        raise ValueError("at least one defect label is needed")
+    labels = "\n".join(f"    <Label value={quoteattr(d)}/>" for d in defects)
+    return f"""<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="defect" toName="image">
+{labels}
+  </BrushLabels>
+  <Choices name="verdict" toName="image" choice="single" showInline="true">
+    <Choice value="{NORMAL}"/>
+    <Choice value="{ANOMALOUS}"/>
+  </Choices>
+</View>"""

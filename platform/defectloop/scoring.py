@@ -1,0 +1,164 @@
+"""Scoring for services: the model in force, swapped without dropping requests, and its outputs.
+
+:class:`ModelHandle` keeps the model a service answers with. It follows a registry (the current
+version and that version's abnormal-bank updates) or holds one version directory; ``refresh``
+loads a newer one beside the old and swaps a single reference, so a request in flight finishes
+on the model it started with. Pure Python and torch: Ray Serve, the CLI and tests share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from defectloop.models import AnomalyModel, load_model
+from defectloop.store import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model and the label it answers under (``v0003`` or ``v0003-b0002``)."""
+
+    model: AnomalyModel
+    label: str
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The raw outcome of scoring one image."""
+
+    score: float
+    amap: np.ndarray  # S x S smoothed anomaly map at the model's input size
+    served: Served
+
+
+class ModelHandle:
+    """The model a service scores with; ``location`` is a registry root or a model version directory."""
+
+    def __init__(self, location: str | Path, version: str | None = None):
+        self.location = Path(location)
+        self.version = version  # pinned version, or None to follow the registry's current one
+        self._served: Served | None = None
+        self._lock = threading.Lock()  # one reload at a time; readers never wait for it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    @property
+    def registry(self) -> Registry | None:
+        return Registry(self.location) if (self.location / "versions").is_dir() else None
+
+    def wanted(self) -> str:
+        """The label that should be served now (cheap: reads two small pointer files)."""
+        reg = self.registry
+        if reg is None:
+            if not (self.location / "config.json").is_file():
+                raise FileNotFoundError(f"{self.location} is neither a registry nor a model version directory")
+            return self.location.name
+        return reg.label(self.version)
+
+    @property
+    def served(self) -> Served:
+        served = self._served
+        if served is None:
+            self.refresh()
+            served = self._served
+        assert served is not None
+        return served
+
+    def refresh(self) -> bool:
+        """Load the wanted model if it differs from the served one; True when it was swapped in.
+
+        A failure (a half-copied version, a corrupt bank) keeps the current model and is logged.
+        """
+        with self._lock:
+            try:
+                label = self.wanted()
+                if self._served is not None and self._served.label == label:
+                    return False
+                t0 = time.perf_counter()
+                reg = self.registry
+                model = reg.load(self.version) if reg is not None else load_model(self.location)
+                model.eval()
+                previous = self._served
+                self._served = Served(model, label, time.time())
+                self.last_error = None
+                log.info("serving %s (was %s), loaded in %.1fs", label, previous.label if previous else "nothing",
+                         time.perf_counter() - t0)
+                return True
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                if self._served is None:
+                    raise
+                log.error("keeping %s: could not load the new model: %s", self._served.label, self.last_error)
+                return False
+
+    def watch(self, poll_s: float) -> None:
+        """Poll the registry in a daemon thread and swap in new versions/banks as they appear."""
+        self.stop()
+        self._stop = threading.Event()
+
+        def loop(stop: threading.Event) -> None:
+            while not stop.wait(poll_s):
+                try:
+                    self.refresh()
+                except Exception:  # refresh logs; the watcher must survive
+                    log.exception("registry watch")
+
+        self._thread = threading.Thread(target=loop, args=(self._stop,), name="defectloop-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def score(self, images: list[torch.Tensor]) -> list[Scored]:
+        """Score preprocessed images (3 x S x S in [0, 1]) as one batch with the model in force."""
+        served = self.served
+        scores, maps = served.model.score_images(torch.stack(images))
+        return [Scored(float(s), m.numpy(), served) for s, m in zip(scores, maps, strict=True)]
+
+
+def decision(score: float, threshold: float | None) -> str:
+    return "unknown" if threshold is None else ("anomalous" if score > threshold else "normal")
+
+
+def resize_map(amap: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Anomaly map at the model's input size -> the original image size (bilinear)."""
+    if amap.shape == (height, width):
+        return amap
+    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def predicted_mask(amap: np.ndarray, pixel_threshold: float | None, width: int, height: int) -> np.ndarray:
+    """H x W bool defect mask: where the map, at the original size, exceeds the calibrated pixel threshold."""
+    if pixel_threshold is None:
+        return np.zeros((height, width), bool)
+    return resize_map(amap, width, height) > pixel_threshold
+
+
+def heatmap_png(amap: np.ndarray, threshold: float | None, width: int, height: int) -> bytes:
+    """The anomaly map as a colour PNG (jet) at the image size; the pixel threshold sits mid-scale."""
+    from matplotlib import colormaps
+
+    a = resize_map(amap, width, height)
+    top = 2 * threshold if threshold and threshold > 0 else max(float(a.max()), 1e-6)
+    rgb = (colormaps["jet"](np.clip(a / top, 0, 1))[..., :3] * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

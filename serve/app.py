@@ -1,0 +1,111 @@
+"""The Ray Serve application: one scorer deployment with the FastAPI ingress of ``serve.api``.
+
+    serve run defectloop.serve.app:app            # settings from DEFECTLOOP_* / DEFECTLOOP_SERVE_CONFIG
+    serve deploy serve/config.yaml                 # settings as builder args + user_config
+    defectloop serve --registry DIR --port 8000    # local Ray, foreground, Ctrl-C to stop
+
+Requests for single images are gathered into batches by ``@serve.batch`` (``max_ongoing_requests``
+is set well above the batch size, or Serve would never fill a batch). The model follows its
+registry: a new current version or a new abnormal-bank update is loaded beside the old one and
+swapped in; ``reconfigure`` (Serve ``user_config``) changes the model location, pin or limits
+without restarting the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+
+import torch
+from defectloop.serve.api import ScoringContext, build_app
+from defectloop.serve.settings import ServeSettings
+from ray import serve
+
+from defectloop.labeling.inbox import EventInbox
+from defectloop.scoring import ModelHandle, Scored
+
+log = logging.getLogger(__name__)
+
+MAX_ONGOING = 128
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING, health_check_period_s=10, graceful_shutdown_timeout_s=20)
+@serve.ingress()
+class Scorer:
+    def __init__(self, **settings):
+        self.settings = ServeSettings.load(**settings)
+        torch.set_num_threads(self.settings.threads or os.cpu_count() or 1)
+        self.handle = ModelHandle(self.settings.model, self.settings.version)
+        log.info("scorer: serving %s", self.handle.served.label)  # load now: fail at start, not per request
+        self.handle.watch(self.settings.poll_s)
+        self.ctx = ScoringContext(self.handle, self.score_one, self.settings, EventInbox(self.settings.inbox_dir()))
+        self._apply_batching()
+
+    def _apply_batching(self) -> None:
+        self.score_one.set_max_batch_size(self.settings.max_batch_size)
+        self.score_one.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply a Serve ``user_config`` in place: in-flight requests finish on the model they started with."""
+        old = self.settings
+        self.settings = old.updated(user_config or {})
+        self.ctx.settings = self.settings
+        self._apply_batching()
+        if (self.settings.model, self.settings.version) != (old.model, old.version):
+            handle = ModelHandle(self.settings.model, self.settings.version)
+            log.info("scorer: loaded %s", handle.served.label)  # before swapping: a bad location raises, the old model stays
+            self.handle.stop()
+            self.handle = self.ctx.handle = handle
+        self.handle.watch(self.settings.poll_s)
+        log.info("scorer reconfigured: %s", sorted(user_config or {}))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score_one(self, images: list[torch.Tensor]) -> list[Scored]:
+        # in a thread: the replica's event loop keeps accepting requests (the next batch) meanwhile
+        return await asyncio.to_thread(self.handle.score, images)
+
+    def check_health(self) -> None:
+        if self.handle._served is None:
+            raise RuntimeError("no model loaded")
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.ctx)
+
+
+def build(args: dict) -> serve.Application:
+    """Application builder for ``serve deploy``: ``args`` are settings (see ``ServeSettings``)."""
+    return Scorer.bind(**(args or {}))
+
+
+app = Scorer.bind()
+
+
+def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+                   ray_address: str | None = None, replicas: int = 1, gpus: float = 0.0) -> None:
+    """Start (or join) Ray, deploy the scorer on ``host:port`` and block until SIGINT/SIGTERM."""
+    import dataclasses
+
+    import ray
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING, configure_logging=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        deployment = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})
+        serve.run(deployment.bind(**dataclasses.asdict(settings)), name="defectloop", route_prefix="/")
+        print(f"defectloop scorer on http://{host}:{port}  (docs: http://{host}:{port}/docs; "
+              f"Label Studio ML backend URL: http://{host}:{port}/ls); Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("shutting down the scorer...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

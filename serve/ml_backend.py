@@ -1,0 +1,149 @@
+"""Label Studio's ML-backend protocol, served under ``/ls`` next to the scoring API.
+
+Connect it in a project's Model settings with the URL ``http://<scorer>/ls`` (basic auth, any
+user, the API token as password). Label Studio then calls ``/setup`` (learns the model version),
+``/predict`` (one prediction per task, in order: the anomaly score and the predicted defect mask
+as a brush region, plus the normal/anomalous verdict when the config has Choices) and
+``/webhook`` (every project event: annotation events and START_TRAINING are queued in the event
+inbox, the rest ignored; nothing slow happens inside the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from defectloop.serve.api import ImageScore, ScoringContext, decode, require_token, score_arrays
+from fastapi import APIRouter, Body, Depends, HTTPException
+from pydantic import BaseModel
+
+from defectloop.labeling.client import StudioClient, StudioError
+from defectloop.labeling.inbox import FEEDBACK_ACTIONS
+from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
+
+log = logging.getLogger(__name__)
+
+
+class PredictRequest(BaseModel):
+    tasks: list[dict[str, Any]]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] | None = None
+
+
+def regions(config: LabelConfig, task_id: Any, res: ImageScore) -> list[dict]:
+    """Prediction regions of one task in the project's own tag names."""
+    out = []
+    label = config.defect_label()
+    if config.brush and label and res.mask is not None and res.mask.pixels > 0:
+        out.append({"id": f"dl-{task_id}-mask", "from_name": config.brush, "to_name": config.image,
+                    "type": "brushlabels", "origin": "prediction",
+                    "value": {"format": "rle", "rle": res.mask.rle, "brushlabels": [label]},
+                    "original_width": res.width, "original_height": res.height, "image_rotation": 0,
+                    "score": res.normalised_score})
+    verdict = ANOMALOUS if res.decision == "anomalous" else NORMAL
+    if config.choices and verdict in config.choice_values:
+        out.append({"id": f"dl-{task_id}-verdict", "from_name": config.choices, "to_name": config.image,
+                    "type": "choices", "value": {"choices": [verdict]}, "score": res.normalised_score})
+    return out
+
+
+def build_router(ctx: ScoringContext) -> APIRouter:
+    router = APIRouter(tags=["Label Studio ML backend"])
+    auth = [Depends(require_token)]
+    projects: dict[str, dict] = {}  # project uid -> what /setup told us (schema, hostname, access token)
+    clients: dict[tuple[str, str], StudioClient] = {}
+
+    def studio(project: str | None) -> StudioClient:
+        s = ctx.settings
+        seen = projects.get(str(project), {})
+        url = s.label_studio_url or seen.get("hostname")
+        token = s.label_studio_token or seen.get("access_token")
+        if not url or not token:
+            raise HTTPException(400, "cannot fetch task images: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                                     "for the scorer, or let Label Studio call /setup first")
+        key = (url, token)
+        if key not in clients:
+            clients[key] = StudioClient(url, token, retries=2)
+        return clients[key]
+
+    @router.get("/health", summary="Label Studio health check (no auth; must answer within 1 s)")
+    def health() -> dict:
+        served = ctx.handle._served  # never load a model inside a 1 s health check
+        return {"status": "UP", "model_class": "defectloop", "model_version": served.label if served else None}
+
+    @router.post("/setup", dependencies=auth, summary="Project connected: returns the model version")
+    def setup(body: dict[str, Any] = Body(...)) -> dict:
+        schema = body.get("schema")
+        if schema:
+            try:
+                LabelConfig.parse(schema)
+            except ValueError as e:
+                raise HTTPException(400, f"label config not usable by defectloop: {e}") from e
+        projects[str(body.get("project"))] = {"schema": schema, "hostname": body.get("hostname"),
+                                              "access_token": body.get("access_token")}
+        return {"model_version": ctx.handle.served.label}
+
+    @router.post("/predict", dependencies=auth, summary="One prediction per task, in order")
+    async def predict(req: PredictRequest) -> dict:
+        schema = req.label_config or projects.get(str(req.project), {}).get("schema")
+        if not schema:
+            raise HTTPException(400, "no label config: send label_config or connect the project (/setup) first")
+        try:
+            config = LabelConfig.parse(schema)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        if len(req.tasks) > 4 * ctx.settings.max_images:
+            raise HTTPException(413, f"{len(req.tasks)} tasks in one request; the limit is {4 * ctx.settings.max_images}")
+        label = ctx.handle.served.label
+
+        def load(task: dict) -> tuple[str, str | None, Any] | str:
+            data = task.get("data") or {}
+            uri = data.get(config.image_key)
+            name = f"task {task.get('id')}"
+            if not isinstance(uri, str) or not uri:
+                return f"{name}: no image in data[{config.image_key!r}]"
+            try:
+                raw = studio(req.project).fetch(uri, task.get("id"))
+                return name, data.get("category"), decode(name, raw, ctx.settings)
+            except HTTPException as e:
+                return str(e.detail)
+            except (StudioError, ValueError) as e:
+                return f"{name}: {e}"
+
+        loaded = await asyncio.gather(*(asyncio.to_thread(load, t) for t in req.tasks))
+        good = [x for x in loaded if not isinstance(x, str)]
+        scored = iter((await score_arrays(ctx, good, heatmap=False, mask=config.brush is not None)).results
+                      if good else [])
+        results = []
+        for task, x in zip(req.tasks, loaded, strict=True):
+            if isinstance(x, str):  # keep the order: an empty prediction that says why
+                log.warning("predict: %s", x)
+                results.append({"result": [], "score": None, "model_version": label, "error": x})
+                continue
+            res = next(scored)
+            results.append({"result": regions(config, task.get("id"), res), "score": res.normalised_score,
+                            "model_version": res.model_version})
+        return {"results": results}
+
+    @router.post("/webhook", dependencies=auth, status_code=201,
+                 summary="Label Studio events: annotation changes and START_TRAINING are queued, others ignored")
+    def webhook(body: Any = Body(...)) -> dict:
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            raise HTTPException(400, "a webhook payload is a JSON object with an `action`")
+        if body["action"] not in FEEDBACK_ACTIONS:
+            return {"status": "ignored", "action": body["action"]}
+        return {"status": "queued", "event_id": ctx.inbox.put(body)}
+
+    @router.post("/train", dependencies=auth, summary="Legacy 'Start training': queued like START_TRAINING")
+    def train(body: dict[str, Any] = Body(default_factory=dict)) -> dict:
+        event_id = ctx.inbox.put({"action": "START_TRAINING", "project": body.get("project"), "legacy": True})
+        return {"job": event_id}
+
+    @router.get("/versions", dependencies=auth, summary="Model versions in the registry")
+    def versions() -> dict:
+        reg = ctx.handle.registry
+        return {"versions": [reg.label(v) for v in reg.ids()] if reg else [ctx.handle.served.label]}
+
+    return router

@@ -1,0 +1,77 @@
+"""Label Studio glue without a server: brush RLE codec (bit-exact with the SDK), label config, event inbox."""
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter import brush as sdk
+
+from defectloop.labeling.brush import BrushRLE
+from defectloop.labeling.inbox import EventInbox
+from defectloop.labeling.label_config import LabelConfig, build_label_config
+
+CODEC = BrushRLE()
+
+
+def masks():
+    rng = np.random.default_rng(0)
+    yield np.zeros((7, 9), bool)
+    yield np.ones((5, 3), bool)
+    yield rng.random((33, 47)) > 0.5  # many single-value runs: literal records
+    blob = np.zeros((300, 260), bool)
+    blob[40:200, 10:250] = True  # runs over 256 values: 16-bit lengths
+    yield blob
+    yield np.ones((200, 400), bool)  # one run of 320000 values: split into 2**16 blocks
+    yield np.ones((1, 1), bool)
+
+
+@pytest.mark.parametrize("mask", list(masks()), ids=lambda m: f"{m.shape}-{int(m.sum())}")
+def test_brush_rle_bit_exact_with_sdk(mask):
+    ours = CODEC.encode(mask)
+    assert ours == sdk.mask2rle(mask.astype(np.uint8) * 255)
+    h, w = mask.shape
+    assert (CODEC.decode(ours, h, w) == mask).all()
+    assert (sdk.decode_rle(ours).reshape(h, w, 4)[:, :, 3] > 0).tolist() == mask.tolist()
+
+
+def test_brush_rle_decodes_sdk_output_of_other_values():
+    arr = np.array([0, 0, 7, 7, 7, 1, 2, 3] * 40 + [9] * 70000, dtype=np.uint8)
+    rle = sdk.encode_rle(arr)
+    assert rle == CODEC.encode_values(arr)
+    assert (CODEC.decode_values(rle) == arr).all()
+
+
+def test_brush_rle_rejects_bad_input():
+    rle = CODEC.encode(np.ones((10, 10), bool))
+    with pytest.raises(ValueError, match="expected 12x10x4"):
+        CODEC.decode(rle, 12, 10)
+    with pytest.raises(ValueError, match="ends early"):
+        CODEC.decode(rle[:3], 10, 10)
+    with pytest.raises(ValueError, match="2-D"):
+        CODEC.encode(np.ones((2, 2, 2), bool))
+
+
+def test_label_config_round_trip_and_errors():
+    cfg = LabelConfig.parse(build_label_config(["scratch", "crack & dent"]))
+    assert (cfg.image, cfg.image_key, cfg.brush, cfg.choices) == ("image", "image", "defect", "verdict")
+    assert cfg.defects == ("scratch", "crack & dent")
+    assert cfg.choice_values == ("normal", "anomalous")
+    assert cfg.defect_label("crack & dent") == "crack & dent" and cfg.defect_label("other") == "scratch"
+    own = LabelConfig.parse('<View><Image name="img" value="$photo"/>'
+                            '<BrushLabels name="tag" toName="img"><Label value="Defect"/></BrushLabels></View>')
+    assert (own.image, own.image_key, own.brush, own.choices) == ("img", "photo", "tag", None)
+    with pytest.raises(ValueError, match="no <Image>"):
+        LabelConfig.parse("<View><Text name='t' value='$text'/></View>")
+    with pytest.raises(ValueError, match="BrushLabels"):
+        LabelConfig.parse('<View><Image name="i" value="$image"/></View>')
+    with pytest.raises(ValueError, match="not valid XML"):
+        LabelConfig.parse("<View><Image")
+
+
+def test_inbox_is_durable_and_ordered(tmp_path):
+    inbox = EventInbox(tmp_path)
+    a = inbox.put({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
+    b = inbox.put({"action": "START_TRAINING"})
+    again = EventInbox(tmp_path)  # a restarted service sees what was queued
+    assert [i for i, _ in again.pending()] == [a, b]
+    again.done(a)
+    assert [e["action"] for _, e in inbox.pending()] == ["START_TRAINING"]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,105 @@
+"""The served model: registry pointers, bank updates, swapping, predicted masks and heatmaps."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectloop.memory import Provenance
+from defectloop.scoring import ModelHandle, heatmap_png, predicted_mask
+from defectloop.store import Registry
+
+
+@pytest.fixture()
+def registry(served_registry, tmp_path):
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    return Registry(root)
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_data):
+    from defectloop.data import load_image, load_split
+    from defectloop.features import image_tensor
+
+    split = load_split(tiny_data, anomalies_per_class=2)
+    return [(s, image_tensor(load_image(s.path), 128)) for s in split.test]
+
+
+def test_handle_follows_versions_and_bank_updates(registry, test_images):
+    handle = ModelHandle(registry.root)
+    assert handle.served.label == "v0001"
+    assert not handle.refresh()
+    sample, img = next((s, t) for s, t in test_images if s.label == 0)
+    before = handle.score([img])[0].score
+
+    # an annotator confirms a defect that looks like this image: a new bank update, served at once
+    model = registry.load()
+    feats = model.embedder(img[None])[0].flatten(1).T
+    model.abnormal_bank.add(Provenance("ann-1", sample.image_id, sample.category, "scratch"), feats)
+    assert registry.publish_bank(model.abnormal_bank) == "v0001-b0001"
+    old = handle.served
+    assert handle.refresh() and handle.served.label == "v0001-b0001"
+    after = handle.score([img])[0].score
+    assert after > before  # nearer a confirmed defect now
+    assert old.model.abnormal_bank is not handle.served.model.abnormal_bank  # the old model was left intact
+
+    v2 = registry.register(registry.load("v0001"))
+    assert handle.refresh() and handle.served.label == v2
+    registry.rollback()
+    assert handle.refresh() and handle.served.label == "v0001-b0001"
+
+
+def test_handle_keeps_serving_when_a_new_version_is_broken(registry, caplog):
+    handle = ModelHandle(registry.root)
+    assert handle.served.label == "v0001"
+    v2 = registry.register(registry.load())
+    (registry.path(v2) / "weights.safetensors").write_bytes(b"garbage")
+    assert not handle.refresh()
+    assert handle.served.label == "v0001" and "v0002" not in handle.served.label
+    assert handle.last_error and "keeping v0001" in caplog.text
+
+
+def test_pinned_version_and_plain_directory(registry):
+    v2 = registry.register(registry.load())
+    assert ModelHandle(registry.root, version="v0001").served.label == "v0001"
+    assert ModelHandle(registry.path(v2)).served.label == v2
+    with pytest.raises(FileNotFoundError):
+        _ = ModelHandle(registry.root / "nowhere").served
+
+
+def test_mask_and_heatmap_at_image_size(registry, test_images):
+    handle = ModelHandle(registry.root)
+    model = handle.served.model
+    bad = [(s, t) for s, t in test_images if s.label == 1]
+    good = [(s, t) for s, t in test_images if s.label == 0]
+    scored = handle.score([t for _, t in bad + good])
+    for (s, _), r in zip(bad + good, scored, strict=True):
+        m = predicted_mask(r.amap, model.pixel_threshold(s.category), 200, 150)
+        assert m.shape == (150, 200)
+    hits = [predicted_mask(r.amap, model.pixel_threshold(s.category), 128, 128).any()
+            for (s, _), r in zip(bad + good, scored, strict=True)]
+    assert np.mean(hits[:len(bad)]) > np.mean(hits[len(bad):])
+    png = Image.open(io.BytesIO(heatmap_png(scored[0].amap, model.pixel_threshold(), 200, 150)))
+    assert png.size == (200, 150) and png.mode == "RGB"
+
+
+def test_normalised_scores_put_the_threshold_at_half(registry):
+    model = registry.load()
+    for cat in ("tile", "disc", None):
+        t = model.threshold(cat)
+        assert model.normalise(t, cat) == pytest.approx(0.5)
+        assert model.normalise(t * 0.5, cat) < 0.5 < model.normalise(t * 2, cat) < 1.0
+    assert all(v["pixel_threshold"] > 0 for v in model.calibration.values())
+
+
+def test_score_is_one_batch(registry, test_images):
+    handle = ModelHandle(registry.root)
+    imgs = [t for _, t in test_images[:5]]
+    batch = [r.score for r in handle.score(imgs)]
+    single = [handle.score([t])[0].score for t in imgs]
+    assert batch == pytest.approx(single, abs=1e-4)
+    assert torch.is_tensor(imgs[0])

@@ -1,0 +1,1 @@
+"""Ray Train workers and the retraining job (import as ``defectloop.workers``)."""
