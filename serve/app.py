@@ -90,11 +90,11 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
 
     import ray
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
              logging_level=logging.WARNING, configure_logging=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handler
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         deployment = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})

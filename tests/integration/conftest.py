@@ -1,0 +1,120 @@
+"""Real servers for integration tests, started on 127.0.0.1 once per session and stopped by PID.
+
+- ``scorer``: ``defectloop serve`` (local Ray + Ray Serve over HTTP) on a copy of a trained registry.
+- ``label_studio``: a Label Studio server in a temporary data dir, with a legacy API token, local
+  file serving and loopback webhooks allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+SCORER_TOKEN = "integration-token"
+LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def wait_ready(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to our PID, then the whole process group if it lingers; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start(name: str, cmd: list[str], env: dict[str, str], url: str, log: Path) -> Server:
+    fh = open(log, "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(name, proc, url, log)
+
+
+@pytest.fixture(scope="session")
+def scorer_registry(served_registry, tmp_path_factory) -> Path:
+    """A registry of the session's scorer that tests may change (new versions, bank updates)."""
+    root = tmp_path_factory.mktemp("scorer") / "registry"
+    shutil.copytree(served_registry, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def scorer(scorer_registry, tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "DEFECTLOOP_API_TOKEN": SCORER_TOKEN, "DEFECTLOOP_POLL_S": "0.5",
+           "DEFECTLOOP_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path_factory.mktemp("logs") / "scorer.log"
+    server = start("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry", str(scorer_registry),
+                              "--port", str(port)], env, f"http://127.0.0.1:{port}", log)
+    server.wait_ready("/v1/health", 180)
+    server.token = SCORER_TOKEN
+    yield server
+    code = server.stop()
+    assert code == 0, f"scorer did not shut down cleanly ({code}):\n{server.tail()}"
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """Label Studio 1.23 with user admin@example.com / defectloop and a legacy token; files under ``root``."""
+    base = tmp_path_factory.mktemp("label-studio")
+    root = base / "files"
+    root.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("USERNAME", "PASSWORD", "PORT", "HOST")}
+    env.update(LABEL_STUDIO_BASE_DATA_DIR=str(base / "data"), LATEST_VERSION_CHECK="false",
+               LABEL_STUDIO_USERNAME="admin@example.com", LABEL_STUDIO_PASSWORD="defectloop",
+               LABEL_STUDIO_USER_TOKEN=LS_TOKEN, LOCAL_FILES_SERVING_ENABLED="true",
+               LOCAL_FILES_DOCUMENT_ROOT=str(root), USE_DEFAULT_BANNED_SUBNETS="false",
+               LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
+    exe = Path(sys.executable).with_name("label-studio")
+    server = start("label-studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
+                                    "--port", str(port), "--data-dir", str(base / "data"),
+                                    "--enable-legacy-api-token"],
+                   env, f"http://127.0.0.1:{port}", base / "label-studio.log")
+    server.wait_ready("/health", 240)
+    server.token = LS_TOKEN
+    server.root = root
+    yield server
+    server.stop(30)

@@ -1,0 +1,59 @@
+"""The scorer as Label Studio's ML backend, against a real Label Studio server."""
+
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from label_studio_sdk import LabelStudio
+
+from defectloop.data import load_image
+from defectloop.labeling.brush import BrushRLE
+from defectloop.labeling.label_config import LabelConfig, build_label_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_label_studio_gets_predictions_from_the_scorer(label_studio, scorer, tiny_data):
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    pool = label_studio.root / "pool"
+    pool.mkdir()
+    tasks, truth = [], []
+    for i, p in enumerate(sorted(tiny_data.glob("*/test/*/*.png"))[::2]):
+        name = f"{p.parts[-4]}_{p.parent.name}_{p.name}"
+        shutil.copy(p, pool / name)
+        tasks.append({"image": f"/data/local-files/?d=pool/{name}", "category": p.parts[-4], "n": i})
+        truth.append(p.parent.name != "good")
+    project = ls.projects.create(title="defectloop it", label_config=build_label_config(["scratch", "blob"]))
+    ls.import_storage.local.create(project=project.id, path=str(pool), title="pool", use_blob_urls=True)
+    ls.projects.import_tasks(id=project.id, request=tasks)
+
+    backend = ls.ml.create(project=project.id, url=f"{scorer.url}/ls", title="defectloop",
+                           auth_method="BASIC_AUTH", basic_auth_user="labelstudio", basic_auth_pass=scorer.token)
+    assert ls.ml.get(id=backend.id).state == "CO", "backend did not connect (health/setup)"
+    ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
+
+    label = httpx.get(f"{scorer.url}/v1/health").json()["model_version"]
+    config = LabelConfig.parse(build_label_config(["scratch", "blob"]))
+    stored = {t.data["n"]: t for t in ls.tasks.list(project=project.id, fields="all")}
+    assert len(stored) == len(tasks)
+    scores, hits = [], []
+    for n, task in sorted(stored.items()):
+        preds = ls.predictions.list(task=task.id)
+        assert len(preds) == 1, f"task {n}: {len(preds)} predictions"
+        pred = preds[0]
+        assert pred.model_version == label and 0 < pred.score < 1
+        scores.append(pred.score)
+        by_type = {r["type"]: r for r in pred.result}
+        assert by_type["choices"]["from_name"] == config.choices
+        if "brushlabels" in by_type:
+            r = by_type["brushlabels"]
+            assert (r["from_name"], r["to_name"], r["value"]["brushlabels"]) == (config.brush, config.image, ["scratch"])
+            h, w = load_image(pool / tasks[n]["image"].split("pool/")[1]).shape[:2]
+            assert (r["original_width"], r["original_height"]) == (w, h)
+            hits.append((n, BrushRLE().decode(r["value"]["rle"], h, w).sum()))
+    truth = np.array(truth)
+    scores = np.array(scores)
+    assert scores[truth].mean() > scores[~truth].mean()
+    assert sum(1 for n, px in hits if truth[n] and px > 0) >= truth.sum() // 2
+    assert ls.ml.get(id=backend.id).model_version == label  # learned through /setup

@@ -1,0 +1,102 @@
+"""The scorer over real HTTP: Ray Serve on local Ray, started by ``defectloop serve``."""
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from defectloop.memory import Provenance
+from defectloop.store import Registry
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": "Bearer integration-token"}  # the scorer fixture's token
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data):
+    paths = sorted(tiny_data.glob("*/test/*/*.png"))
+    return {"good": [p.read_bytes() for p in paths if p.parent.name == "good"],
+            "bad": [p.read_bytes() for p in paths if p.parent.name != "good"]}
+
+
+def score(url, data: bytes, **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/score", files=[("files", ("x.png", data, "image/png"))], params=params,
+                      headers=AUTH, timeout=60)
+
+
+def test_scores_over_http(scorer, images):
+    r = score(scorer.url, images["bad"][0], mask="true", heatmap="true")
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["decision"] == "anomalous" and res["mask"]["pixels"] > 0 and res["heatmap_png"]
+    good = [score(scorer.url, g).json()["results"][0]["score"] for g in images["good"][:4]]
+    bad = [score(scorer.url, b).json()["results"][0]["score"] for b in images["bad"][:4]]
+    assert min(bad) > max(good)
+    assert httpx.post(f"{scorer.url}/v1/score", files=[("files", ("x.png", b"junk", "image/png"))],
+                      headers=AUTH).status_code == 400
+    assert httpx.get(f"{scorer.url}/v1/model").status_code == 401
+    assert httpx.get(f"{scorer.url}/docs").status_code == 200
+
+
+def test_concurrent_requests_are_batched_correctly(scorer, images):
+    """16 clients at once: every answer belongs to its own image (batching must not mix them up)."""
+    data = images["good"][:8] + images["bad"][:8]
+    alone = [score(scorer.url, d).json()["results"][0]["score"] for d in data]
+    out: dict[int, float] = {}
+
+    def one(i):
+        out[i] = score(scorer.url, data[i]).json()["results"][0]["score"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [out[i] for i in range(len(data))] == pytest.approx(alone, abs=1e-3)
+
+
+def test_hot_reload_under_load(scorer, scorer_registry, images, embedder):
+    """A bank update and a new version are picked up while 4 clients keep scoring: no request fails."""
+    reg = Registry(scorer_registry)
+    start_label = reg.label()
+    stop = threading.Event()
+    seen: Counter = Counter()
+    errors: list[str] = []
+
+    def client(k):
+        with httpx.Client(timeout=60, headers=AUTH) as c:
+            while not stop.is_set():
+                r = c.post(f"{scorer.url}/v1/score", files=[("files", ("x.png", images["bad"][k], "image/png"))])
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    seen[r.json()["model_version"]] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+
+    def wait_for(label, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and seen[label] < 3:
+            time.sleep(0.2)
+        return seen[label]
+
+    try:
+        time.sleep(1)
+        model = reg.load()
+        model.abnormal_bank.add(Provenance("it-ann-1", "img-x", "disc", "scratch"), model.abnormal_bank.tensors()[0][:5])
+        bank_label = reg.publish_bank(model.abnormal_bank)
+        assert wait_for(bank_label) >= 3
+        version = reg.register(reg.load())
+        assert wait_for(version) >= 3
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert seen[start_label] > 0
+    info = httpx.get(f"{scorer.url}/v1/model", headers=AUTH).json()
+    assert info["model_version"] == version and info["reload_error"] is None
