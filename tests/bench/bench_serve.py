@@ -1,0 +1,154 @@
+"""Load test of the scorer over HTTP (run on demand, not in CI).
+
+    .venv/bin/python tests/bench/bench_serve.py [--registry DIR] [--requests 500] [--clients 16]
+
+Without --registry it trains a DMAD model (product defaults, 256 px) on the first images of each
+category of ../shared/data/dev. Then, in one run: in-process scoring throughput (decode + resize +
+model, batches of 16), and `defectloop serve` on local Ray with dynamic batching (max 16) and with
+batch size 1, each loaded by N requests of one image from C concurrent clients. Prints p50/p99
+latency, throughput, errors, and HTTP throughput as a ratio of in-process throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "bench-token"
+
+
+def train_registry(data: Path, per_category: int, out: Path) -> Path:
+    from defectloop.data import load_split
+    from defectloop.features import extract
+    from defectloop.models import ModelConfig, create_model
+    from defectloop.store import Registry
+
+    counts: Counter = Counter()
+    train = []
+    for s in load_split(data).train:
+        if counts[s.category] < per_category:
+            counts[s.category] += 1
+            train.append(s)
+    model = create_model(ModelConfig(kind="dmad"))
+    model.fit(extract(model.embedder, train, model.config.image_size, progress="bench: features"), progress=True)
+    Registry(out).register(model)
+    return out
+
+
+def in_process(registry: Path, payloads: list[bytes], batch: int = 16) -> float:
+    from defectloop.data import load_image
+    from defectloop.features import image_tensor
+    from defectloop.scoring import ModelHandle
+
+    handle = ModelHandle(registry)
+    size = handle.served.model.config.image_size
+    handle.score([image_tensor(load_image(payloads[0]), size)] * batch)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(payloads), batch):
+        handle.score([image_tensor(load_image(p), size) for p in payloads[i:i + batch]])
+    return len(payloads) / (time.perf_counter() - t0)
+
+
+def load_test(url: str, payloads: list[bytes], n: int, clients: int) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(n))
+    lock = threading.Lock()
+
+    def worker():
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t = time.perf_counter()
+                r = c.post(f"{url}/v1/score", files=[("files", ("x.png", payloads[i % len(payloads)], "image/png"))])
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:100]}")
+
+    # warm-up outside the measurement
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        for p in payloads[:4]:
+            c.post(f"{url}/v1/score", files=[("files", ("x.png", p, "image/png"))])
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"throughput": n / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": len(errors), "first_errors": errors[:3]}
+
+
+def serve(registry: Path, batch: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "DEFECTLOOP_API_TOKEN": TOKEN, "DEFECTLOOP_MAX_BATCH_SIZE": str(batch),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "defectloop.cli", "serve", "--registry", str(registry),
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("scorer did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dev"))
+    ap.add_argument("--registry")
+    ap.add_argument("--per-category", type=int, default=60, help="training images per category (no --registry)")
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--port", type=int, default=8311)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    registry = Path(args.registry) if args.registry else train_registry(
+        Path(args.data), args.per_category, Path(tempfile.mkdtemp(prefix="bench-serve-")) / "registry")
+    images = sorted(Path(args.data).glob("*/test/*/*.png"))
+    random.Random(0).shuffle(images)
+    payloads = [p.read_bytes() for p in images[:64]]
+    print(f"registry {registry}; {len(payloads)} distinct test images, "
+          f"{np.mean([len(p) for p in payloads]) / 1024:.0f} KiB on average")
+
+    local = in_process(registry, payloads * 2)
+    print(f"in-process (decode + resize + score, batch 16): {local:.2f} img/s")
+    rows = {}
+    for batch in (16, 1):
+        proc = serve(registry, batch, args.port)
+        try:
+            rows[batch] = load_test(f"http://127.0.0.1:{args.port}", payloads, args.requests, args.clients)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print(f"\n{args.requests} requests of one image, {args.clients} concurrent clients, Ray Serve on local Ray")
+    print(f"{'max batch':>10s}{'img/s':>10s}{'p50 ms':>10s}{'p99 ms':>10s}{'errors':>8s}{'vs in-process':>15s}")
+    for batch, r in rows.items():
+        print(f"{batch:>10d}{r['throughput']:>10.2f}{r['p50_ms']:>10.0f}{r['p99_ms']:>10.0f}{r['errors']:>8d}"
+              f"{r['throughput'] / local:>14.2f}x")
+        if r["errors"]:
+            print("   ", r["first_errors"])
+    print(f"batching speed-up: {rows[16]['throughput'] / rows[1]['throughput']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
