@@ -79,8 +79,13 @@ class ServeSettings:
             raise ValueError("max_batch_size and max_images must be >= 1")
 
     def inbox_dir(self) -> Path:
+        """Local folder of the event inbox: ``inbox`` or beside a local registry (else in the cache)."""
         if self.inbox:
             return Path(self.inbox)
+        if self.model.startswith("s3://"):
+            from defectloop.store import CACHE_DIR
+
+            return CACHE_DIR / "inbox"
         root = Path(self.model)
         return (root if (root / "versions").is_dir() else root.parent) / "inbox"
 

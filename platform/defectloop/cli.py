@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from defectloop.data import load_split
     from defectloop.features import extract
     from defectloop.models import create_model
-    from defectloop.store import Registry
+    from defectloop.store import Registry, save_model
 
     config = _model_config(args)
     split = load_split(args.data, _categories(args.categories), args.anomalies_per_class, config.seed)
@@ -62,13 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     stats["fit_seconds"] = time.perf_counter() - t0
     stats["categories"] = split.categories
     stats["notes"] = split.notes
+    fit_json = {"fit.json": json.dumps(stats, indent=1, default=str)}
     if args.registry:
-        version = Registry(args.registry).register(model, metrics={"fit": stats})
-        out = Registry(args.registry).path(version)
+        version = Registry(args.registry).register(model, files=fit_json)
+        out = f"{args.registry} ({version})"
         print(f"registered {config.kind} model as {version} in {args.registry}")
     else:
-        out = model.save(args.out)
-    (out / "fit.json").write_text(json.dumps(stats, indent=1, default=str))
+        out = save_model(model, args.out, files=fit_json)
     print(f"trained {config.kind} on {stats['n_train_images']} images of {len(split.categories)} categories "
           f"({len(train.skipped)} skipped) in {stats['fit_seconds']:.1f}s: normal bank {stats['normal_bank_size']}"
           f", abnormal bank {len(model.abnormal_bank)}; saved to {out}")
@@ -117,16 +117,20 @@ def print_table(result: dict) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defectloop.models import load_model
-    from defectloop.store import resolve_model_dir
+    from defectloop.store import Registry, open_store, resolve_model_dir
 
-    model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir)
+    model = load_model(resolve_model_dir(args.model))
     result = evaluate_model(model, args.data, _categories(args.categories), args.anomalies_per_class,
                             args.seed, Path(args.plots) if args.plots else None)
     print_table(result)
+    text = json.dumps(result, indent=1)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    (model_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(text)
+    if Registry.is_registry(args.model):  # the metrics go with the version they measured
+        reg = Registry(args.model)
+        reg.attach(reg.resolve(), "metrics.json", text)
+    else:
+        open_store(args.model).write("metrics.json", text.encode())
     return 0
 
 
@@ -181,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         registry = Registry(work / "registry")
         version = registry.register(model)
         res = evaluate_model(model, str(data), None, args.anomalies_per_class, args.seed, work / "plots" / kind)
-        (registry.path(version) / "metrics.json").write_text(json.dumps(res, indent=1))
+        registry.attach(version, "metrics.json", json.dumps(res, indent=1))
         results[kind] = res
         print(f"\n{kind} ({version})")
         print_table(res)
@@ -214,6 +218,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """Registry operations: list, show, promote, rollback, gc."""
+    from defectloop.store import Registry
+
+    reg = Registry(args.registry)
+    if args.action == "list":
+        print(f"{'version':10s}{'kind':12s}{'created (UTC)':22s}{'bank':8s}current")
+        for v in reg.list():
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created))
+            print(f"{v.id:10s}{v.kind:12s}{created:22s}{reg.bank(v.id) or '-':8s}{'*' if v.current else ''}")
+    elif args.action == "show":
+        print(json.dumps(reg.info(args.version), indent=1))
+    elif args.action == "promote":
+        if not args.version:
+            raise ValueError("promote needs a version")
+        reg.promote(args.version)
+        print(f"current: {reg.label()}")
+    elif args.action == "rollback":
+        print(f"rolled back to {reg.rollback()}")
+    elif args.action == "gc":
+        deleted = reg.gc(args.keep)
+        print(f"deleted {len(deleted)} version(s): {', '.join(deleted) or '-'}; kept {', '.join(reg.ids())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="defectloop", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -233,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     model_opts(t)
     dest = t.add_mutually_exclusive_group(required=True)
-    dest.add_argument("--out", help="model version directory to write")
-    dest.add_argument("--registry", help="registry folder: register as a new current version")
+    dest.add_argument("--out", help="model version directory to write (or s3://bucket/prefix)")
+    dest.add_argument("--registry", help="registry folder or s3://bucket/prefix: register as a new current version")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics of a model on a data set's test split")
@@ -268,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
     v.set_defaults(func=cmd_serve)
 
+    m = sub.add_parser("models", help="registry operations: list, show, promote, rollback, gc")
+    m.add_argument("action", choices=["list", "show", "promote", "rollback", "gc"])
+    m.add_argument("version", nargs="?", help="for show (default: current) and promote")
+    m.add_argument("--registry", required=True, help="registry folder or s3://bucket/prefix")
+    m.add_argument("--keep", type=int, default=5, help="gc: versions to keep (newest first)")
+    m.set_defaults(func=cmd_models)
+
     d = sub.add_parser("demo", help="train and evaluate PatchCore and DMAD on generated data (no arguments needed)")
     d.add_argument("--data", help="use this MVTec-layout folder instead of generated data")
     d.add_argument("--out", help="working folder (default: a new temporary folder)")
@@ -286,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, LookupError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, LookupError, RuntimeError, PermissionError) as e:
         print(f"defectloop: error: {e}", file=sys.stderr)
         return 2
 

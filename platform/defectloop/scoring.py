@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from defectloop.models import AnomalyModel, load_model
-from defectloop.store import Registry
+from defectloop.store import Registry, open_store, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,11 @@ class Scored:
 
 
 class ModelHandle:
-    """The model a service scores with; ``location`` is a registry root or a model version directory."""
+    """The model a service scores with; ``location`` is a registry or a model version (local or s3://)."""
 
-    def __init__(self, location: str | Path, version: str | None = None):
-        self.location = Path(location)
+    def __init__(self, location: str | os.PathLike, version: str | None = None):
+        self.location = str(location)
+        self._registry: Registry | None = None
         self.version = version  # pinned version, or None to follow the registry's current one
         self._served: Served | None = None
         self._lock = threading.Lock()  # one reload at a time; readers never wait for it
@@ -58,15 +60,17 @@ class ModelHandle:
 
     @property
     def registry(self) -> Registry | None:
-        return Registry(self.location) if (self.location / "versions").is_dir() else None
+        if self._registry is None and Registry.is_registry(self.location):
+            self._registry = Registry(self.location)
+        return self._registry
 
     def wanted(self) -> str:
         """The label that should be served now (cheap: reads two small pointer files)."""
         reg = self.registry
         if reg is None:
-            if not (self.location / "config.json").is_file():
+            if not open_store(self.location).exists("config.json"):
                 raise FileNotFoundError(f"{self.location} is neither a registry nor a model version directory")
-            return self.location.name
+            return Path(self.location.rstrip("/")).name
         return reg.label(self.version)
 
     @property
@@ -90,7 +94,7 @@ class ModelHandle:
                     return False
                 t0 = time.perf_counter()
                 reg = self.registry
-                model = reg.load(self.version) if reg is not None else load_model(self.location)
+                model = reg.load(self.version) if reg is not None else load_model(resolve_model_dir(self.location))
                 model.eval()
                 previous = self._served
                 self._served = Served(model, label, time.time())

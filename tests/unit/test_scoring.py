@@ -2,6 +2,7 @@
 
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_images(tiny_data):
 
 
 def test_handle_follows_versions_and_bank_updates(registry, test_images):
-    handle = ModelHandle(registry.root)
+    handle = ModelHandle(registry.location)
     assert handle.served.label == "v0001"
     assert not handle.refresh()
     sample, img = next((s, t) for s, t in test_images if s.label == 0)
@@ -54,7 +55,7 @@ def test_handle_follows_versions_and_bank_updates(registry, test_images):
 
 
 def test_handle_keeps_serving_when_a_new_version_is_broken(registry, caplog):
-    handle = ModelHandle(registry.root)
+    handle = ModelHandle(registry.location)
     assert handle.served.label == "v0001"
     v2 = registry.register(registry.load())
     (registry.path(v2) / "weights.safetensors").write_bytes(b"garbage")
@@ -65,14 +66,14 @@ def test_handle_keeps_serving_when_a_new_version_is_broken(registry, caplog):
 
 def test_pinned_version_and_plain_directory(registry):
     v2 = registry.register(registry.load())
-    assert ModelHandle(registry.root, version="v0001").served.label == "v0001"
+    assert ModelHandle(registry.location, version="v0001").served.label == "v0001"
     assert ModelHandle(registry.path(v2)).served.label == v2
     with pytest.raises(FileNotFoundError):
-        _ = ModelHandle(registry.root / "nowhere").served
+        _ = ModelHandle(Path(registry.location) / "nowhere").served
 
 
 def test_mask_and_heatmap_at_image_size(registry, test_images):
-    handle = ModelHandle(registry.root)
+    handle = ModelHandle(registry.location)
     model = handle.served.model
     bad = [(s, t) for s, t in test_images if s.label == 1]
     good = [(s, t) for s, t in test_images if s.label == 0]
@@ -97,7 +98,7 @@ def test_normalised_scores_put_the_threshold_at_half(registry):
 
 
 def test_score_is_one_batch(registry, test_images):
-    handle = ModelHandle(registry.root)
+    handle = ModelHandle(registry.location)
     imgs = [t for _, t in test_images[:5]]
     batch = [r.score for r in handle.score(imgs)]
     single = [handle.score([t])[0].score for t in imgs]
