@@ -18,7 +18,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from defectloop.serve.settings import ServeSettings
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel, Field, ValidationError
 
@@ -27,6 +26,7 @@ from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored, b64, decision, heatmap_png, predicted_mask
+from defectloop.serve.settings import ServeSettings
 from defectloop.store import read_uri
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,12 @@ import signal
 import threading
 
 import torch
-from defectloop.serve.api import ScoringContext, build_app
-from defectloop.serve.settings import ServeSettings
 from ray import serve
 
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
+from defectloop.serve.api import ScoringContext, build_app
+from defectloop.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

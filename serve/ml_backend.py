@@ -14,13 +14,13 @@ import asyncio
 import logging
 from typing import Any
 
-from defectloop.serve.api import ImageScore, ScoringContext, decode, require_token, score_arrays
 from fastapi import APIRouter, Body, Depends, HTTPException
 from pydantic import BaseModel
 
 from defectloop.labeling.client import StudioClient, StudioError
 from defectloop.labeling.inbox import FEEDBACK_ACTIONS
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
+from defectloop.serve.api import ImageScore, ScoringContext, decode, require_token, score_arrays
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,11 @@ def is_s3(location: str | os.PathLike) -> bool:
     return str(location).startswith("s3://")
 
 
+def join(*parts: str) -> str:
+    """Join key parts, skipping empty ones (no leading or doubled '/')."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
 class Store(ABC):
     """Objects under a root: keys are '/'-separated paths relative to it."""
 
@@ -98,11 +103,11 @@ class Store(ABC):
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name in last)
         for p in files:
-            self.upload_file(p, f"{prefix}/{p.relative_to(folder).as_posix()}")
+            self.upload_file(p, join(prefix, p.relative_to(folder).as_posix()))
 
     def download_dir(self, prefix: str, folder: Path) -> None:
         for key in self.keys(prefix):
-            self.download_file(key, folder / key[len(prefix) + 1:])
+            self.download_file(key, folder / (key[len(prefix) + 1:] if prefix else key))
 
 
 class LocalStore(Store):
@@ -212,7 +217,7 @@ class S3Store(Store):
         self.transfer = TransferConfig(multipart_threshold=c.multipart_mb * 2**20, multipart_chunksize=c.multipart_mb * 2**20)
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}".strip("/") if self.prefix else key
+        return join(self.prefix, key)
 
     def _call(self, what: str, fn, *args, **kw):
         """Run a boto3 call; turn its failures into errors that say what to check."""
@@ -253,7 +258,7 @@ class S3Store(Store):
         return self.read(key) == data  # servers that ignore the condition: the last writer owns the key
 
     def keys(self, prefix: str) -> list[str]:
-        full = self._key(prefix) + "/"
+        full = self._key(prefix) + "/" if self._key(prefix) else ""
         out = []
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         for page in self._call(f"list {prefix}", list, pages):
@@ -520,6 +525,34 @@ def resolve_model_dir(location: str | os.PathLike) -> Path:
     if Registry.is_registry(location):
         return Registry(location).path()
     raise FileNotFoundError(f"{location} is neither a model version directory nor a registry")
+
+
+def list_images(location: str | os.PathLike) -> list[str]:
+    """Image files below a local folder or ``s3://bucket/prefix`` (an image pool), as paths or URIs."""
+    from defectloop.data.images import IMAGE_SUFFIXES
+
+    store = open_store(location)
+    base = store.uri.rstrip("/")
+    return [f"{base}/{k}" for k in store.keys("") if k.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def arrow_filesystem(location: str | os.PathLike, s3: S3Config | None = None):
+    """(path, pyarrow filesystem) for Ray Train's ``storage_path``/``storage_filesystem``, so that
+    checkpoints land beside the registry; S3 gets the same endpoint and credentials as boto3."""
+    if not is_s3(location):
+        return str(Path(location).resolve()), None
+    import boto3
+    from pyarrow import fs
+
+    c = s3 or S3Config.from_env()
+    creds = boto3.Session(aws_access_key_id=c.access_key, aws_secret_access_key=c.secret_key).get_credentials()
+    endpoint = c.endpoint_url or ""
+    filesystem = fs.S3FileSystem(
+        access_key=creds.access_key if creds else None, secret_key=creds.secret_key if creds else None,
+        session_token=creds.token if creds else None, region=c.region or "us-east-1",
+        endpoint_override=endpoint.split("://", 1)[-1] or None,
+        scheme="http" if endpoint.startswith("http://") else "https", force_virtual_addressing=False)
+    return str(location)[5:].rstrip("/"), filesystem
 
 
 def read_uri(uri: str, allowed_roots: list[str] | tuple[str, ...] = ()) -> bytes:

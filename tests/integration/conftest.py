@@ -3,6 +3,7 @@
 - ``scorer``: ``defectloop serve`` (local Ray + Ray Serve over HTTP) on a copy of a trained registry.
 - ``label_studio``: a Label Studio server in a temporary data dir, with a legacy API token, local
   file serving and loopback webhooks allowed.
+- ``s3``: seaweedfs (``weed mini``) with credentials, a bucket, and the AWS_* variables set.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 SCORER_TOKEN = "integration-token"
+S3_KEY, S3_SECRET, S3_BUCKET = "defectloop-it", "defectloop-it-secret", "defectloop"
 LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -118,3 +120,71 @@ def label_studio(tmp_path_factory):
     server.root = root
     yield server
     server.stop(30)
+
+
+class SeaweedS3:
+    """A real S3 server: ``weed mini`` on 127.0.0.1 with signature-checked credentials."""
+
+    bucket = S3_BUCKET
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder = folder
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server: Server | None = None
+
+    def start(self) -> SeaweedS3:
+        import boto3
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        exe = Path(sys.executable).with_name("weed")
+        self.server = start("seaweedfs", [str(exe), "mini", f"-dir={self.folder}", "-ip=127.0.0.1",
+                                          "-ip.bind=127.0.0.1", f"-s3.port={self.port}", "-admin.ui=false"],
+                            env, self.endpoint, self.folder.parent / f"{self.folder.name}.log")
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                names = [b["Name"] for b in client.list_buckets()["Buckets"]]
+                if S3_BUCKET not in names:
+                    client.create_bucket(Bucket=S3_BUCKET)
+                return self
+            except Exception:
+                if time.monotonic() > deadline or self.server.proc.poll() is not None:
+                    raise RuntimeError(f"seaweedfs did not start:\n{self.server.tail()}") from None
+                time.sleep(0.3)
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL to our PID): the outage tests need it down now, not in 20 s."""
+        self.server.proc.kill()
+        self.server.proc.wait(10)
+
+    def stop(self) -> None:
+        self.server.stop(60)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_REGION": "us-east-1", "DEFECTLOOP_S3_RETRIES": "2"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The class, for tests that need an S3 server of their own (to kill it)."""
+    return SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One seaweedfs for the session; the AWS_* variables point boto3 (and subprocesses) at it."""
+    server = SeaweedS3(tmp_path_factory.mktemp("s3") / "data").start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

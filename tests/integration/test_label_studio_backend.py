@@ -1,6 +1,7 @@
 """The scorer as Label Studio's ML backend, against a real Label Studio server."""
 
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -57,3 +58,39 @@ def test_label_studio_gets_predictions_from_the_scorer(label_studio, scorer, tin
     assert scores[truth].mean() > scores[~truth].mean()
     assert sum(1 for n, px in hits if truth[n] and px > 0) >= truth.sum() // 2
     assert ls.ml.get(id=backend.id).model_version == label  # learned through /setup
+
+
+def test_pool_in_s3_through_label_studio(label_studio, scorer, s3, tiny_data):
+    """Images in an S3 bucket: Label Studio imports them (custom endpoint), shows them through presigned
+    URLs, and the scorer fetches them through Label Studio to predict."""
+    from defectloop.labeling.client import StudioClient
+    from defectloop.store import open_store
+
+    files = sorted(tiny_data.glob("mesh/test/*/*.png"))[:4]
+    pool = open_store(f"s3://{s3.bucket}/ls-pool")
+    for p in files:
+        pool.upload_file(p, f"{p.parent.name}_{p.name}")
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = ls.projects.create(title="defectloop s3", label_config=build_label_config())
+    env = s3.env()
+    storage = ls.import_storage.s3.create(
+        project=project.id, bucket=s3.bucket, prefix="ls-pool", regex_filter=r".*\.png", use_blob_urls=True,
+        presign=True, presign_ttl=10, s3endpoint=s3.endpoint, region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    ls.import_storage.s3.sync(id=storage.id)
+    deadline = time.monotonic() + 60
+    while len(tasks := list(ls.tasks.list(project=project.id, fields="all"))) < len(files):
+        assert time.monotonic() < deadline, "S3 storage sync imported no tasks"
+        time.sleep(1)
+    client = StudioClient(label_studio.url, label_studio.token)
+    raw = [t.data["image"] for t in ls.tasks.list(project=project.id, fields="all", resolve_uri=False)]
+    assert sorted(raw) == sorted(f"s3://{s3.bucket}/ls-pool/{p.parent.name}_{p.name}" for p in files)
+    # what an annotator's browser gets: the bytes in the bucket, through Label Studio's presigned redirect
+    assert {client.fetch(t.data["image"], t.id) for t in tasks} == {p.read_bytes() for p in files}
+    assert {client.fetch(uri, t.id) for uri, t in zip(raw, tasks, strict=True)} == {p.read_bytes() for p in files}
+
+    ls.ml.create(project=project.id, url=f"{scorer.url}/ls", title="defectloop", auth_method="BASIC_AUTH",
+                 basic_auth_user="labelstudio", basic_auth_pass=scorer.token)
+    ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
+    preds = [ls.predictions.list(task=t.id) for t in tasks]
+    assert all(len(p) == 1 and p[0].result and 0 < p[0].score < 1 for p in preds), preds

@@ -8,14 +8,14 @@ import shutil
 
 import numpy as np
 import pytest
-from defectloop.serve.api import ScoringContext, build_app
-from defectloop.serve.settings import ServeSettings
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle
+from defectloop.serve.api import ScoringContext, build_app
+from defectloop.serve.settings import ServeSettings
 
 TOKEN = "s3cret-token"
 

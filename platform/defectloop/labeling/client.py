@@ -65,12 +65,13 @@ class StudioClient:
         raise StudioError(f"Label Studio at {self.url} unreachable after {self.retries + 1} tries: {last}")
 
     def fetch(self, uri: str, task_id: int | None = None) -> bytes:
-        """Bytes of a task's media: a Label Studio path (/data/..., presign URLs) or a cloud URI it resolves."""
+        """Bytes of a task's media: a Label Studio path (/data/..., /tasks/N/resolve/?fileuri=...), an
+        outside URL, or a cloud URI (s3://...) that Label Studio resolves for the task."""
         if uri.startswith(("s3://", "gs://", "azure-blob://")):
             if task_id is None:
                 raise ValueError(f"{uri}: a cloud URI needs the task id to be resolved through Label Studio")
-            fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
-            return self.request("GET", f"tasks/{task_id}/presign/?fileuri={fileuri}").content
+            fileuri = base64.urlsafe_b64encode(uri.encode()).decode()  # Label Studio redirects to a presigned URL
+            return self.request("GET", f"tasks/{task_id}/resolve/?fileuri={fileuri}").content
         parsed = urlparse(uri)
         if parsed.scheme in ("http", "https") and not uri.startswith(self.url):
             return self.request("GET", uri, auth=False).content  # someone else's server: no token
