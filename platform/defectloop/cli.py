@@ -44,24 +44,16 @@ def _masks(ex) -> list[np.ndarray | None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from defectloop.data import load_split
-    from defectloop.features import extract
-    from defectloop.models import create_model
     from defectloop.store import Registry, save_model
+    from defectloop.workers.train import train_model
 
     config = _model_config(args)
-    split = load_split(args.data, _categories(args.categories), args.anomalies_per_class, config.seed)
-    for note in split.notes:
-        log.info(note)
-    model = create_model(config)
-    t0 = time.perf_counter()
-    train = extract(model.embedder, split.train, config.image_size, progress="features")
-    for path, reason in train.skipped:
+    storage = args.storage or (f"{args.registry.rstrip('/')}/runs" if args.registry else None)
+    model, stats = train_model(config, args.data, _categories(args.categories), args.anomalies_per_class,
+                               args.workers, args.gpus_per_worker, args.ray_address, storage,
+                               max_failures=args.max_failures)
+    for path, reason in stats.get("skipped", []):
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    stats = model.fit(train, progress=True)
-    stats["fit_seconds"] = time.perf_counter() - t0
-    stats["categories"] = split.categories
-    stats["notes"] = split.notes
     fit_json = {"fit.json": json.dumps(stats, indent=1, default=str)}
     if args.registry:
         version = Registry(args.registry).register(model, files=fit_json)
@@ -69,9 +61,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"registered {config.kind} model as {version} in {args.registry}")
     else:
         out = save_model(model, args.out, files=fit_json)
-    print(f"trained {config.kind} on {stats['n_train_images']} images of {len(split.categories)} categories "
-          f"({len(train.skipped)} skipped) in {stats['fit_seconds']:.1f}s: normal bank {stats['normal_bank_size']}"
-          f", abnormal bank {len(model.abnormal_bank)}; saved to {out}")
+    where = f" on {args.workers} Ray Train worker(s)" if args.workers else ""
+    print(f"trained {config.kind} on {stats['n_train_images']} images of {len(stats['categories'])} categories "
+          f"({len(stats['skipped'])} skipped){where} in {stats['fit_seconds']:.1f}s: normal bank "
+          f"{stats.get('normal_bank_size', 0)}, abnormal bank {len(model.abnormal_bank)}; saved to {out}")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Retrain from the pool and the labels so far: here, or as a Ray job (--submit)."""
+    if args.submit:
+        from defectloop.workers.jobs import submit_retrain
+
+        job = submit_retrain(args.registry, args.data, args.workers, args.anomalies_per_class, args.categories,
+                             args.address, args.python)
+        print(job)
+        return 0
+    from defectloop.workers.retrain import main as retrain_main
+
+    argv = ["--registry", args.registry, "--data", args.data, "--workers", str(args.workers),
+            "--anomalies-per-class", str(args.anomalies_per_class)]
+    if args.categories:
+        argv += ["--categories", args.categories]
+    return retrain_main(argv)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from defectloop.workers import jobs
+
+    if args.action == "status":
+        info = jobs.status(args.job_id, args.address)
+        print(f"{info['job_id']}\t{info['status']}\t{info['message'] or ''}")
+        return 0 if info["status"] != "FAILED" else 1
+    print(jobs.logs(args.job_id, args.address), end="")
     return 0
 
 
@@ -261,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anomalies-per-class", type=int, default=0, help="annotated test anomalies moved into training")
     t.add_argument("--seed", type=int, default=0)
     model_opts(t)
+    t.add_argument("--workers", type=int, default=0, help="Ray Train workers (default 0: in this process)")
+    t.add_argument("--gpus-per-worker", type=float, default=0.0)
+    t.add_argument("--ray-address", help="Ray cluster to use (default: start a local one)")
+    t.add_argument("--storage", help="Ray Train checkpoints (default: <registry>/runs, local or s3://)")
+    t.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
     dest = t.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", help="model version directory to write (or s3://bucket/prefix)")
     dest.add_argument("--registry", help="registry folder or s3://bucket/prefix: register as a new current version")
@@ -296,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replicas", type=int, default=1)
     v.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
     v.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("retrain", help="new version from the pool and the labels so far (here or as a Ray job)")
+    r.add_argument("--registry", required=True, help="registry folder or s3://bucket/prefix")
+    r.add_argument("--data", required=True, help="image pool in MVTec layout")
+    r.add_argument("--categories")
+    r.add_argument("--anomalies-per-class", type=int, default=0)
+    r.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: one process)")
+    r.add_argument("--submit", action="store_true", help="submit to a Ray cluster (Jobs API) and print the job id")
+    r.add_argument("--address", help="Ray dashboard address for --submit (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    r.add_argument("--python", default="python", help="interpreter on the cluster that has defectloop installed")
+    r.set_defaults(func=cmd_retrain)
+
+    j = sub.add_parser("jobs", help="status or logs of a submitted Ray job")
+    j.add_argument("action", choices=["status", "logs"])
+    j.add_argument("job_id")
+    j.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    j.set_defaults(func=cmd_jobs)
 
     m = sub.add_parser("models", help="registry operations: list, show, promote, rollback, gc")
     m.add_argument("action", choices=["list", "show", "promote", "rollback", "gc"])

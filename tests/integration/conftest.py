@@ -4,10 +4,12 @@
 - ``label_studio``: a Label Studio server in a temporary data dir, with a legacy API token, local
   file serving and loopback webhooks allowed.
 - ``s3``: seaweedfs (``weed mini``) with credentials, a bucket, and the AWS_* variables set.
+- ``ray_head``: ``ray start --head --block`` (token auth disabled), for the Jobs API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -57,14 +59,14 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM to our PID, then the whole process group if it lingers; returns the exit code."""
+        """SIGTERM to our PID, then SIGKILL to what is left of its process group; returns the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived it (started in its own session)
+        self.proc.wait(10)
         return self.proc.returncode
 
 
@@ -188,3 +190,23 @@ def s3(tmp_path_factory):
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head as `ray start --head` runs it, with its own temp dir; yields the dashboard URL."""
+    temp = tmp_path_factory.mktemp("ray-head")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    exe = Path(sys.executable).with_name("ray")
+    # every agent port of its own: another Ray of this session (tests' local Ray) holds the defaults
+    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
+    server = start("ray-head", [str(exe), "start", "--head", "--port=0", "--num-cpus=2", f"--dashboard-port={port}",
+                                "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", *agents, "--block"],
+                   env, f"http://127.0.0.1:{port}", temp / "head.log")
+    server.wait_ready("/api/version", 120)
+    yield server
+    server.stop(60)

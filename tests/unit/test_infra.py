@@ -85,15 +85,9 @@ def test_rayservice_manifest():
     check_serve_config(serve_cfg)
     dep = serve_cfg["applications"][0]["deployments"][0]
     assert dep["autoscaling_config"]["max_replicas"] > dep["autoscaling_config"]["min_replicas"]
-    cluster = doc["spec"]["rayClusterConfig"]
-    import ray
-
-    assert cluster["rayVersion"] == ray.__version__
-    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    check_ray_cluster(doc["spec"]["rayClusterConfig"])
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert 8000 in [p["containerPort"] for p in head["ports"]]
-    for c in [head] + [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]:
-        check_env({e["name"]: e.get("value") for e in c.get("env", [])})
-        assert c["image"].startswith("defectloop:")
 
 
 def test_dockerfile_installs_the_project():
@@ -106,3 +100,41 @@ def test_dockerfile_installs_the_project():
 def test_a_bad_command_would_be_caught():
     with pytest.raises(SystemExit):
         check_command("defectloop serve --registry x --no-such-flag")
+
+
+def check_ray_cluster(spec: dict) -> None:
+    import ray
+
+    assert spec["rayVersion"] == ray.__version__
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    for c in containers:
+        assert c["image"].startswith("defectloop:")
+        check_env({e["name"]: e.get("value") for e in c.get("env", [])})
+    head = containers[0]
+    assert {6379, 8265} <= {p["containerPort"] for p in head["ports"]}
+
+
+def test_rayjob_runs_the_retraining_entry_point_on_gpus():
+    from defectloop.workers.retrain import build_parser as retrain_parser
+
+    (doc,) = load_all(ROOT / "infra" / "k8s" / "rayjob-retrain.yaml")
+    assert doc["kind"] == "RayJob"
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "defectloop.workers.retrain"]
+    importlib.import_module(argv[2])
+    args = retrain_parser().parse_args(argv[3:])
+    check_ray_cluster(doc["spec"]["rayClusterSpec"])
+    gpu_group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert args.workers <= gpu_group["maxReplicas"] and args.gpus_per_worker <= float(gpus)
+
+
+def test_raycluster_manifest():
+    (doc,) = load_all(ROOT / "infra" / "k8s" / "raycluster.yaml")
+    assert doc["kind"] == "RayCluster"
+    check_ray_cluster(doc["spec"])
+    for line in (ROOT / "infra" / "k8s" / "raycluster.yaml").read_text().splitlines():
+        if "defectloop retrain" in line:  # the commands in the comments are real
+            command = line.split("defectloop", 1)[1].removesuffix("\\").strip()
+            build_parser().parse_args([*shlex.split(command), "--registry", "r", "--data", "d"])

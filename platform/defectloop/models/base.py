@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted, PatchEmbedder, load_backbone
 from defectloop.memory import AbnormalBank, KCenterGreedy, NormalBank, target_size
 
@@ -130,37 +132,76 @@ class AnomalyModel(nn.Module):
         self.fitted = False
 
     # ----- fitting -------------------------------------------------------------------------
-    def fit(self, train: Extracted, progress: bool = False) -> dict:
-        """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals."""
-        torch.manual_seed(self.config.seed)
+    def fit(self, train: Extracted, progress: bool = False, comm: Collective = LOCAL,
+            checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset()) -> dict:
+        """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals.
+
+        With ``comm`` of world > 1, ``train`` is this worker's shard and the workers agree through
+        ``comm``. ``checkpoint(phase)`` is called after the "bank" and "head" phases; phases in
+        ``done`` were restored from a checkpoint and are skipped.
+        """
+        torch.manual_seed(self.config.seed + comm.rank)
         fit_idx, held_idx = split_holdout(train.samples, self.config.holdout_fraction, self.config.seed)
-        if not fit_idx:
-            raise ValueError("no normal training image to fit on")
-        stats = {"n_train_images": len(train.samples), "n_fit_normal": len(fit_idx),
-                 "n_calibration": len(held_idx), "skipped": train.skipped}
-        if self.uses_normal_bank:
-            stats.update(self.build_normal_bank(train, fit_idx, progress))
-        stats.update(self.fit_head(train, fit_idx, progress))
+        if min(comm.all_gather(len(fit_idx))) == 0:
+            raise ValueError("no normal training image to fit on" if comm.world == 1 else
+                             "a worker's shard has no normal training image: use fewer workers")
+        stats = {"n_train_images": int(comm.all_sum(len(train.samples))), "n_fit_normal": int(comm.all_sum(len(fit_idx))),
+                 "n_calibration": int(comm.all_sum(len(held_idx))),
+                 "skipped": [x for part in comm.all_gather(train.skipped) for x in part], "workers": comm.world}
+        if self.uses_normal_bank and "bank" not in done:
+            stats.update(self.build_normal_bank(train, fit_idx, progress, comm))
+            if checkpoint:
+                checkpoint("bank")
+        if "head" not in done:
+            stats.update(self.fit_head(train, fit_idx, progress, comm))
+            if checkpoint:
+                checkpoint("head")
+        cats, scores, peaks = [train.samples[i].category for i in held_idx], torch.zeros(0), torch.zeros(0)
         if held_idx:
             scores, maps = self.score_features(train.features[held_idx])
-            self.calibrate([train.samples[i].category for i in held_idx], scores, maps.flatten(1).max(1).values)
+            peaks = maps.flatten(1).max(1).values
+        parts = comm.all_gather((cats, scores, peaks))
+        if any(p[0] for p in parts):
+            self.calibrate([c for p in parts for c in p[0]], torch.cat([p[1] for p in parts]),
+                           torch.cat([p[2] for p in parts]))
         self.fitted = True
         return stats
 
-    def build_normal_bank(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+    def build_normal_bank(self, train: Extracted, fit_idx: list[int], progress: bool = False,
+                          comm: Collective = LOCAL) -> dict:
+        """Greedy k-center coreset of the fit images' patches.
+
+        Distributed: each worker selects twice its share from its own patches, and one worker
+        reduces the union to the final size (raw patches never leave their worker).
+        """
         feats = train.features[fit_idx]  # n x C x H x W
         n, c, h, w = feats.shape
         flat = feats.permute(0, 2, 3, 1).reshape(-1, c)
         owners = torch.arange(n).repeat_interleave(h * w)
-        size = target_size(flat.shape[0], self.config.coreset_ratio, self.config.coreset_max)
-        if progress:
-            tqdm.write(f"coreset: selecting {size} of {flat.shape[0]} patches")
-        sel = KCenterGreedy(seed=self.config.seed).select(flat, size)
         image_ids = [train.samples[i].image_id for i in fit_idx]
-        self.normal_bank = NormalBank(flat[sel].clone(), image_ids, owners[sel])
-        return {"normal_bank_size": len(self.normal_bank), "n_normal_patches": int(flat.shape[0])}
+        total = int(comm.all_sum(flat.shape[0]))
+        size = target_size(total, self.config.coreset_ratio, self.config.coreset_max)
+        if progress:
+            tqdm.write(f"coreset: selecting {size} of {total} patches" + (f" on {comm.world} workers" if comm.world > 1 else ""))
+        if comm.world == 1:
+            sel = KCenterGreedy(seed=self.config.seed).select(flat, size)
+            self.normal_bank = NormalBank(flat[sel].clone(), image_ids, owners[sel])
+        else:
+            share = min(flat.shape[0], math.ceil(2 * size * flat.shape[0] / total))
+            sel = KCenterGreedy(seed=self.config.seed + comm.rank).select(flat, share)
+            parts = comm.all_gather((flat[sel].clone(), [image_ids[o] for o in owners[sel].tolist()]))
+            bank = None
+            if comm.rank == 0:
+                union = torch.cat([p[0] for p in parts])
+                entry_ids = [x for p in parts for x in p[1]]
+                final = KCenterGreedy(seed=self.config.seed).select(union, min(size, union.shape[0]))
+                distinct = sorted({entry_ids[i] for i in final.tolist()})
+                pos = {x: i for i, x in enumerate(distinct)}
+                bank = (union[final].clone(), distinct, torch.tensor([pos[entry_ids[i]] for i in final.tolist()]))
+            self.normal_bank = NormalBank(*comm.broadcast(bank))
+        return {"normal_bank_size": len(self.normal_bank), "n_normal_patches": total}
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
         """Learned parts (none for PatchCore)."""
         return {}
 
@@ -239,17 +280,20 @@ class AnomalyModel(nn.Module):
         """Learned tensors saved in weights.safetensors (backbone excluded: it is frozen)."""
         return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("embedder.")}
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, partial: bool = False) -> Path:
+        """Write a model version folder; ``partial`` allows an unfitted model (training checkpoints)."""
         folder = Path(folder)
+        if not (self.fitted or partial):
+            raise RuntimeError("model is not fitted")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        if not self.fitted:
-            raise RuntimeError("model is not fitted")
         save_file(self.head_state(), str(folder / "weights.safetensors"))
         if self.normal_bank is not None:
             self.normal_bank.save(folder)
         self.abnormal_bank.save(folder)
         (folder / "calibration.json").write_text(json.dumps(self.calibration, indent=1))
+        if not self.fitted:
+            (folder / "PARTIAL").write_text("a training checkpoint, not a model version\n")
         return folder
 
     def load_state(self, folder: Path) -> None:
@@ -258,8 +302,8 @@ class AnomalyModel(nn.Module):
         missing = [k for k in missing if not k.startswith("embedder.")]
         if missing or unexpected:
             raise RuntimeError(f"{folder}: weights do not fit a {self.kind} model ({missing[:3]}, {unexpected[:3]})")
-        if self.uses_normal_bank:
+        if self.uses_normal_bank and (folder / "normal_bank.json").is_file():
             self.normal_bank = NormalBank.load(folder)
         self.abnormal_bank = AbnormalBank.load(folder)
         self.calibration = json.loads((folder / "calibration.json").read_text())
-        self.fitted = True
+        self.fitted = not (folder / "PARTIAL").exists()

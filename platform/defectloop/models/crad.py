@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted
 from defectloop.models.base import AnomalyModel, split_holdout
 
@@ -142,14 +143,15 @@ class CRAD(AnomalyModel):
         x = self.head.normalise(feats)
         return (self.head(x) - x).norm(dim=1)
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
         cfg, head = self.config, self.head
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed + comm.rank)
         # model selection on held-back normals of the fit set (calibration keeps its own)
         sel_fit, sel_val = split_holdout([train.samples[i] for i in fit_idx], 0.1, cfg.seed + 1)
         tr_idx = [fit_idx[i] for i in sel_fit]
         val_idx = [fit_idx[i] for i in sel_val]
-        sample = train.features[tr_idx[:: max(1, len(tr_idx) // 256)]]
+        parts = comm.all_gather(train.features[tr_idx[:: max(1, len(tr_idx) * comm.world // 256)]])
+        sample = torch.cat(parts)
         head.mean.copy_(sample.mean((0, 2, 3)))
         head.std.copy_(sample.std((0, 2, 3)).clamp_min(1e-6))
         grid_ids = {id(p) for p in head.grids()}
@@ -157,8 +159,10 @@ class CRAD(AnomalyModel):
             {"params": head.grids(), "lr": cfg.crad_grid_lr},
             {"params": [p for p in head.parameters() if id(p) not in grid_ids], "lr": cfg.lr}],
             weight_decay=cfg.crad_weight_decay)
-        steps_per_epoch = max(1, len(tr_idx) // cfg.crad_batch_size)
+        # every worker takes the same number of steps (DDP averages gradients step by step)
+        steps_per_epoch = max(1, min(comm.all_gather(len(tr_idx))) // cfg.crad_batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.crad_epochs * steps_per_epoch)
+        model = comm.wrap(head)
         best, best_state, history, bad = float("inf"), None, [], 0
         t0 = time.perf_counter()
         bar = tqdm(range(cfg.crad_epochs), desc="crad head", disable=not progress, leave=False)
@@ -170,7 +174,7 @@ class CRAD(AnomalyModel):
                 x = head.normalise(train.features[order[s * cfg.crad_batch_size:(s + 1) * cfg.crad_batch_size]])
                 jitter = cfg.crad_jitter if float(torch.rand((), generator=g)) < 0.5 else 0.0
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.crad_bf16):
-                    x_hat = head(x, jitter)
+                    x_hat = model(x, jitter)
                 loss = F.mse_loss(x_hat.float(), x)
                 opt.zero_grad()
                 loss.backward()
@@ -178,9 +182,12 @@ class CRAD(AnomalyModel):
                 opt.step()
                 sched.step()
                 total += loss.item()
-            val = self._val_loss(train.features[val_idx]) if val_idx else total / steps_per_epoch
-            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": val})
-            bar.set_postfix(train=f"{total / steps_per_epoch:.4f}", val=f"{val:.4f}")
+            train_loss = comm.all_sum(total / steps_per_epoch) / comm.world
+            val_sum, val_n = self._val_loss(train.features[val_idx]) if val_idx else (0.0, 0)
+            val_n = comm.all_sum(val_n)
+            val = comm.all_sum(val_sum) / val_n if val_n else train_loss
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val})
+            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
             if val < best:
                 best, best_state, bad = val, copy.deepcopy(head.state_dict()), 0
             else:
@@ -195,10 +202,11 @@ class CRAD(AnomalyModel):
                 "crad_train_s": time.perf_counter() - t0}
 
     @torch.no_grad()
-    def _val_loss(self, feats: torch.Tensor, batch: int = 64) -> float:
+    def _val_loss(self, feats: torch.Tensor, batch: int = 64) -> tuple[float, int]:
+        """Summed squared reconstruction error of held-back normals, and the number of values."""
         self.head.eval()
         total = 0.0
         for i in range(0, feats.shape[0], batch):
             x = self.head.normalise(feats[i:i + batch])
             total += F.mse_loss(self.head(x), x, reduction="sum").item()
-        return total / feats.numel()
+        return total, feats.numel()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from defectloop.collective import LOCAL, Collective
 from defectloop.data.images import ImageError, load_image
 from defectloop.data.synthetic import add_defect
 from defectloop.features import Extracted, image_tensor
@@ -54,6 +55,10 @@ class Enhanced:
 
     def take(self, idx: torch.Tensor) -> Enhanced:
         return Enhanced(self.q[idx], self.r_n[idx], self.d_n[idx], self.r_a[idx], self.d_a[idx])
+
+    @staticmethod
+    def cat(parts: list[Enhanced]) -> Enhanced:
+        return Enhanced(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "r_n", "d_n", "r_a", "d_a")))
 
 
 class DMADScorer(nn.Module):
@@ -165,7 +170,7 @@ class DMAD(AnomalyModel):
         return self.scorer(e).view(b, h, w)
 
     # ----- training ------------------------------------------------------------------------
-    def _synthetic_anomalies(self, train: Extracted, fit_idx: list[int]) -> list[tuple[int, torch.Tensor]]:
+    def _synthetic_anomalies(self, train: Extracted, fit_idx: list[int], per_category: int) -> list[tuple[int, torch.Tensor]]:
         """Paint synthetic defects on a few normal training images per category; (image, patches)."""
         per_cat: dict[str, list[int]] = {}
         for i in fit_idx:
@@ -174,7 +179,7 @@ class DMAD(AnomalyModel):
         rng = np.random.default_rng(self.config.seed)
         for cat, idx in sorted(per_cat.items()):
             random.Random(f"{self.config.seed}/synthetic/{cat}").shuffle(idx)
-            for i in idx[: self.config.synthetic_per_category]:
+            for i in idx[:per_category]:
                 try:
                     image = load_image(train.samples[i].path)
                 except ImageError:
@@ -189,49 +194,59 @@ class DMAD(AnomalyModel):
                     out.append((i, cells))
         return out
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
         cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed)
-        ids = {s.image_id: i for i, s in enumerate(train.samples)}
+        g = torch.Generator().manual_seed(cfg.seed + comm.rank)
+        ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
         bank = self.normal_bank
-        bank_owner = torch.tensor([ids[x] for x in bank.image_ids])[bank.owners]
+        bank_owner = torch.tensor([ids.get(x, -1) for x in bank.image_ids])[bank.owners]
 
-        # abnormal bank: real annotated masks, then synthetic defects (cold start and extra negatives)
-        self.abnormal_bank = type(self.abnormal_bank)(self.dim)
+        # abnormal bank: real annotated masks, then synthetic defects (cold start and extra negatives);
+        # each worker finds those of its shard, and every worker gets the same bank
+        found: list[tuple[Provenance, torch.Tensor]] = []
         real_q, real_owner = [], []
         for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True)):
             if s.label == 1 and m is not None:
                 cells = _cells(train.features[i], m, cfg.mask_coverage)
                 if len(cells):
-                    self.abnormal_bank.add(Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells)
+                    found.append((Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells))
                     real_q.append(cells)
                     real_owner.append(torch.full((len(cells),), i))
         syn_q, syn_owner = [], []
-        for j, (i, cells) in enumerate(self._synthetic_anomalies(train, fit_idx)):
+        per_category = math.ceil(cfg.synthetic_per_category / comm.world)
+        for i, cells in self._synthetic_anomalies(train, fit_idx, per_category):
             s = train.samples[i]
-            self.abnormal_bank.add(Provenance(f"synthetic:{j}", s.image_id, s.category, "synthetic", "synthetic"), cells)
+            found.append((Provenance(f"synthetic:{s.image_id}", s.image_id, s.category, "synthetic", "synthetic"), cells))
             syn_q.append(cells)
             syn_owner.append(torch.full((len(cells),), i))
+        self.abnormal_bank = type(self.abnormal_bank)(self.dim)
+        for part in comm.all_gather(found):
+            for prov, cells in part:
+                self.abnormal_bank.add(prov, cells)
         ab_feats, ab_group, ab_provs = self.abnormal_bank.tensors()
         ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
 
-        # normal patch pool from the fitted images
+        # normal patch pool from the fitted images (this worker's share)
         feats = train.features[fit_idx]
         n_img, c, h, w = feats.shape
-        n_pool = min(cfg.train_patches, n_img * h * w)
+        n_pool = min(cfg.train_patches // comm.world, n_img * h * w)
         flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
         q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
         own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
-        self.scorer.mean.copy_(q_n.mean(0))
-        self.scorer.std.copy_(q_n.std(0).clamp_min(1e-6))
+        d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
+        # feature statistics and distance scale: the same on every worker
+        keep = n_pool if comm.world == 1 else 4096
+        parts = comm.all_gather((q_n[:keep], d_n0[:keep]))
+        sample, dists = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        self.scorer.mean.copy_(sample.mean(0))
+        self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
+        self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
 
         def enhanced(q: torch.Tensor, owner: torch.Tensor) -> Enhanced:
             d_n, idx = nearest_normal(q, bank.features, bank_owner, owner)
             r_a, d_a = attend_abnormal(q, ab_feats, cfg.k_abnormal, self._tau(), self._no_abnormal(), ab_owner, owner)
             return Enhanced(q, q - bank.features[idx], d_n, r_a, d_a)
 
-        d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
-        self.scorer.scale.fill_(float(d_n0.median().clamp_min(1e-6)))
         e_n = enhanced(q_n, own_n)
         # pseudo-anomalies: noise along the feature spread, 1-3 typical normal distances long
         noise = torch.randn(q_n.shape, generator=g) * self.scorer.std
@@ -240,22 +255,27 @@ class DMAD(AnomalyModel):
         e_r = enhanced(torch.cat(real_q), torch.cat(real_owner)) if real_q else None
         e_s = enhanced(torch.cat(syn_q), torch.cat(syn_owner)) if syn_q else None
 
+        scorer = comm.wrap(self.scorer)
         opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
         self.scorer.train()
-        bs = cfg.batch_size
+        bs = max(2, cfg.batch_size // comm.world)
         bar = tqdm(range(cfg.steps), desc="dmad scorer", disable=not progress, leave=False)
         loss_val = float("nan")
         for _ in bar:
+            # one forward over [normal | pseudo | real | synthetic] (DDP wants one forward per backward)
             i = torch.randint(n_pool, (bs,), generator=g)
+            groups = [(e_n.take(i), 1.0, -1.0), (e_p.take(i), 1.0, 1.0)]
+            for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight)):
+                if e is not None:
+                    groups.append((e.take(torch.randint(len(e.q), (bs // 2,), generator=g)), weight, 1.0))
+            out = scorer(Enhanced.cat([e for e, _, _ in groups]))
             t = self.scorer.threshold
-            loss = F.relu(MARGIN + self.scorer(e_n.take(i)) - t).mean() + F.relu(MARGIN - self.scorer(e_p.take(i)) + t).mean()
-            if e_r is not None:
-                j = torch.randint(len(e_r.q), (bs // 2,), generator=g)
-                loss = loss + cfg.real_weight * F.relu(MARGIN - self.scorer(e_r.take(j)) + t).mean()
-            if e_s is not None:
-                j = torch.randint(len(e_s.q), (bs // 2,), generator=g)
-                loss = loss + cfg.synthetic_weight * F.relu(MARGIN - self.scorer(e_s.take(j)) + t).mean()
+            loss, start = out.new_zeros(()), 0
+            for e, weight, sign in groups:  # sign -1: should score below the threshold, +1: above
+                o = out[start:start + len(e.q)]
+                start += len(e.q)
+                loss = loss + weight * F.relu(MARGIN - sign * (o - t)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -263,5 +283,7 @@ class DMAD(AnomalyModel):
             loss_val = loss.item()
             bar.set_postfix(loss=f"{loss_val:.3f}")
         self.scorer.eval()
-        return {"abnormal_bank_size": len(self.abnormal_bank), "real_abnormal_patches": 0 if e_r is None else len(e_r.q),
-                "synthetic_abnormal_patches": 0 if e_s is None else len(e_s.q), "final_loss": loss_val}
+        return {"abnormal_bank_size": len(self.abnormal_bank),
+                "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
+                "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
+                "final_loss": comm.all_sum(loss_val) / comm.world}

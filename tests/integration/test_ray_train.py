@@ -1,0 +1,135 @@
+"""Ray Train on local Ray: sharded fits, the distributed coreset, recovery from a killed worker,
+and the retraining job submitted to a Ray head through the Jobs API."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from defectloop.cli import main
+from defectloop.data import load_split
+from defectloop.memory.coreset import coverage_radius
+from defectloop.metrics import auroc
+from defectloop.models import ModelConfig
+from defectloop.models.base import split_holdout
+from defectloop.store import Registry
+from defectloop.workers.train import fit_distributed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def config(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(kind="dmad", image_size=128, coreset_ratio=0.1, steps=120, batch_size=512,
+                                 synthetic_per_category=2, train_patches=20_000), **kw})
+
+
+def image_auroc(model, test) -> float:
+    scores, _ = model.score_features(test.features)
+    return auroc(scores.numpy(), np.array([s.label for s in test.samples]))
+
+
+def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_features, tmp_path):
+    train, test = tiny_features(2)
+    split = load_split(tiny_data, anomalies_per_class=2)
+    m1, s1 = fit_distributed(config(), split.train, 1, storage=str(tmp_path / "runs"))
+    m2, s2 = fit_distributed(config(), split.train, 2, storage=str(tmp_path / "runs"))
+    assert abs(image_auroc(m1, test) - image_auroc(m2, test)) <= 0.01
+    assert image_auroc(m2, test) > 0.9
+    # training patches: those of images both runs fitted on (each held back its own calibration images)
+    held = set(split_holdout(train.samples, 0.1, 0)[1])
+    for rank in range(2):
+        shard = list(range(len(train.samples)))[rank::2]
+        held |= {shard[i] for i in split_holdout([train.samples[j] for j in shard], 0.1, 0)[1]}
+    fit = [i for i, s in enumerate(train.samples) if s.label == 0 and i not in held]
+    patches = train.features[fit].permute(0, 2, 3, 1).reshape(-1, train.features.shape[1])
+    r1 = coverage_radius(patches, m1.normal_bank.features)
+    r2 = coverage_radius(patches, m2.normal_bank.features)
+    print("coverage radius", r1, r2)
+    assert abs(r2 - r1) / r1 <= 0.10, (r1, r2)
+    assert len(m1.normal_bank) == len(m2.normal_bank)
+    assert [w["n_images"] for w in s2["per_worker"]] == [27, 27] and s2["workers"] == 2
+    assert len(m2.abnormal_bank.annotations) >= 6  # the annotated masks of both shards, on every worker
+
+
+def ray_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(local_ray, tiny_data, tiny_features, tmp_path):
+    _, test = tiny_features(2)
+    split = load_split(tiny_data, anomalies_per_class=2)
+    runs = tmp_path / "runs"
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fit_distributed(config(steps=2500), split.train, 2, storage=str(runs), name="kill-test")
+        except Exception as e:  # reported by the assertion below
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 180
+    while not list(runs.glob("kill-test/checkpoint_*")):  # the bank phase is checkpointed
+        assert time.monotonic() < deadline and t.is_alive(), box
+        time.sleep(0.2)
+    time.sleep(3)  # let the controller register the checkpoint; the workers are training the scorer now
+    pids = ray_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    t.join(300)
+    assert "error" not in box, box.get("error")
+    model, stats = box["result"]
+    assert stats["resumed_after"] == ["bank"]  # the new workers skipped the coreset
+    assert image_auroc(model, test) > 0.9
+
+
+def test_failed_run_leaves_the_registry_untouched(local_ray, tiny_data, served_registry, tmp_path):
+    import shutil
+
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    code = main(["train", "--data", str(tiny_data), "--model", "dmad", "--workers", "2", "--max-failures", "0",
+                 "--backbone-checkpoint", str(tmp_path / "missing.pth"), "--backbone", "resnet18",
+                 "--registry", str(root)])
+    assert code == 2
+    assert Registry(root).ids() == ["v0001"] and Registry(root).current() == "v0001"
+
+
+def test_retrain_job_on_a_ray_head(ray_head, tiny_data, served_registry, tmp_path, capsys):
+    import shutil
+
+    url = ray_head.url
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    assert main(["retrain", "--submit", "--address", url, "--python", sys.executable,
+                 "--registry", str(root), "--data", str(tiny_data)]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    deadline = time.monotonic() + 300
+    while True:
+        main(["jobs", "status", job_id, "--address", url])
+        line = capsys.readouterr().out
+        if any(s in line for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        assert time.monotonic() < deadline, line
+        time.sleep(2)
+    assert main(["jobs", "logs", job_id, "--address", url]) == 0
+    logs = capsys.readouterr().out
+    assert "SUCCEEDED" in line, logs[-3000:]
+    assert "registered v0002" in logs
+    reg = Registry(root)
+    assert reg.current() == "v0002" and reg.info()["fit"]["retrained_from"] == "v0001"
