@@ -133,3 +133,18 @@ def test_retrain_job_on_a_ray_head(ray_head, tiny_data, served_registry, tmp_pat
     assert "registered v0002" in logs
     reg = Registry(root)
     assert reg.current() == "v0002" and reg.info()["fit"]["retrained_from"] == "v0001"
+
+
+def test_checkpoints_land_in_s3(local_ray, s3, tiny_data):
+    """Ray Train's storage on S3 (pyarrow filesystem with the endpoint override): checkpoints in the bucket."""
+    import uuid
+
+    from defectloop.store import open_store
+
+    prefix = f"runs-{uuid.uuid4().hex[:8]}"
+    split = load_split(tiny_data)
+    model, stats = fit_distributed(config(kind="patchcore"), split.train, 1, storage=f"s3://{s3.bucket}/{prefix}",
+                                   name="s3-run")
+    keys = open_store(f"s3://{s3.bucket}/{prefix}").keys("s3-run")
+    assert any(k.endswith("/config.json") and "/checkpoint_" in k for k in keys), keys[:10]
+    assert model.fitted and stats["normal_bank_size"] == len(model.normal_bank)

@@ -100,3 +100,56 @@ def test_hot_reload_under_load(scorer, scorer_registry, images, embedder):
     assert seen[start_label] > 0
     info = httpx.get(f"{scorer.url}/v1/model", headers=AUTH).json()
     assert info["model_version"] == version and info["reload_error"] is None
+
+
+def test_serve_deploy_config_on_a_ray_head(ray_head, scorer_registry, images, tmp_path):
+    """serve/config.yaml deployed with `serve deploy` (the builder and its args), then a user_config
+    change applied in place: the replica keeps its loaded model (no restart) and answers throughout."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "serve" / "config.yaml").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app["args"]["model"] = str(scorer_registry)
+    app["runtime_env"]["env_vars"].update(DEFECTLOOP_API_TOKEN="deploy-token", OMP_NUM_THREADS="1")
+    dep = app["deployments"][0]
+    dep["ray_actor_options"]["num_cpus"] = 1
+    serve_exe = str(Path(sys.executable).with_name("serve"))
+
+    def deploy():
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        subprocess.run([serve_exe, "deploy", str(path), "-a", ray_head.url], check=True, capture_output=True)
+
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer deploy-token"}
+    deploy()
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "serve deploy did not come up"
+        time.sleep(1)
+    try:
+        loaded = httpx.get(f"{url}/v1/model", headers=auth).json()["loaded_at"]
+        dep["user_config"]["max_batch_size"] = 4
+        dep["user_config"]["poll_s"] = 1.0
+        deploy()
+        for _ in range(10):
+            r = httpx.post(f"{url}/v1/score", files=[("files", ("x.png", images["bad"][0], "image/png"))],
+                           headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/model", headers=auth).json()["loaded_at"] == loaded
+    finally:
+        subprocess.run([serve_exe, "shutdown", "-a", ray_head.url, "-y"], capture_output=True)
