@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from defectloop.labeling.client import StudioClient, StudioError
 from defectloop.labeling.inbox import FEEDBACK_ACTIONS
-from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
-from defectloop.serve.api import ImageScore, ScoringContext, decode, require_token, score_arrays
+from defectloop.labeling.label_config import LabelConfig, prediction_regions
+from defectloop.serve.api import ScoringContext, decode, require_token, score_arrays
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +30,6 @@ class PredictRequest(BaseModel):
     project: str | None = None
     label_config: str | None = None
     params: dict[str, Any] | None = None
-
-
-def regions(config: LabelConfig, task_id: Any, res: ImageScore) -> list[dict]:
-    """Prediction regions of one task in the project's own tag names."""
-    out = []
-    label = config.defect_label()
-    if config.brush and label and res.mask is not None and res.mask.pixels > 0:
-        out.append({"id": f"dl-{task_id}-mask", "from_name": config.brush, "to_name": config.image,
-                    "type": "brushlabels", "origin": "prediction",
-                    "value": {"format": "rle", "rle": res.mask.rle, "brushlabels": [label]},
-                    "original_width": res.width, "original_height": res.height, "image_rotation": 0,
-                    "score": res.normalised_score})
-    verdict = ANOMALOUS if res.decision == "anomalous" else NORMAL
-    if config.choices and verdict in config.choice_values:
-        out.append({"id": f"dl-{task_id}-verdict", "from_name": config.choices, "to_name": config.image,
-                    "type": "choices", "value": {"choices": [verdict]}, "score": res.normalised_score})
-    return out
 
 
 def build_router(ctx: ScoringContext) -> APIRouter:
@@ -123,8 +106,10 @@ def build_router(ctx: ScoringContext) -> APIRouter:
                 results.append({"result": [], "score": None, "model_version": label, "error": x})
                 continue
             res = next(scored)
-            results.append({"result": regions(config, task.get("id"), res), "score": res.normalised_score,
-                            "model_version": res.model_version})
+            mask = res.mask.rle if res.mask is not None and res.mask.pixels > 0 else None
+            regions = prediction_regions(config, task.get("id"), res.normalised_score, res.decision == "anomalous",
+                                         mask, res.width, res.height)
+            results.append({"result": regions, "score": res.normalised_score, "model_version": res.model_version})
         return {"results": results}
 
     @router.post("/webhook", dependencies=auth, status_code=201,

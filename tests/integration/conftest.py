@@ -40,6 +40,15 @@ class Server:
     proc: subprocess.Popen
     url: str
     log: Path
+    cmd: list[str]
+    env: dict[str, str]
+
+    def restart(self, ready_path: str, timeout: float = 120) -> None:
+        """Start the same command again (same data), e.g. after a kill."""
+        self.stop(30)
+        fh = open(self.log, "a")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(ready_path, timeout)
 
     def wait_ready(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -73,7 +82,7 @@ class Server:
 def start(name: str, cmd: list[str], env: dict[str, str], url: str, log: Path) -> Server:
     fh = open(log, "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(name, proc, url, log)
+    return Server(name, proc, url, log, cmd, env)
 
 
 @pytest.fixture(scope="session")

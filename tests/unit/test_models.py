@@ -72,9 +72,9 @@ def test_abnormal_bank_change_moves_scores_at_once(fitted, features):
     _, test = features
     i = next(k for k, s in enumerate(test.samples) if s.label == 1)
     before, _ = model.score_features(test.features[i:i + 1])
-    from defectloop.models.dmad import _cells
+    from defectloop.models.dmad import mask_cells
 
-    cells = _cells(test.features[i], test.masks[i], model.config.mask_coverage)
+    cells = mask_cells(test.features[i], test.masks[i], model.config.mask_coverage)
     prov = Provenance("ls-annotation-42", test.samples[i].image_id, test.samples[i].category, "scratch")
     model.abnormal_bank.add(prov, cells)
     after, _ = model.score_features(test.features[i:i + 1])

@@ -59,6 +59,24 @@ class LabelConfig:
         return self.defects[0] if self.defects else None
 
 
+def prediction_regions(config: LabelConfig, task_id: object, score: float, anomalous: bool,
+                       mask_rle: list[int] | None, width: int, height: int) -> list[dict]:
+    """Prediction regions of one task in the project's own tag names: the predicted mask as a brush
+    region (when there is one) and the normal/anomalous verdict (when the config has Choices)."""
+    out = []
+    label = config.defect_label()
+    if config.brush and label and mask_rle:
+        out.append({"id": f"dl-{task_id}-mask", "from_name": config.brush, "to_name": config.image,
+                    "type": "brushlabels", "origin": "prediction",
+                    "value": {"format": "rle", "rle": mask_rle, "brushlabels": [label]},
+                    "original_width": width, "original_height": height, "image_rotation": 0, "score": score})
+    verdict = ANOMALOUS if anomalous else NORMAL
+    if config.choices and verdict in config.choice_values:
+        out.append({"id": f"dl-{task_id}-verdict", "from_name": config.choices, "to_name": config.image,
+                    "type": "choices", "value": {"choices": [verdict]}, "score": score})
+    return out
+
+
 def build_label_config(defects: list[str] | tuple[str, ...] = ("defect",)) -> str:
     """Image + BrushLabels (one label per defect type) + Choices normal/anomalous."""
     if not defects:

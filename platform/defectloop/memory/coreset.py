@@ -90,12 +90,13 @@ def _dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def farthest_points(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """Indices of ``n`` rows of ``x`` chosen by farthest-point traversal from a seeded start."""
+def farthest_points(x: torch.Tensor, n: int, seed: int = 0, first: int | None = None) -> torch.Tensor:
+    """Indices of ``n`` rows of ``x`` chosen by farthest-point traversal from ``first`` (default: a seeded start)."""
     total = x.shape[0]
     n = min(n, total)
     x_sq = (x * x).sum(1)
-    first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
+    if first is None:
+        first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
     selected = torch.empty(n, dtype=torch.long)
     centres = x.new_empty(n, x.shape[1])
     selected[0], centres[0] = first, x[first]

@@ -134,7 +134,7 @@ def attend_abnormal(q: torch.Tensor, feats: torch.Tensor, k: int, tau: float, no
     return r_a, d_a
 
 
-def _cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
+def mask_cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
     """Patch features (C x H x W) whose cell is covered by the mask at least ``threshold`` (area pooling)."""
     c, h, w = feats.shape
     cov = F.adaptive_avg_pool2d(coverage[None, None], (h, w))[0, 0]
@@ -189,7 +189,7 @@ class DMAD(AnomalyModel):
                 f = self.embedder(image_tensor(painted, size)[None])[0]
                 cov = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(size, size),
                                     mode="area")[0, 0]
-                cells = _cells(f, cov, self.config.mask_coverage)
+                cells = mask_cells(f, cov, self.config.mask_coverage)
                 if len(cells):
                     out.append((i, cells))
         return out
@@ -207,7 +207,7 @@ class DMAD(AnomalyModel):
         real_q, real_owner = [], []
         for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True)):
             if s.label == 1 and m is not None:
-                cells = _cells(train.features[i], m, cfg.mask_coverage)
+                cells = mask_cells(train.features[i], m, cfg.mask_coverage)
                 if len(cells):
                     found.append((Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells))
                     real_q.append(cells)

@@ -1,0 +1,126 @@
+"""Annotators' answers -> what the model learns: abnormal-bank entries and image-level labels.
+
+A Label Studio annotation says one of four things about its image: here are defect masks
+(brush regions), it is anomalous (no mask), it is normal, or (deleted) nothing any more. Masks
+become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
+(webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
+removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger for
+thresholds, evaluation and the normal pool of the next retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from defectloop.features import image_tensor, mask_tensor
+from defectloop.labeling.brush import BrushRLE, MaskCodec
+from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
+from defectloop.memory import Provenance
+from defectloop.models import AnomalyModel
+from defectloop.models.dmad import mask_cells
+
+Kind = Literal["mask", "anomalous", "normal", "deleted", "empty"]
+
+
+@dataclass
+class Verdict:
+    """What one annotation says about one image."""
+
+    annotation_id: str
+    task_id: int
+    image: str  # the task's image URI: the image's identity
+    category: str
+    kind: Kind
+    defects: list[str] = field(default_factory=list)
+    mask: np.ndarray | None = None  # H x W bool, union of the brush regions
+
+    def ledger_entry(self) -> dict:
+        d = asdict(self)
+        d.pop("mask")
+        d["mask_pixels"] = 0 if self.mask is None else int(self.mask.sum())
+        return d
+
+
+def read_annotation(annotation: dict, task: dict, config: LabelConfig, codec: MaskCodec | None = None) -> Verdict:
+    """Decode a Label Studio annotation (API or webhook form) into a verdict."""
+    codec = codec or BrushRLE()
+    data = task.get("data") or {}
+    base = dict(annotation_id=str(annotation["id"]), task_id=int(task.get("id") or annotation.get("task")),
+                image=str(data.get(config.image_key, "")), category=str(data.get("category", "")))
+    if annotation.get("was_cancelled"):
+        return Verdict(**base, kind="empty")
+    mask, defects, choice = None, set(), None
+    for r in annotation.get("result") or []:
+        value = r.get("value") or {}
+        if r.get("type") == "brushlabels" and r.get("from_name") == config.brush and value.get("rle"):
+            h, w = int(r["original_height"]), int(r["original_width"])
+            m = codec.decode(value["rle"], h, w)
+            if mask is not None and mask.shape != m.shape:
+                raise ValueError(f"annotation {base['annotation_id']}: brush regions of different image sizes")
+            mask = m if mask is None else (mask | m)
+            defects.update(value.get("brushlabels") or [])
+        elif r.get("type") == "choices" and r.get("from_name") == config.choices:
+            choice = (value.get("choices") or [None])[0]
+    if mask is not None and mask.any():
+        return Verdict(**base, kind="mask", defects=sorted(defects), mask=mask)
+    if choice == ANOMALOUS:
+        return Verdict(**base, kind="anomalous")
+    if choice == NORMAL:
+        return Verdict(**base, kind="normal")
+    return Verdict(**base, kind="empty")
+
+
+class Feedback:
+    """Applies verdicts to a model's abnormal bank and to the label ledger (a JSON file)."""
+
+    def __init__(self, model: AnomalyModel, ledger: str | Path, load_image: Callable[[Verdict], np.ndarray]):
+        self.model = model
+        self.ledger_path = Path(ledger)
+        self.load_image = load_image
+        self.ledger: dict[str, dict] = json.loads(self.ledger_path.read_text()) if self.ledger_path.exists() else {}
+
+    def key(self, annotation_id: str) -> str:
+        return f"ls:{annotation_id}"
+
+    def apply(self, verdict: Verdict) -> bool:
+        """Apply one verdict; returns whether the abnormal bank changed."""
+        bank = self.model.abnormal_bank
+        key = self.key(verdict.annotation_id)
+        changed = False
+        if verdict.kind == "mask":
+            cells = self.cells(verdict)
+            bank.add(Provenance(key, verdict.image, verdict.category, "+".join(verdict.defects) or "defect"), cells)
+            changed = True
+        elif key in bank:  # deleted, or edited into a verdict without a mask
+            changed = bank.remove(key)
+        if verdict.kind in ("deleted", "empty"):
+            self.ledger.pop(verdict.annotation_id, None)
+        else:
+            self.ledger[verdict.annotation_id] = verdict.ledger_entry()
+        self._save()
+        return changed
+
+    @torch.no_grad()
+    def cells(self, verdict: Verdict) -> torch.Tensor:
+        """Patch features of the image whose cells the mask covers (area pooling, as in training)."""
+        image = self.load_image(verdict)
+        if verdict.mask is None or image.shape[:2] != verdict.mask.shape:
+            raise ValueError(f"annotation {verdict.annotation_id}: mask size differs from the image "
+                             f"({None if verdict.mask is None else verdict.mask.shape} vs {image.shape[:2]})")
+        size = self.model.config.image_size
+        feats = self.model.embedder(image_tensor(image, size)[None])[0]
+        return mask_cells(feats, mask_tensor(verdict.mask, size), self.model.config.mask_coverage)
+
+    def _save(self) -> None:
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ledger_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.ledger, indent=1))
+        os.replace(tmp, self.ledger_path)

@@ -1,0 +1,76 @@
+"""Predictions for a whole pool, cheap to redo after every bank update.
+
+The backbone is frozen, so each pool image is embedded once (features kept in memory, or on disk
+when large); after a bank update or a new version only the scorer runs again, which is what keeps
+one labeling round's re-prediction of a 1000-image pool in seconds rather than minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from defectloop.features import image_tensor
+from defectloop.labeling.brush import BrushRLE, MaskCodec
+from defectloop.labeling.label_config import LabelConfig, prediction_regions
+from defectloop.models import AnomalyModel
+from defectloop.scoring import predicted_mask
+
+log = logging.getLogger(__name__)
+
+
+class PoolPredictor:
+    """Features of the pool's tasks, and their predictions under a given model."""
+
+    def __init__(self, model: AnomalyModel, tasks: list[dict], load: Callable[[dict], np.ndarray],
+                 config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None):
+        self.config = config
+        self.codec = codec or BrushRLE()
+        self.task_ids: list[int] = []
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of the original images
+        self.categories: list[str] = []
+        feats = []
+        size = model.config.image_size
+        batch: list[torch.Tensor] = []
+        for t in tasks:
+            try:
+                img = load(t)
+            except Exception as e:  # an unreadable image is left out of the predictions and reported
+                log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
+                continue
+            self.task_ids.append(t["id"])
+            self.sizes.append((img.shape[1], img.shape[0]))
+            self.categories.append(str(t["data"].get("category", "")))
+            batch.append(image_tensor(img, size))
+            if len(batch) == batch_size:
+                feats.append(model.embedder(torch.stack(batch)))
+                batch = []
+        if batch:
+            feats.append(model.embedder(torch.stack(batch)))
+        self.features = torch.cat(feats) if feats else torch.zeros(0)
+
+    def scores(self, model: AnomalyModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw scores, normalised scores, anomaly maps) of every task, in ``task_ids`` order."""
+        raw, maps = model.score_features(self.features)
+        raw = raw.numpy()
+        norm = np.array([model.normalise(float(s), c) for s, c in zip(raw, self.categories, strict=True)])
+        return raw, norm, maps.numpy()
+
+    def predictions(self, model: AnomalyModel, score_of: dict[int, float] | None = None) -> list[dict]:
+        """Label Studio predictions ({task, result, score}); ``score_of`` overrides the score (policy order)."""
+        raw, norm, maps = self.scores(model)
+        out = []
+        for i, task_id in enumerate(self.task_ids):
+            w, h = self.sizes[i]
+            cat = self.categories[i]
+            mask = predicted_mask(maps[i], model.pixel_threshold(cat), w, h)
+            threshold = model.threshold(cat)
+            rle = self.codec.encode(mask) if mask.any() else None
+            score = float(norm[i]) if score_of is None or task_id not in score_of else score_of[task_id]
+            out.append({"task": task_id, "score": score,
+                        "result": prediction_regions(self.config, task_id, score,
+                                                     threshold is not None and raw[i] > threshold, rle, w, h)})
+        return out

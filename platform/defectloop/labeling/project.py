@@ -1,0 +1,100 @@
+"""A Label Studio project for one image pool: bootstrap, tasks, predictions, annotations.
+
+Bootstrap (``create``): the label config (Image + BrushLabels for the defect vocabulary + Choices
+normal/anomalous), a storage so Label Studio can show the images (Local files below its document
+root, or S3 with a custom endpoint), one task per image carrying its category, and a Data Manager
+tab "Most anomalous first" sorted by prediction score. Predictions carry the model version, and
+the project's ``model_version`` is kept equal to it, without which Label Studio silently ignores
+the scores when sorting and filtering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from defectloop.labeling.label_config import LabelConfig, build_label_config
+
+log = logging.getLogger(__name__)
+
+MOST_ANOMALOUS_TAB = "Most anomalous first"
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    uri: str  # local path below Label Studio's LOCAL_FILES_DOCUMENT_ROOT, or s3://bucket/key
+    category: str
+
+
+def _studio(url: str, token: str):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url, api_key=token)
+
+
+class LabelingProject:
+    def __init__(self, url: str, token: str, project_id: int):
+        self.url, self.token, self.id = url, token, project_id
+        self.ls = _studio(url, token)
+        self.config = LabelConfig.parse(self.ls.projects.get(id=project_id).label_config)
+
+    @classmethod
+    def create(cls, url: str, token: str, title: str, pool: Sequence[PoolImage], defects: Sequence[str] = ("defect",),
+               document_root: str | Path | None = None, s3_endpoint: str | None = None) -> LabelingProject:
+        """Create the project, its storage, its tasks and the "Most anomalous first" tab."""
+        if not pool:
+            raise ValueError("the pool is empty: no images to label")
+        ls = _studio(url, token)
+        project = ls.projects.create(title=title, label_config=build_label_config(list(defects)),
+                                     description="defectloop: the most anomalous images first")
+        if pool[0].uri.startswith("s3://"):
+            bucket, _, key = pool[0].uri[5:].partition("/")
+            prefix = key.rsplit("/", 1)[0] if "/" in key else ""
+            ls.import_storage.s3.create(
+                project=project.id, bucket=bucket, prefix=prefix, use_blob_urls=True, presign=True,
+                s3endpoint=s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"), title="defectloop pool",
+                region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+            tasks = [{"image": img.uri, "category": img.category} for img in pool]
+        else:
+            if document_root is None:
+                raise ValueError("local images need Label Studio's LOCAL_FILES_DOCUMENT_ROOT (document_root)")
+            root = Path(document_root).resolve()
+            paths = [Path(img.uri).resolve() for img in pool]
+            outside = [p for p in paths if not p.is_relative_to(root)]
+            if outside:
+                raise ValueError(f"{outside[0]} is not below Label Studio's document root {root}")
+            folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
+            ls.import_storage.local.create(project=project.id, path=str(folder), title="defectloop pool",
+                                           use_blob_urls=True)
+            tasks = [{"image": f"/data/local-files/?d={quote(str(p.relative_to(root)))}", "category": img.category}
+                     for p, img in zip(paths, pool, strict=True)]
+        for i in range(0, len(tasks), 1000):
+            ls.projects.import_tasks(id=project.id, request=tasks[i:i + 1000])
+        ls.views.create(project=project.id, data={"title": MOST_ANOMALOUS_TAB, "ordering": ["-tasks:predictions_score"]})
+        log.info("created Label Studio project %d with %d tasks", project.id, len(tasks))
+        return cls(url, token, project.id)
+
+    def tasks(self) -> Iterator[dict]:
+        """Every task with its data and annotations (API form)."""
+        for t in self.ls.tasks.list(project=self.id, fields="all", resolve_uri=False):
+            yield {"id": t.id, "data": dict(t.data), "annotations": [a if isinstance(a, dict) else a.dict()
+                                                                       for a in (t.annotations or [])]}
+
+    def push_predictions(self, predictions: Sequence[dict], model_version: str) -> None:
+        """Import predictions ({task, result, score}) under ``model_version`` and make it the project's."""
+        from label_studio_sdk import PredictionRequest
+
+        batch = [PredictionRequest(task=p["task"], result=p["result"], score=p["score"], model_version=model_version)
+                 for p in predictions]
+        for i in range(0, len(batch), 500):
+            self.ls.projects.import_predictions(id=self.id, request=batch[i:i + 500])
+        self.ls.projects.update(id=self.id, model_version=model_version)
+
+    def model_version(self) -> str | None:
+        return self.ls.projects.get(id=self.id).model_version

@@ -1,0 +1,104 @@
+"""Selection policies and annotation feedback, on generated images (no server)."""
+
+import numpy as np
+import pytest
+
+from defectloop.data import load_image, load_split
+from defectloop.labeling.brush import BrushRLE
+from defectloop.labeling.feedback import Feedback, Verdict, read_annotation
+from defectloop.labeling.label_config import LabelConfig, build_label_config
+from defectloop.labeling.policies import Candidate, Diverse, make_policy, rank_scores
+from defectloop.store import Registry
+
+CONFIG = LabelConfig.parse(build_label_config(["scratch", "blob"]))
+
+
+def candidates():
+    rng = np.random.default_rng(0)
+    # two clusters of near-identical anomalous images, and normal ones
+    out = [Candidate(i, 0.9 - i * 0.001, np.array([0.0, 0.0]) + rng.normal(0, 0.01, 2)) for i in range(10)]
+    out += [Candidate(100 + i, 0.85 - i * 0.001, np.array([5.0, 5.0]) + rng.normal(0, 0.01, 2)) for i in range(10)]
+    out += [Candidate(200 + i, 0.2 + i * 0.03, np.array([9.0, 0.0])) for i in range(10)]
+    return out
+
+
+def test_policies():
+    c = candidates()
+    assert make_policy("top").select(c, 3) == [0, 1, 2]
+    assert make_policy("borderline").select(c, 2) == [209, 208]  # scores 0.47, 0.44: nearest 0.5
+    diverse = Diverse(pool_factor=10).select(c, 2)  # the 20 most anomalous: both clusters
+    assert diverse[0] == 0 and diverse[1] >= 100  # one from each cluster, not two copies of one defect
+    assert make_policy("diverse").select(c, 2)[0] == 0
+    r1, r2 = make_policy("random", seed=1).select(c, 5), make_policy("random", seed=1).select(c, 5)
+    assert r1 == r2 and len(set(r1)) == 5
+    scores = rank_scores([7, 3, 9])
+    assert sorted(scores, key=scores.get, reverse=True) == [7, 3, 9] and max(scores.values()) == 1.0
+    with pytest.raises(ValueError, match="choose one of"):
+        make_policy("best")
+
+
+def annotation(ann_id, task, mask=None, choice=None, labels=("scratch",)):
+    result = []
+    if mask is not None:
+        h, w = mask.shape
+        result.append({"type": "brushlabels", "from_name": "defect", "to_name": "image", "original_width": w,
+                       "original_height": h, "value": {"format": "rle", "rle": BrushRLE().encode(mask),
+                                                       "brushlabels": list(labels)}})
+    if choice:
+        result.append({"type": "choices", "from_name": "verdict", "to_name": "image", "value": {"choices": [choice]}})
+    return {"id": ann_id, "task": task["id"], "result": result}
+
+
+@pytest.fixture()
+def feedback(served_registry, tiny_data, tmp_path):
+    split = load_split(tiny_data)
+    sample = next(s for s in split.test if s.label == 1 and s.mask_path)
+    task = {"id": 11, "data": {"image": str(sample.path), "category": sample.category}}
+    model = Registry(served_registry).load()
+    fb = Feedback(model, tmp_path / "ledger.json", lambda v: load_image(v.image))
+    return fb, task, sample
+
+
+def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
+    fb, task, sample = feedback
+    from defectloop.data import load_mask
+
+    mask = load_mask(sample.mask_path)
+    bank = fb.model.abnormal_bank
+    before = len(bank)
+    v = read_annotation(annotation(5, task, mask), task, CONFIG)
+    assert v.kind == "mask" and v.defects == ["scratch"] and v.mask.sum() == mask.sum()
+    assert fb.apply(v)
+    added = len(bank) - before
+    assert added > 0
+    fb.apply(read_annotation(annotation(5, task, mask), task, CONFIG))  # delivered twice
+    assert len(bank) - before == added
+    smaller = np.zeros_like(mask)
+    ys, xs = np.nonzero(mask)
+    smaller[ys.min():ys.min() + 16, xs.min():xs.min() + 16] = True
+    edited = read_annotation(annotation(5, task, smaller), task, CONFIG)
+    fb.apply(edited)  # edited: replaced by the new mask's entries, not added to the old ones
+    assert len(bank) - before == len(fb.cells(edited)) > 0
+    fb.apply(Verdict("5", 11, task["data"]["image"], sample.category, "deleted"))
+    assert len(bank) == before and "ls:5" not in bank
+    assert Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger == {}
+
+
+def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
+    fb, task, _ = feedback
+    before = len(fb.model.abnormal_bank)
+    assert not fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))
+    assert not fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))
+    assert len(fb.model.abnormal_bank) == before
+    ledger = Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger  # persisted
+    assert {k: v["kind"] for k, v in ledger.items()} == {"6": "normal", "7": "anomalous"}
+    cancelled = read_annotation({**annotation(8, task, choice="normal"), "was_cancelled": True}, task, CONFIG)
+    assert cancelled.kind == "empty"
+
+
+def test_mask_of_the_wrong_size_is_refused(feedback):
+    fb, task, _ = feedback
+    v = read_annotation(annotation(9, task, np.ones((7, 9), bool)), task, CONFIG)
+    with pytest.raises(ValueError, match="mask size differs"):
+        fb.apply(v)
+    assert "ls:9" not in fb.model.abnormal_bank
