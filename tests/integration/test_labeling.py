@@ -3,7 +3,6 @@ queue, annotations flowing into the abnormal bank (idempotent, edits, deletions)
 killed and restarted mid-loop."""
 
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -89,8 +88,7 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
     assert len(model.abnormal_bank) - before == len(expected) > 0  # replaced, not added
 
     # Label Studio dies mid-loop: the sync reports and changes nothing; after a restart it resumes
-    label_studio.proc.send_signal(signal.SIGKILL)
-    label_studio.proc.wait(10)
+    label_studio.kill()
     with pytest.raises(Exception):  # noqa: B017 - whatever the HTTP client raises on a refused connection
         sync.run()
     assert reg.label() == "v0001-b0002"

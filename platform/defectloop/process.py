@@ -1,0 +1,80 @@
+"""A server process we start ourselves and stop by its PID (Label Studio, the scorer, S3, Ray).
+
+Started in its own session, so that stopping it can also reach the children it forked without
+touching anything else on the machine (``ray stop`` or ``pkill`` would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ManagedProcess:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], url: str, log: str | Path):
+        self.name, self.cmd, self.env, self.url, self.log = name, cmd, env, url, Path(log)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log, "a")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_ready(self, path: str, timeout: float) -> ManagedProcess:
+        """Poll ``url + path`` until it answers 200; a clear error (with the log's tail) otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc and self.proc.returncode}):\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL at once (a crash, for tests of what survives one)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM to our PID, then SIGKILL to what is left of its session; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived it
+        self.proc.wait(10)
+        return self.proc.returncode
+
+    def restart(self, path: str, timeout: float = 120) -> ManagedProcess:
+        self.stop(30)
+        return self.start().wait_ready(path, timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
