@@ -188,32 +188,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a small multi-category data set, train one unified DMAD model, evaluate it."""
-    from defectloop.data import load_split
-    from defectloop.data.synthetic import make_dataset
-    from defectloop.features import extract
-    from defectloop.models import ModelConfig, create_model
-    from defectloop.store import Registry
+    """The labeling loop end to end: Label Studio, the scorer, a simulated annotator (see defectloop.demo)."""
+    from defectloop.demo import DemoConfig, run_demo
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
-    data = Path(args.data) if args.data else make_dataset(work / "data", seed=args.seed)
-    print(f"data: {data}")
-    split = load_split(data, anomalies_per_class=args.anomalies_per_class, seed=args.seed)
-    results = {}
-    for kind in ("patchcore", "dmad"):
-        model = create_model(ModelConfig(kind=kind, seed=args.seed, steps=args.steps))
-        train = extract(model.embedder, split.train, model.config.image_size, progress=f"{kind}: features")
-        model.fit(train, progress=True)
-        registry = Registry(work / "registry")
-        version = registry.register(model)
-        res = evaluate_model(model, str(data), None, args.anomalies_per_class, args.seed, work / "plots" / kind)
-        registry.attach(version, "metrics.json", json.dumps(res, indent=1))
-        results[kind] = res
-        print(f"\n{kind} ({version})")
-        print_table(res)
-    print(f"\nregistry: {work / 'registry'}  plots: {work / 'plots'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    out = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
+    cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
+                     defect_rate=args.defect_rate, policy=args.policy, retrain_every=args.retrain_every,
+                     steps=args.steps, seed=args.seed, keep_running=args.keep_running)
+    run_demo(cfg, args.json)
+    print(f"working folder: {out}")
     return 0
 
 
@@ -348,13 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--keep", type=int, default=5, help="gc: versions to keep (newest first)")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", help="train and evaluate PatchCore and DMAD on generated data (no arguments needed)")
-    d.add_argument("--data", help="use this MVTec-layout folder instead of generated data")
+    d = sub.add_parser("demo", help="the labeling loop end to end on one machine (no arguments needed)")
+    d.add_argument("--data", help="MVTec-layout pool instead of generated data")
     d.add_argument("--out", help="working folder (default: a new temporary folder)")
-    d.add_argument("--anomalies-per-class", type=int, default=2)
+    d.add_argument("--rounds", type=int, default=4)
+    d.add_argument("--batch", type=int, default=10, help="tasks the annotator labels per round")
+    d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
+    d.add_argument("--policy", default="top", choices=["top", "borderline", "diverse", "random"])
+    d.add_argument("--retrain-every", type=int, default=2, help="retrain every K rounds (0: never)")
     d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--json")
+    d.add_argument("--keep-running", action="store_true", help="leave Label Studio and the scorer up at the end")
+    d.add_argument("--json", help="write the rounds of every policy here")
     d.set_defaults(func=cmd_demo)
     return p
 

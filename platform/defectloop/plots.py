@@ -53,3 +53,23 @@ def overlays(path: Path, images: list[np.ndarray], maps: np.ndarray, titles: lis
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def learning_curve(path: Path, rounds: list[dict]) -> Path:
+    """Per policy: anomalies found and image AUROC on the held-out split against labels shown."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for policy in sorted({r["policy"] for r in rounds}):
+        rows = sorted((r for r in rounds if r["policy"] == policy), key=lambda r: r["round"])
+        shown = np.cumsum([r["shown"] for r in rows])
+        found = np.cumsum([r["anomalies_found"] for r in rows])
+        ax1.plot(shown, found, marker="o", label=policy)
+        ax2.plot(shown, [r["image_auroc"] for r in rows], marker="o", label=policy)
+    ax1.set(xlabel="images shown to the annotator", ylabel="anomalies found", title="Finding defects")
+    ax2.set(xlabel="images shown to the annotator", ylabel="image AUROC (held-out)", title="Model quality")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

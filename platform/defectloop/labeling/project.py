@@ -70,6 +70,9 @@ class LabelingProject:
             if outside:
                 raise ValueError(f"{outside[0]} is not below Label Studio's document root {root}")
             folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
+            if folder == root:
+                raise ValueError(f"the pool's folder {folder} is Label Studio's document root itself; it must be "
+                                 "a subfolder of it (Label Studio refuses the root for security)")
             ls.import_storage.local.create(project=project.id, path=str(folder), title="defectloop pool",
                                            use_blob_urls=True)
             tasks = [{"image": f"/data/local-files/?d={quote(str(p.relative_to(root)))}", "category": img.category}

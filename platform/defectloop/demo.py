@@ -1,0 +1,199 @@
+"""The main job: the whole labeling loop on one machine, with a simulated annotator.
+
+Generates a multi-category data set with synthetic defects (or reads ``--data`` in MVTec layout),
+holds a test split back, subsamples the rest into a pool at the given defect rate, trains an
+unsupervised DMAD model, starts a local Label Studio and the Ray Serve scorer (connected as the
+project's ML backend), imports the pool and predicts. Then, per round: the selection policy picks
+B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
+annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
+served label, hot-loaded by the scorer), the pool is re-predicted, and every few rounds the model is
+retrained. The same runs with the random policy for comparison. Prints a table per round and writes
+a learning curve (PNG) and, on request, the rounds as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from defectloop.data import Sample, load_mask, load_split
+from defectloop.features import Extracted, extract
+from defectloop.labeling.brush import BrushRLE
+from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
+from defectloop.labeling.loop import LabelingLoop
+from defectloop.labeling.policies import make_policy
+from defectloop.labeling.project import LabelingProject, PoolImage
+from defectloop.labeling.server import label_studio
+from defectloop.metrics import evaluate, fmt
+from defectloop.models import AnomalyModel, ModelConfig, create_model
+from defectloop.process import ManagedProcess, free_port
+from defectloop.store import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: Path
+    data: Path | None = None
+    rounds: int = 4
+    batch: int = 10
+    defect_rate: float = 0.1
+    policy: str = "top"
+    baseline: str = "random"
+    retrain_every: int = 2
+    test_fraction: float = 0.3
+    steps: int = 500
+    seed: int = 0
+    keep_running: bool = False
+    # generated data (when no --data): images per category and their size
+    n_train: int = 30
+    n_test_good: int = 80
+    n_test_bad: int = 12
+    image_size: int = 256
+
+
+def split_pool(data: Path, defect_rate: float, test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(training normals, pool, held-out test): the test split is set aside before anything is shown;
+    the pool is subsampled so that ``defect_rate`` of it is defective."""
+    split = load_split(data, seed=seed)
+    rng = random.Random(f"{seed}/pool")
+    pool, test = [], []
+    for cat in split.categories:
+        good = [s for s in split.test if s.category == cat and s.label == 0]
+        bad = [s for s in split.test if s.category == cat and s.label == 1]
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        n_good, n_bad = round(len(good) * test_fraction), round(len(bad) * test_fraction)
+        test += good[:n_good] + bad[:n_bad]
+        good, bad = good[n_good:], bad[n_bad:]
+        keep_bad = min(len(bad), max(1, round(defect_rate * len(good) / (1 - defect_rate))))
+        keep_good = min(len(good), round(keep_bad * (1 - defect_rate) / defect_rate))
+        pool += good[:keep_good] + bad[:keep_bad]
+    rng.shuffle(pool)
+    return split.train, pool, test
+
+
+def brush_result(mask: np.ndarray, label: str, config: LabelConfig) -> dict:
+    h, w = mask.shape
+    return {"type": "brushlabels", "from_name": config.brush, "to_name": config.image, "original_width": w,
+            "original_height": h, "value": {"format": "rle", "rle": BrushRLE().encode(mask), "brushlabels": [label]}}
+
+
+def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sample]) -> int:
+    """The simulated annotator: labels tasks through the Label Studio API; returns the anomalies found."""
+    config, found = project.config, 0
+    for t in task_ids:
+        s = truth[t]
+        verdict = {"type": "choices", "from_name": config.choices, "to_name": config.image,
+                   "value": {"choices": [ANOMALOUS if s.label else NORMAL]}}
+        result = [verdict]
+        if s.label and s.mask_path is not None and config.brush:
+            result.append(brush_result(load_mask(s.mask_path), config.defect_label(s.defect), config))
+        project.ls.annotations.create(id=t, result=result)
+        found += s.label
+    return found
+
+
+def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
+    scores, maps = model.score_features(test.features)
+    masks = [None if m is None else (m > 0.5).numpy() for m in test.masks]
+    result = evaluate([s.category for s in test.samples], scores.numpy(), np.array([s.label for s in test.samples]),
+                      maps.numpy(), masks)
+    return result["mean"]
+
+
+def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
+    from defectloop.data.synthetic import make_dataset
+    from defectloop.plots import learning_curve
+    from defectloop.workers.retrain import retrain
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data = (cfg.data or make_dataset(cfg.out / "data", n_train=cfg.n_train, n_test_good=cfg.n_test_good,
+                                     n_test_bad=cfg.n_test_bad, size=cfg.image_size, seed=cfg.seed)).resolve()
+    train, pool, test = split_pool(data, cfg.defect_rate, cfg.test_fraction, cfg.seed)
+    n_bad = sum(s.label for s in pool)
+    print(f"data: {data}\npool: {len(pool)} images, {n_bad} defective ({n_bad / max(1, len(pool)):.0%}); "
+          f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
+
+    model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, steps=cfg.steps, image_size=cfg.image_size))
+    model.fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
+    test_feats = extract(model.embedder, test, model.config.image_size, progress="test features")
+    defects = sorted({s.defect for s in pool + test if s.label}) or ["defect"]
+
+    ls = label_studio(cfg.out / "label-studio", data.parent)  # the pool's folder must be below the root, not it
+    print("starting Label Studio (the first start migrates its database: about a minute)...", flush=True)
+    ls.start().wait_ready("/health", 600)
+    print(f"Label Studio: {ls.url}  login {ls.user} / {ls.password}", flush=True)
+    scorer: ManagedProcess | None = None
+    rounds: list[dict] = []
+    try:
+        for policy_name in dict.fromkeys([cfg.policy, cfg.baseline]):
+            reg_root = cfg.out / f"registry-{policy_name}"
+            shutil.rmtree(reg_root, ignore_errors=True)
+            registry = Registry(reg_root)
+            registry.register(model)
+            project = LabelingProject.create(ls.url, ls.token, f"defectloop demo: {policy_name}",
+                                             [PoolImage(str(s.path), s.category) for s in pool], defects, document_root=data.parent)
+            if scorer is None:  # the scorer serves the main policy's registry, as the project's ML backend
+                port = free_port()
+                scorer = ManagedProcess("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry",
+                                                   str(reg_root), "--port", str(port), "--no-auth"],
+                                        {**os.environ, "DEFECTLOOP_POLL_S": "1"},
+                                        f"http://127.0.0.1:{port}", cfg.out / "scorer.log")
+                print("starting the Ray Serve scorer...", flush=True)
+                scorer.start().wait_ready("/v1/health", 300)
+                project.ls.ml.create(project=project.id, url=f"{scorer.url}/ls", title="defectloop scorer")
+                print(f"scorer: {scorer.url}/docs (Label Studio ML backend: {scorer.url}/ls)", flush=True)
+            loop = LabelingLoop(project, registry, cfg.out / f"state-{policy_name}", make_policy(policy_name, cfg.seed),
+                                cfg.batch)
+            by_uri = {f"/data/local-files/?d={quote(str(s.path.resolve().relative_to(data.parent)))}": s for s in pool}
+            truth = {t["id"]: by_uri[t["data"]["image"]] for t in loop.tasks}
+            m = held_out_metrics(loop.model, test_feats)
+            rounds.append({"round": 0, "policy": policy_name, "shown": 0, "anomalies_found": 0,
+                           "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "model_version": loop.label})
+            print(f"\n{policy_name}: round 0, {loop.label}: image AUROC {fmt(m['image_auroc'])}, "
+                  f"pixel AUROC {fmt(m['pixel_auroc'])}", flush=True)
+            print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
+            for r in range(1, cfg.rounds + 1):
+                selected = loop.select()
+                if not selected:
+                    print("the pool is fully labeled")
+                    break
+                found = annotate(project, selected, truth)
+                timing = loop.apply_feedback()
+                if cfg.retrain_every and r % cfg.retrain_every == 0:
+                    retrain(str(reg_root), str(data))
+                    loop.reload()
+                m = held_out_metrics(loop.model, test_feats)
+                rounds.append({"round": r, "policy": policy_name, "shown": len(selected), "anomalies_found": found,
+                               "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
+                               "feedback_s": timing.seconds, "model_version": loop.label})
+                print(f"{r:>6d}{len(selected):>7d}{found:>7d}{fmt(m['image_auroc']):>13s}{fmt(m['pixel_auroc']):>13s}"
+                      f"{timing.seconds:>12.1f}  {loop.label}", flush=True)
+        png = learning_curve(cfg.out / "learning_curve.png", rounds)
+        print(f"\nlearning curve: {png}")
+        if json_out:
+            Path(json_out).write_text(json.dumps({"rounds": rounds}, indent=1))
+        if cfg.keep_running:
+            print(f"Label Studio ({ls.url}, {ls.user} / {ls.password}) and the scorer stay up; Ctrl-C to stop", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+    finally:
+        if scorer is not None:
+            scorer.stop()
+        ls.stop(30)
+    return {"rounds": rounds}
+
+

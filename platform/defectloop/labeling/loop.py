@@ -1,0 +1,101 @@
+"""One labeling project's active-learning loop.
+
+    select (policy) -> predictions pushed, the selection first in "Most anomalous first"
+    -> annotators label (in Label Studio) -> sync: masks into the abnormal bank, a new served label
+    -> re-prediction of the pool (scorer only) -> ... and a retraining every few rounds.
+
+The model in the loop and the scorer service share the registry: each bank update is published
+there, so the Ray Serve scorer hot-loads it while the loop re-predicts the pool itself from cached
+features (cheaper than sending the pool through HTTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defectloop.data import load_image
+from defectloop.labeling.client import StudioClient
+from defectloop.labeling.feedback import Feedback
+from defectloop.labeling.policies import Candidate, SelectionPolicy, rank_scores
+from defectloop.labeling.predict import PoolPredictor
+from defectloop.labeling.project import LabelingProject
+from defectloop.labeling.sync import Sync, SyncReport
+from defectloop.store import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeedbackTiming:
+    sync: SyncReport
+    seconds: float  # bank update + publish + re-prediction + push
+
+
+class LabelingLoop:
+    def __init__(self, project: LabelingProject, registry: Registry, state_dir: str | Path, policy: SelectionPolicy,
+                 batch: int = 20):
+        self.project, self.registry, self.policy, self.batch = project, registry, policy, batch
+        self.state_dir = Path(state_dir)
+        self.studio = StudioClient(project.url, project.token)
+        self.model = registry.load()
+        self.version = registry.resolve()
+        self.tasks = list(project.tasks())
+        key = project.config.image_key
+        self.predictor = PoolPredictor(self.model, self.tasks, lambda t: load_image(self.studio.fetch(t["data"][key], t["id"])),
+                                       project.config)
+        self.embeddings = self.predictor.features.mean((2, 3)).numpy() if len(self.predictor.task_ids) else None
+        self.feedback = Feedback(self.model, self.state_dir / "ledger.json",
+                                 lambda v: load_image(self.studio.fetch(v.image, v.task_id)))
+        self.sync = Sync(project, self.feedback, self.state_dir / "cursor.json", publish=self._publish)
+        self.selected: list[int] = []
+
+    def _publish(self) -> str:
+        return self.registry.publish_bank(self.model.abnormal_bank, self.version)
+
+    @property
+    def label(self) -> str:
+        return self.registry.label(self.version)
+
+    def labeled(self) -> set[int]:
+        return {int(e["task_id"]) for e in self.feedback.ledger.values()}
+
+    def select(self) -> list[int]:
+        """The next batch by the policy, among tasks nobody has labeled, pushed as predictions in that order."""
+        _, norm, _ = self.predictor.scores(self.model)
+        done = self.labeled()
+        candidates = [Candidate(t, float(norm[i]), None if self.embeddings is None else self.embeddings[i])
+                      for i, t in enumerate(self.predictor.task_ids) if t not in done]
+        self.selected = self.policy.select(candidates, self.batch)
+        self.push()
+        return self.selected
+
+    def push(self) -> None:
+        """Predictions for the pool under the current label; the selection sorts first."""
+        order = {} if self.policy.name == "top" else rank_scores(self.selected)
+        self.project.push_predictions(self.predictor.predictions(self.model, order or None), self.label)
+
+    def apply_feedback(self) -> FeedbackTiming:
+        """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict."""
+        t0 = time.perf_counter()
+        report = self.sync.run()
+        if report.published:
+            self.push()
+        return FeedbackTiming(report, time.perf_counter() - t0)
+
+    def reload(self) -> str:
+        """After a retraining registered a new version: the loop moves to it (same backbone, same features)."""
+        self.model = self.registry.load()
+        self.version = self.registry.resolve()
+        self.feedback.model = self.model
+        self.push()
+        return self.label
+
+    def scores_of(self, task_ids: list[int]) -> np.ndarray:
+        _, norm, _ = self.predictor.scores(self.model)
+        pos = {t: i for i, t in enumerate(self.predictor.task_ids)}
+        return np.array([norm[pos[t]] for t in task_ids])
