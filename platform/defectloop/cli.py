@@ -223,6 +223,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    """Label Studio side of the loop: init, sync, round, status."""
+    from defectloop.labeling import workspace as wsp
+    from defectloop.labeling.inbox import EventInbox
+
+    token = args.token or os.environ.get("LABEL_STUDIO_API_KEY")
+    if not token:
+        raise ValueError("no Label Studio token: set LABEL_STUDIO_API_KEY or pass --token")
+    if args.action == "init":
+        url = args.url or os.environ.get("LABEL_STUDIO_URL")
+        if not (url and args.registry and args.pool):
+            raise ValueError("label init needs --url (or LABEL_STUDIO_URL), --registry and --pool")
+        loop = wsp.init(args.state, url, token, args.registry, args.pool, args.title,
+                        _categories(args.defects) or ["defect"], args.document_root, args.policy, args.batch,
+                        args.retrain_after)
+        print(f"project {loop.project.id}: {len(loop.tasks)} tasks, predictions {loop.label}; "
+              f"{loop.project.url}/projects/{loop.project.id} (tab 'Most anomalous first')")
+        return 0
+    ws = wsp.Workspace.load(args.state)
+    loop = wsp.open_loop(args.state, token, ws)
+    if args.action == "status":
+        ledger = loop.feedback.ledger.values()
+        kinds = {k: sum(1 for e in ledger if e["kind"] == k) for k in ("mask", "anomalous", "normal")}
+        print(f"project {ws.project_id} at {ws.url}: {len(loop.tasks)} tasks, {len(loop.labeled())} labeled "
+              f"({kinds['mask']} with masks, {kinds['anomalous']} anomalous without, {kinds['normal']} normal)\n"
+              f"model {loop.label} (project shows {loop.project.model_version()}), abnormal bank "
+              f"{len(loop.model.abnormal_bank)} entries; policy {ws.policy}, batch {ws.batch}")
+        return 0
+    timing = loop.apply_feedback()
+    inbox = EventInbox(args.inbox) if args.inbox else None
+    if inbox is not None:
+        for event_id, event in inbox.pending():  # the sync has read Label Studio itself: the hints are served
+            if event.get("action") != "START_TRAINING":
+                inbox.done(event_id)
+    print(f"sync: {timing.sync.applied} annotation change(s), {timing.sync.annotations} annotations in all; "
+          f"model {loop.label}; {timing.seconds:.1f}s")
+    reason = wsp.retrain_due(ws, loop, inbox)
+    if reason:
+        print(f"retraining: {reason}")
+        if args.ray_address:
+            from defectloop.workers.jobs import submit_retrain
+
+            print(f"submitted {submit_retrain(ws.registry, args.data, args.workers, address=args.ray_address)}")
+        elif args.data:
+            from defectloop.workers.retrain import retrain
+
+            print(f"registered {retrain(ws.registry, args.data, workers=args.workers)}; re-predicting")
+            loop.reload()
+        else:
+            print("  (pass --data POOL to retrain here, or --ray-address to submit a Ray job)")
+        ws.anomalies_at_last_retrain = loop.confirmed_anomalies()
+        ws.save(args.state)
+        if inbox is not None:
+            for event_id, e in inbox.pending():
+                if e.get("action") == "START_TRAINING":
+                    inbox.done(event_id)
+    if args.action == "round":
+        selected = loop.select()
+        print(f"next {len(selected)} task(s) by '{ws.policy}': {', '.join(map(str, selected))}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """Registry operations: list, show, promote, rollback, gc."""
     from defectloop.store import Registry
@@ -323,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("job_id")
     j.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
     j.set_defaults(func=cmd_jobs)
+
+    lb = sub.add_parser("label", help="the Label Studio loop: init a project, sync feedback, next round, status")
+    lb.add_argument("action", choices=["init", "sync", "round", "status"])
+    lb.add_argument("--state", default="defectloop-label", help="folder remembering this labeling setup")
+    lb.add_argument("--url", help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    lb.add_argument("--token", help="Label Studio token (default $LABEL_STUDIO_API_KEY)")
+    lb.add_argument("--registry", help="init: registry folder or s3://bucket/prefix")
+    lb.add_argument("--pool", help="init: image folder (category = first subfolder) or s3://bucket/prefix")
+    lb.add_argument("--document-root", help="init: Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local pools)")
+    lb.add_argument("--title", default="defectloop")
+    lb.add_argument("--defects", help="init: comma-separated defect labels (default: defect)")
+    lb.add_argument("--policy", default="top", choices=["top", "borderline", "diverse", "random"])
+    lb.add_argument("--batch", type=int, default=20)
+    lb.add_argument("--retrain-after", type=int, default=20, help="confirmed anomalies that trigger a retraining")
+    lb.add_argument("--inbox", help="the scorer's event inbox (webhooks), e.g. <registry>/inbox")
+    lb.add_argument("--data", help="pool in MVTec layout for an in-process retraining")
+    lb.add_argument("--workers", type=int, default=0, help="Ray Train workers for the retraining")
+    lb.add_argument("--ray-address", help="submit the retraining as a Ray job to this dashboard address")
+    lb.set_defaults(func=cmd_label)
 
     m = sub.add_parser("models", help="registry operations: list, show, promote, rollback, gc")
     m.add_argument("action", choices=["list", "show", "promote", "rollback", "gc"])

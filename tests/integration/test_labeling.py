@@ -102,3 +102,44 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
     # re-prediction under the new label: only the scorer runs again
     project.push_predictions(predictor.predictions(model), reg.label())
     assert project.model_version() == "v0001-b0003"
+
+
+def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypatch, capsys):
+    """init -> round -> an annotation and a START_TRAINING webhook event -> sync retrains -> status."""
+    from defectloop.cli import main
+    from defectloop.labeling.inbox import EventInbox
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    pool = label_studio.root / "cli-pool"
+    for s in load_split(tiny_data).test:
+        if s.category in ("tile", "mesh"):
+            dst = pool / s.category / f"{s.defect}_{s.path.name}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.path, dst)
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    state = tmp_path / "state"
+    assert main(["label", "init", "--state", str(state), "--url", label_studio.url, "--registry", str(root),
+                 "--pool", str(pool), "--document-root", str(label_studio.root), "--defects", "scratch,blob",
+                 "--batch", "4", "--retrain-after", "0"]) == 0
+    assert "22 tasks" in capsys.readouterr().out
+    assert main(["label", "round", "--state", str(state)]) == 0
+    picked = [int(x) for x in capsys.readouterr().out.rsplit(":", 1)[1].split(",")]
+    assert len(picked) == 4
+
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    task = ls.tasks.get(id=picked[0])
+    image = load_image(StudioClient(label_studio.url, label_studio.token).fetch(task.data["image"], task.id))
+    mask = np.zeros(image.shape[:2], bool)
+    mask[20:60, 20:60] = True
+    ls.annotations.create(id=picked[0], result=[brush(mask)])
+    inbox = EventInbox(tmp_path / "inbox")
+    inbox.put({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
+    inbox.put({"action": "START_TRAINING"})
+    assert main(["label", "sync", "--state", str(state), "--inbox", str(inbox.folder), "--data", str(tiny_data)]) == 0
+    out = capsys.readouterr().out
+    assert "1 annotation change(s)" in out and "START_TRAINING" in out and "registered v0002" in out
+    assert inbox.pending() == [] and Registry(root).current() == "v0002"
+    assert main(["label", "status", "--state", str(state)]) == 0
+    status = capsys.readouterr().out
+    assert "1 labeled (1 with masks" in status and "model v0002" in status

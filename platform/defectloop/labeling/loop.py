@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from defectloop.data import load_image
 from defectloop.labeling.client import StudioClient
 from defectloop.labeling.feedback import Feedback
@@ -38,7 +36,7 @@ class FeedbackTiming:
 
 class LabelingLoop:
     def __init__(self, project: LabelingProject, registry: Registry, state_dir: str | Path, policy: SelectionPolicy,
-                 batch: int = 20):
+                 batch: int = 20, cache_features: bool = False):
         self.project, self.registry, self.policy, self.batch = project, registry, policy, batch
         self.state_dir = Path(state_dir)
         self.studio = StudioClient(project.url, project.token)
@@ -47,7 +45,7 @@ class LabelingLoop:
         self.tasks = list(project.tasks())
         key = project.config.image_key
         self.predictor = PoolPredictor(self.model, self.tasks, lambda t: load_image(self.studio.fetch(t["data"][key], t["id"])),
-                                       project.config)
+                                       project.config, cache=self.state_dir / "pool_features.safetensors" if cache_features else None)
         self.embeddings = self.predictor.features.mean((2, 3)).numpy() if len(self.predictor.task_ids) else None
         self.feedback = Feedback(self.model, self.state_dir / "ledger.json",
                                  lambda v: load_image(self.studio.fetch(v.image, v.task_id)))
@@ -95,7 +93,5 @@ class LabelingLoop:
         self.push()
         return self.label
 
-    def scores_of(self, task_ids: list[int]) -> np.ndarray:
-        _, norm, _ = self.predictor.scores(self.model)
-        pos = {t: i for i, t in enumerate(self.predictor.task_ids)}
-        return np.array([norm[pos[t]] for t in task_ids])
+    def confirmed_anomalies(self) -> int:
+        return sum(1 for e in self.feedback.ledger.values() if e["kind"] in ("mask", "anomalous"))

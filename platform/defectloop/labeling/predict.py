@@ -7,11 +7,14 @@ one labeling round's re-prediction of a 1000-image pool in seconds rather than m
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
@@ -26,9 +29,16 @@ class PoolPredictor:
     """Features of the pool's tasks, and their predictions under a given model."""
 
     def __init__(self, model: AnomalyModel, tasks: list[dict], load: Callable[[dict], np.ndarray],
-                 config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None):
+                 config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None, cache: Path | None = None):
         self.config = config
         self.codec = codec or BrushRLE()
+        if cache is not None and cache.is_file():  # embedded by an earlier run: same tasks, same backbone
+            saved = load_file(str(cache))
+            meta = json.loads(cache.with_suffix(".json").read_text())
+            if meta["n_tasks"] == len(tasks) and set(meta["task_ids"]) <= {t["id"] for t in tasks}:
+                self.features = saved["features"]
+                self.task_ids, self.sizes, self.categories = meta["task_ids"], [tuple(x) for x in meta["sizes"]], meta["categories"]
+                return
         self.task_ids: list[int] = []
         self.sizes: list[tuple[int, int]] = []  # (width, height) of the original images
         self.categories: list[str] = []
@@ -51,6 +61,11 @@ class PoolPredictor:
         if batch:
             feats.append(model.embedder(torch.stack(batch)))
         self.features = torch.cat(feats) if feats else torch.zeros(0)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"features": self.features.contiguous()}, str(cache))
+            cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
+                                                              "categories": self.categories, "n_tasks": len(tasks)}))
 
     def scores(self, model: AnomalyModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw scores, normalised scores, anomaly maps) of every task, in ``task_ids`` order."""

@@ -1,0 +1,90 @@
+"""What ``defectloop label`` remembers between commands: one folder per labeling setup.
+
+    <state>/workspace.json     Label Studio URL, project id, registry, pool, policy settings,
+                               confirmed anomalies at the last retraining
+    <state>/ledger.json        image-level labels (feedback.py)
+    <state>/cursor.json        the sync's cursor (sync.py)
+    <state>/pool_features.*    pool features, embedded once (predict.py)
+
+The Label Studio token is never written here: it comes from LABEL_STUDIO_API_KEY (or --token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from defectloop.labeling.inbox import EventInbox
+from defectloop.labeling.loop import LabelingLoop
+from defectloop.labeling.policies import make_policy
+from defectloop.labeling.project import LabelingProject, PoolImage
+from defectloop.store import Registry, list_images
+
+
+@dataclass
+class Workspace:
+    url: str
+    project_id: int
+    registry: str
+    pool: str
+    policy: str = "top"
+    batch: int = 20
+    retrain_after: int = 20  # confirmed anomalies since the last retraining that trigger the next one
+    anomalies_at_last_retrain: int = 0
+
+    @staticmethod
+    def path(state: str | Path) -> Path:
+        return Path(state) / "workspace.json"
+
+    @classmethod
+    def load(cls, state: str | Path) -> Workspace:
+        p = cls.path(state)
+        if not p.is_file():
+            raise FileNotFoundError(f"{state} holds no labeling setup: run `defectloop label init` first")
+        return cls(**json.loads(p.read_text()))
+
+    def save(self, state: str | Path) -> None:
+        p = self.path(state)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, p)
+
+
+def pool_images(pool: str) -> list[PoolImage]:
+    """Images of a pool folder or s3:// prefix; the category is the first folder below the pool."""
+    base = pool.rstrip("/")
+    out = []
+    for uri in list_images(pool):
+        rel = uri[len(base) + 1:]
+        out.append(PoolImage(uri, rel.split("/", 1)[0] if "/" in rel else "default"))
+    return out
+
+
+def init(state: str | Path, url: str, token: str, registry: str, pool: str, title: str, defects: list[str],
+         document_root: str | None, policy: str, batch: int, retrain_after: int) -> LabelingLoop:
+    images = pool_images(pool)
+    project = LabelingProject.create(url, token, title, images, defects, document_root=document_root)
+    ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after)
+    ws.save(state)
+    loop = open_loop(state, token, ws)
+    loop.push()
+    return loop
+
+
+def open_loop(state: str | Path, token: str, ws: Workspace | None = None) -> LabelingLoop:
+    ws = ws or Workspace.load(state)
+    project = LabelingProject(ws.url, token, ws.project_id)
+    return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True)
+
+
+def retrain_due(ws: Workspace, loop: LabelingLoop, inbox: EventInbox | None) -> str | None:
+    """Why a retraining is due now (None: it is not): enough new confirmed anomalies, or START_TRAINING."""
+    if inbox is not None and any(e.get("action") == "START_TRAINING" for _, e in inbox.pending()):
+        return "Label Studio asked (START_TRAINING)"
+    new = loop.confirmed_anomalies() - ws.anomalies_at_last_retrain
+    if ws.retrain_after and new >= ws.retrain_after:
+        return f"{new} new confirmed anomalies (threshold {ws.retrain_after})"
+    return None
