@@ -46,7 +46,6 @@ class ModelConfig:
     smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
     # DMAD
     mask_coverage: float = 0.25  # a patch is abnormal when this fraction of its cell is defective
-    k_abnormal: int = 4
     hidden: int = 256
     steps: int = 1500
     batch_size: int = 1024
