@@ -38,8 +38,8 @@ class Scorer:
     def __init__(self, **settings):
         self.settings = ServeSettings.load(**settings)
         torch.set_num_threads(self.settings.threads or os.cpu_count() or 1)
-        self.handle = ModelHandle(self.settings.model, self.settings.version)
-        log.info("scorer: serving %s", self.handle.served.label)  # load now: fail at start, not per request
+        self.handle = ModelHandle(self.settings.model, self.settings.version, self.settings.torch_device())
+        log.info("scorer: serving %s on %s", self.handle.served.label, self.handle.device)  # load now: fail at start, not per request
         self.handle.watch(self.settings.poll_s)
         self.ctx = ScoringContext(self.handle, self.score_one, self.settings, EventInbox(self.settings.inbox_dir()))
         self._apply_batching()
@@ -55,7 +55,7 @@ class Scorer:
         self.ctx.settings = self.settings
         self._apply_batching()
         if (self.settings.model, self.settings.version) != (old.model, old.version):
-            handle = ModelHandle(self.settings.model, self.settings.version)
+            handle = ModelHandle(self.settings.model, self.settings.version, self.settings.torch_device())
             log.info("scorer: loaded %s", handle.served.label)  # before swapping: a bad location raises, the old model stays
             self.handle.stop()
             self.handle = self.ctx.handle = handle

@@ -34,6 +34,7 @@ class ServeSettings:
     batch_wait_s: float = 0.01
     poll_s: float = 2.0  # how often the registry is checked for a new version / bank
     threads: int = 0  # torch threads per replica; 0 = all cores
+    device: str = "auto"  # backbone device: auto (cuda when the replica has a GPU), cpu, cuda
     inbox: str | None = None  # Label Studio event spool; default <registry>/inbox
     label_studio_url: str | None = None
     label_studio_token: str | None = None
@@ -77,6 +78,13 @@ class ServeSettings:
                              "use auth: false only for a local demo")
         if self.max_batch_size < 1 or self.max_images < 1:
             raise ValueError("max_batch_size and max_images must be >= 1")
+
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def inbox_dir(self) -> Path:
         """Local folder of the event inbox: ``inbox`` or beside a local registry (else in the cache)."""

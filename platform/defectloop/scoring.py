@@ -48,8 +48,9 @@ class Scored:
 class ModelHandle:
     """The model a service scores with; ``location`` is a registry or a model version (local or s3://)."""
 
-    def __init__(self, location: str | os.PathLike, version: str | None = None):
+    def __init__(self, location: str | os.PathLike, version: str | None = None, device: str = "cpu"):
         self.location = str(location)
+        self.device = torch.device(device)  # where the backbone runs; banks and heads stay on the CPU
         self._registry: Registry | None = None
         self.version = version  # pinned version, or None to follow the registry's current one
         self._served: Served | None = None
@@ -96,6 +97,7 @@ class ModelHandle:
                 reg = self.registry
                 model = reg.load(self.version) if reg is not None else load_model(resolve_model_dir(self.location))
                 model.eval()
+                model.embedder.to(self.device)
                 previous = self._served
                 self._served = Served(model, label, time.time())
                 self.last_error = None
@@ -130,7 +132,8 @@ class ModelHandle:
     def score(self, images: list[torch.Tensor]) -> list[Scored]:
         """Score preprocessed images (3 x S x S in [0, 1]) as one batch with the model in force."""
         served = self.served
-        scores, maps = served.model.score_images(torch.stack(images))
+        feats = served.model.embedder(torch.stack(images).to(self.device)).float().cpu()
+        scores, maps = served.model.score_features(feats)
         return [Scored(float(s), m.numpy(), served) for s, m in zip(scores, maps, strict=True)]
 
 
