@@ -98,6 +98,10 @@ class Store(ABC):
         except FileNotFoundError:
             return default
 
+    def stamp(self, key: str) -> str:
+        """What changes whenever the object is written again (a cached copy is stale when it does)."""
+        return hashlib.sha256(self.read(key)).hexdigest()
+
     def upload_dir(self, folder: Path, prefix: str, last: tuple[str, ...] = ()) -> None:
         """Upload a folder's files; the names in ``last`` go after all others (commit markers)."""
         files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -246,6 +250,10 @@ class S3Store(Store):
         r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return r["Body"].read()
 
+    def stamp(self, key: str) -> str:
+        r = self._call(f"stat {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return f"{r['ETag']}@{r['LastModified'].isoformat()}"
+
     def write(self, key: str, data: bytes) -> None:
         self._call(f"write {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
@@ -289,6 +297,9 @@ def open_store(location: str | os.PathLike, s3: S3Config | None = None) -> Store
     return S3Store(str(location), s3) if is_s3(location) else LocalStore(location)
 
 
+STAMP = ".defectloop-stamp"  # in a cached copy: the stamp of its marker when it was downloaded
+
+
 def cache_path(store: Store, prefix: str) -> Path:
     return CACHE_DIR / hashlib.sha256(store.uri.encode()).hexdigest()[:16] / prefix
 
@@ -299,13 +310,17 @@ def local_copy(store: Store, prefix: str, marker: str) -> Path:
     if isinstance(store, LocalStore):
         return store._path(prefix)
     dst = cache_path(store, prefix)
-    if (dst / marker).is_file():
+    # the same URI may hold other bytes than when cached (a recreated bucket, a rewritten folder): the
+    # marker, written last, is stamped on download and checked on every use
+    stamp = store.stamp(join(prefix, marker))
+    if (dst / marker).is_file() and (dst / STAMP).is_file() and (dst / STAMP).read_text() == stamp:
         return dst
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}")
     try:
         store.download_dir(prefix, tmp)
         if not (tmp / marker).is_file():
             raise FileNotFoundError(f"{store.uri}/{prefix}: incomplete (no {marker})")
+        (tmp / STAMP).write_text(stamp)
         shutil.rmtree(dst, ignore_errors=True)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dst)

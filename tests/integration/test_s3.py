@@ -78,10 +78,9 @@ def test_server_down_during_save_then_retry(tmp_path, model, monkeypatch, s3_ser
             if len(uploads) == 2:
                 server.kill()
 
-        monkeypatch.setattr(store_mod.S3Store, "upload_file", upload_then_die)
-        with pytest.raises(StoreError, match="unreachable"):
+        with monkeypatch.context() as patched, pytest.raises(StoreError, match="unreachable"):
+            patched.setattr(store_mod.S3Store, "upload_file", upload_then_die)
             reg.register(model)
-        monkeypatch.undo()
         server.start()
         reg = Registry(f"s3://{S3_BUCKET}/outage", cfg)
         assert reg.ids() == [v1] and reg.current() == v1  # the half-written version is invisible
@@ -152,3 +151,16 @@ def test_pool_listing_and_arrow_filesystem(s3, tiny_data):
     with fs.open_output_stream(f"{path}/probe/checkpoint.txt") as f:
         f.write(b"from pyarrow")
     assert open_store(f"s3://{S3_BUCKET}/ray-runs").read("probe/checkpoint.txt") == b"from pyarrow"
+
+
+def test_cached_copy_follows_rewrites(s3, model):
+    """A version rewritten under the same URI (a recreated bucket or prefix) is downloaded again,
+    never served from the stale local copy."""
+    uri = fresh("rewritten")
+    reg = Registry(uri)
+    v = reg.register(model)
+    changed = reg.load()  # now in the local cache
+    changed.calibration = {k: {**c, "threshold": c["threshold"] + 1.0} for k, c in changed.calibration.items()}
+    reg.store.delete("")
+    assert reg.ids() == [] and reg.register(changed) == v  # same URI, same version id, other bytes
+    assert Registry(uri).load().calibration == changed.calibration != model.calibration
