@@ -49,27 +49,59 @@ class ManagedProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
     def kill(self) -> None:
-        """SIGKILL at once (a crash, for tests of what survives one)."""
+        """SIGKILL to it and every process below it at once (a crash, for tests of what survives one)."""
         if self.proc is not None and self.proc.poll() is None:
+            below = descendants(self.proc.pid)
             self.proc.kill()
+            _kill_all(below)
             self.proc.wait(10)
 
     def stop(self, timeout: float = 60) -> int | None:
         """SIGTERM to our PID, then SIGKILL to what is left of its session; returns the exit code."""
         if self.proc is None:
             return None
+        below = descendants(self.proc.pid) if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived it
+        _kill_all(below)  # and those that left its session (Ray starts some in their own)
         self.proc.wait(10)
         return self.proc.returncode
 
     def restart(self, path: str, timeout: float = 120) -> ManagedProcess:
         self.stop(30)
         return self.start().wait_ready(path, timeout)
+
+
+def _stat(pid: int | str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ..., starttime at 19)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live process below ``pid``, as (pid, start time), from /proc (empty where there is none)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = _stat(entry.name)
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def _kill_all(processes: list[tuple[int, str]]) -> None:
+    """SIGKILL each process that is still the one we saw (same start time: never a reused PID)."""
+    for pid, start in processes:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if _stat(pid)[19] == start:
+                os.kill(pid, signal.SIGKILL)
 
 
 def free_port() -> int:
