@@ -14,9 +14,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from defectloop.labeling.scorer import ScorerStatus
 
 log = logging.getLogger("defectloop")
 
@@ -231,18 +235,20 @@ def cmd_label(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("LABEL_STUDIO_API_KEY")
     if not token:
         raise ValueError("no Label Studio token: set LABEL_STUDIO_API_KEY or pass --token")
+    scorer_token = args.scorer_token or os.environ.get("DEFECTLOOP_API_TOKEN")
     if args.action == "init":
         url = args.url or os.environ.get("LABEL_STUDIO_URL")
         if not (url and args.registry and args.pool):
             raise ValueError("label init needs --url (or LABEL_STUDIO_URL), --registry and --pool")
         loop = wsp.init(args.state, url, token, args.registry, args.pool, args.title,
                         _categories(args.defects) or ["defect"], args.document_root, args.policy, args.batch,
-                        args.retrain_after)
+                        args.retrain_after, args.scorer, scorer_token)
         print(f"project {loop.project.id}: {len(loop.tasks)} tasks, predictions {loop.label}; "
-              f"{loop.project.url}/projects/{loop.project.id} (tab 'Most anomalous first')")
+              f"{loop.project.url}/projects/{loop.project.id} (tab 'Most anomalous first')"
+              + (f"; ML backend {args.scorer}/ls" if args.scorer else ""))
         return 0
     ws = wsp.Workspace.load(args.state)
-    loop = wsp.open_loop(args.state, token, ws)
+    loop = wsp.open_loop(args.state, token, ws, scorer_token, args.scorer_wait)
     if args.action == "status":
         ledger = loop.feedback.ledger.values()
         kinds = {k: sum(1 for e in ledger if e["kind"] == k) for k in ("mask", "anomalous", "normal")}
@@ -259,6 +265,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                 inbox.done(event_id)
     print(f"sync: {timing.sync.applied} annotation change(s), {timing.sync.annotations} annotations in all; "
           f"model {loop.label}; {timing.seconds:.1f}s")
+    scorer_ok = _report_scorer(timing.scorer)
     reason = wsp.retrain_due(ws, loop, inbox)
     if reason:
         print(f"retraining: {reason}")
@@ -270,7 +277,7 @@ def cmd_label(args: argparse.Namespace) -> int:
             from defectloop.workers.retrain import retrain
 
             print(f"registered {retrain(ws.registry, args.data, workers=args.workers)}; re-predicting")
-            loop.reload()
+            scorer_ok = _report_scorer(loop.reload()) and scorer_ok
         else:
             print("  (pass --data POOL to retrain here, or --ray-address to submit a Ray job)")
         ws.anomalies_at_last_retrain = loop.confirmed_anomalies()
@@ -282,7 +289,15 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.action == "round":
         selected = loop.select()
         print(f"next {len(selected)} task(s) by '{ws.policy}': {', '.join(map(str, selected))}")
-    return 0
+    return 0 if scorer_ok else 1
+
+
+def _report_scorer(status: ScorerStatus | None) -> bool:
+    """Print whether the scorer serves the loop's label; False when it does not (the exit status says so)."""
+    if status is None:
+        return True
+    print(status, file=sys.stdout if status.ok else sys.stderr)
+    return status.ok
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -403,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--data", help="pool in MVTec layout for an in-process retraining")
     lb.add_argument("--workers", type=int, default=0, help="Ray Train workers for the retraining")
     lb.add_argument("--ray-address", help="submit the retraining as a Ray job to this dashboard address")
+    lb.add_argument("--scorer", help="init: the scorer's URL, connected as the project's ML backend (with its webhook)")
+    lb.add_argument("--scorer-token", help="the scorer's API token (default $DEFECTLOOP_API_TOKEN)")
+    lb.add_argument("--scorer-wait", type=float, default=120.0,
+                    help="seconds to wait for the scorer to serve a new label (exit status 1 if it does not)")
     lb.set_defaults(func=cmd_label)
 
     m = sub.add_parser("models", help="registry operations: list, show, promote, rollback, gc")

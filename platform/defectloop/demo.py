@@ -34,6 +34,7 @@ from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
 from defectloop.labeling.loop import LabelingLoop
 from defectloop.labeling.policies import make_policy
 from defectloop.labeling.project import LabelingProject, PoolImage
+from defectloop.labeling.scorer import ScorerClient
 from defectloop.labeling.server import label_studio
 from defectloop.metrics import evaluate, fmt
 from defectloop.models import AnomalyModel, ModelConfig, create_model
@@ -154,10 +155,13 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
                                         f"http://127.0.0.1:{port}", cfg.out / "scorer.log")
                 print("starting the Ray Serve scorer...", flush=True)
                 scorer.start().wait_ready("/v1/health", 300)
-                project.ls.ml.create(project=project.id, url=f"{scorer.url}/ls", title="defectloop scorer")
+                project.connect_scorer(scorer.url)
                 print(f"scorer: {scorer.url}/docs (Label Studio ML backend: {scorer.url}/ls)", flush=True)
+                client = ScorerClient(scorer.url)
+            else:
+                client = None  # the scorer serves the first policy's registry only
             loop = LabelingLoop(project, registry, cfg.out / f"state-{policy_name}", make_policy(policy_name, cfg.seed),
-                                cfg.batch)
+                                cfg.batch, scorer=client)
             by_uri = {f"/data/local-files/?d={quote(str(s.path.resolve().relative_to(data.parent)))}": s for s in pool}
             truth = {t["id"]: by_uri[t["data"]["image"]] for t in loop.tasks}
             m = held_out_metrics(loop.model, test_feats)
@@ -173,9 +177,12 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
                     break
                 found = annotate(project, selected, truth)
                 timing = loop.apply_feedback()
+                served = timing.scorer
                 if cfg.retrain_every and r % cfg.retrain_every == 0:
                     retrain(str(reg_root), str(data))
-                    loop.reload()
+                    served = loop.reload()
+                if served is not None and not served.ok:
+                    print(f"  {served}", flush=True)
                 m = held_out_metrics(loop.model, test_feats)
                 rounds.append({"round": r, "policy": policy_name, "shown": len(selected), "anomalies_found": found,
                                "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],

@@ -3,6 +3,7 @@ queue, annotations flowing into the abnormal bank (idempotent, edits, deletions)
 killed and restarted mid-loop."""
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -143,3 +144,79 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
     assert main(["label", "status", "--state", str(state)]) == 0
     status = capsys.readouterr().out
     assert "1 labeled (1 with masks" in status and "model v0002" in status
+
+
+def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp_path):
+    """The scorer connected as ML backend (its webhook authenticated), serving each bank the loop
+    publishes; killed during a round: the loop retries, reports, loses nothing, and picks it up again."""
+    import json
+    import os
+    import sys
+    import threading
+
+    from defectloop.labeling.loop import LabelingLoop
+    from defectloop.labeling.policies import make_policy
+    from defectloop.labeling.scorer import ScorerClient
+    from defectloop.process import ManagedProcess, free_port
+
+    pool_dir = label_studio.root / "scorer-pool"
+    pool_dir.mkdir()
+    truth = {}
+    for s in load_split(tiny_data).test:
+        if s.category == "mesh":
+            shutil.copy(s.path, pool_dir / f"{s.defect}_{s.path.name}")
+            truth[f"{s.defect}_{s.path.name}"] = s
+    pool = [PoolImage(str(pool_dir / name), "mesh") for name in sorted(truth)]
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    token, port = "loop-token", free_port()
+    scorer = ManagedProcess("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry", str(root),
+                                       "--port", str(port)],
+                            {**os.environ, "DEFECTLOOP_API_TOKEN": token, "DEFECTLOOP_POLL_S": "0.5",
+                             "DEFECTLOOP_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0"},
+                            f"http://127.0.0.1:{port}", tmp_path / "scorer.log")
+    scorer.start().wait_ready("/v1/health", 180)
+    try:
+        project = LabelingProject.create(label_studio.url, label_studio.token, "scorer", pool, ["scratch", "blob"],
+                                         document_root=label_studio.root)
+        project.connect_scorer(scorer.url, token)
+        ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+        hooks = [w for w in ls.webhooks.list(project=str(project.id)) if w.url == f"{scorer.url}/ls/webhook"]
+        assert len(hooks) == 1 and hooks[0].headers == {"Authorization": f"Bearer {token}"}
+
+        loop = LabelingLoop(project, Registry(root), tmp_path / "state", make_policy("top"), batch=4,
+                            scorer=ScorerClient(scorer.url, token), scorer_wait_s=60)
+        name_of = {t["id"]: t["data"]["image"].rsplit("%2F", 1)[-1].rsplit("/", 1)[-1] for t in loop.tasks}
+        bad = [t for t in loop.select() if truth[name_of[t]].label == 1]
+        assert len(bad) >= 2
+
+        # an annotation reaches the scorer's webhook (with the token Label Studio now sends)
+        ls.annotations.create(id=bad[0], result=[brush(load_mask(truth[name_of[bad[0]]].mask_path))])
+        pending = root / "inbox" / "pending"
+        deadline = time.monotonic() + 30
+        while not list(pending.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        events = [json.loads(p.read_text()) for p in pending.glob("*.json")]
+        assert [e["action"] for e in events] == ["ANNOTATION_CREATED"]
+
+        first = loop.apply_feedback()
+        assert first.scorer is not None and first.scorer.ok and first.scorer.served == loop.label == "v0001-b0001"
+
+        # the scorer crashes during the round: the loop retries for its wait, then reports; nothing is lost
+        scorer.kill()
+        ls.annotations.create(id=bad[1], result=[brush(load_mask(truth[name_of[bad[1]]].mask_path))])
+        loop.scorer_wait_s = 3
+        t0 = time.monotonic()
+        down = loop.apply_feedback()
+        assert down.sync.applied == 1 and loop.label == Registry(root).label() == "v0001-b0002"
+        assert not down.scorer.ok and "unreachable" in down.scorer.detail and time.monotonic() - t0 >= 3
+        assert "nothing is lost" in str(down.scorer)
+        assert loop.labeled() == {bad[0], bad[1]}
+
+        # it comes back while the loop waits: the loop sees the newest label served
+        loop.scorer_wait_s = 180
+        threading.Timer(2.0, scorer.start).start()
+        back = loop.check_scorer()
+        assert back.ok and back.served == "v0001-b0002" and back.waited_s >= 2
+    finally:
+        assert scorer.stop() is not None

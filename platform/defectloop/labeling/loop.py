@@ -6,7 +6,8 @@
 
 The model in the loop and the scorer service share the registry: each bank update is published
 there, so the Ray Serve scorer hot-loads it while the loop re-predicts the pool itself from cached
-features (cheaper than sending the pool through HTTP).
+features (cheaper than sending the pool through HTTP). With a scorer given, the loop then waits
+until the scorer serves the new label (retrying while it is down) and reports whether it does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from defectloop.labeling.feedback import Feedback
 from defectloop.labeling.policies import Candidate, SelectionPolicy, rank_scores
 from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
+from defectloop.labeling.scorer import ScorerClient, ScorerStatus
 from defectloop.labeling.sync import Sync, SyncReport
 from defectloop.store import Registry
 
@@ -31,13 +33,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class FeedbackTiming:
     sync: SyncReport
-    seconds: float  # bank update + publish + re-prediction + push
+    seconds: float  # bank update + publish + re-prediction + push + the scorer's hot reload
+    scorer: ScorerStatus | None = None  # whether the scorer serves the new label (None: no change, or no scorer)
 
 
 class LabelingLoop:
     def __init__(self, project: LabelingProject, registry: Registry, state_dir: str | Path, policy: SelectionPolicy,
-                 batch: int = 20, cache_features: bool = False):
+                 batch: int = 20, cache_features: bool = False, scorer: ScorerClient | None = None,
+                 scorer_wait_s: float = 120.0):
         self.project, self.registry, self.policy, self.batch = project, registry, policy, batch
+        self.scorer, self.scorer_wait_s = scorer, scorer_wait_s
         self.state_dir = Path(state_dir)
         self.studio = StudioClient(project.url, project.token)
         self.model = registry.load()
@@ -83,15 +88,20 @@ class LabelingLoop:
         report = self.sync.run()
         if report.published:
             self.push()
-        return FeedbackTiming(report, time.perf_counter() - t0)
+        status = self.check_scorer() if report.published else None
+        return FeedbackTiming(report, time.perf_counter() - t0, status)
 
-    def reload(self) -> str:
+    def check_scorer(self) -> ScorerStatus | None:
+        """Wait (up to ``scorer_wait_s``) until the scorer serves the loop's label; None without a scorer."""
+        return None if self.scorer is None else self.scorer.wait_for(self.label, self.scorer_wait_s)
+
+    def reload(self) -> ScorerStatus | None:
         """After a retraining registered a new version: the loop moves to it (same backbone, same features)."""
         self.model = self.registry.load()
         self.version = self.registry.resolve()
         self.feedback.model = self.model
         self.push()
-        return self.label
+        return self.check_scorer()
 
     def confirmed_anomalies(self) -> int:
         return sum(1 for e in self.feedback.ledger.values() if e["kind"] in ("mask", "anomalous"))

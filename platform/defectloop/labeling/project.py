@@ -99,5 +99,28 @@ class LabelingProject:
             self.ls.projects.import_predictions(id=self.id, request=batch[i:i + 500])
         self.ls.projects.update(id=self.id, model_version=model_version)
 
+    def connect_scorer(self, scorer_url: str, token: str | None = None) -> int:
+        """Connect the scorer as the project's ML backend (``<scorer>/ls``) and let its webhook in.
+
+        Label Studio calls the backend with basic auth (the token as password), but the webhook it
+        creates for the backend on its own (``<scorer>/ls/webhook``, every event) carries no
+        credentials, so the scorer would answer 401 to every annotation event: the token goes into
+        that webhook's headers here. Returns the ML backend's id.
+        """
+        url = scorer_url.rstrip("/") + "/ls"
+        auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": "labelstudio", "basic_auth_pass": token} if token else {}
+        backend = self.ls.ml.create(project=self.id, url=url, title="defectloop scorer", **auth)
+        if token:
+            hook = f"{url}/webhook"
+            headers = {"Authorization": f"Bearer {token}"}
+            found = [w for w in self.ls.webhooks.list(project=str(self.id)) if w.url == hook]
+            for w in found:
+                self.ls.webhooks.update(id=w.id, url=hook, headers=headers)
+            if not found:  # a Label Studio that does not create it: make our own
+                self.ls.webhooks.create(project=self.id, url=hook, headers=headers, send_payload=True,
+                                        send_for_all_actions=True)
+        log.info("project %d: scorer %s connected as ML backend %s", self.id, url, backend.id)
+        return backend.id
+
     def model_version(self) -> str | None:
         return self.ls.projects.get(id=self.id).model_version

@@ -6,7 +6,8 @@
     <state>/cursor.json        the sync's cursor (sync.py)
     <state>/pool_features.*    pool features, embedded once (predict.py)
 
-The Label Studio token is never written here: it comes from LABEL_STUDIO_API_KEY (or --token).
+Tokens are never written here: Label Studio's comes from LABEL_STUDIO_API_KEY (or --token), the
+scorer's from DEFECTLOOP_API_TOKEN (or --scorer-token).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from defectloop.labeling.inbox import EventInbox
 from defectloop.labeling.loop import LabelingLoop
 from defectloop.labeling.policies import make_policy
 from defectloop.labeling.project import LabelingProject, PoolImage
+from defectloop.labeling.scorer import ScorerClient
 from defectloop.store import Registry, list_images
 
 
@@ -33,6 +35,7 @@ class Workspace:
     batch: int = 20
     retrain_after: int = 20  # confirmed anomalies since the last retraining that trigger the next one
     anomalies_at_last_retrain: int = 0
+    scorer: str | None = None  # the scorer service's URL, connected as the project's ML backend
 
     @staticmethod
     def path(state: str | Path) -> Path:
@@ -64,20 +67,26 @@ def pool_images(pool: str) -> list[PoolImage]:
 
 
 def init(state: str | Path, url: str, token: str, registry: str, pool: str, title: str, defects: list[str],
-         document_root: str | None, policy: str, batch: int, retrain_after: int) -> LabelingLoop:
+         document_root: str | None, policy: str, batch: int, retrain_after: int, scorer: str | None = None,
+         scorer_token: str | None = None) -> LabelingLoop:
     images = pool_images(pool)
     project = LabelingProject.create(url, token, title, images, defects, document_root=document_root)
-    ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after)
+    if scorer:
+        project.connect_scorer(scorer, scorer_token)
+    ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after, scorer=scorer)
     ws.save(state)
-    loop = open_loop(state, token, ws)
+    loop = open_loop(state, token, ws, scorer_token)
     loop.push()
     return loop
 
 
-def open_loop(state: str | Path, token: str, ws: Workspace | None = None) -> LabelingLoop:
+def open_loop(state: str | Path, token: str, ws: Workspace | None = None, scorer_token: str | None = None,
+              scorer_wait_s: float = 120.0) -> LabelingLoop:
     ws = ws or Workspace.load(state)
     project = LabelingProject(ws.url, token, ws.project_id)
-    return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True)
+    scorer = ScorerClient(ws.scorer, scorer_token) if ws.scorer else None
+    return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True,
+                        scorer=scorer, scorer_wait_s=scorer_wait_s)
 
 
 def retrain_due(ws: Workspace, loop: LabelingLoop, inbox: EventInbox | None) -> str | None:
