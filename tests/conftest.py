@@ -61,3 +61,19 @@ def served_registry(tiny_features, tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     Registry(root).register(model)
     return root
+
+
+@pytest.fixture(scope="session")
+def confirmed_defects():
+    """Defects as annotators confirm them (one per category of ``extracted``): provenance, features under the mask."""
+    from defectloop.memory import Provenance
+    from defectloop.models.dmad import mask_cells
+
+    def make(extracted, coverage: float) -> list:
+        out, seen = [], set()
+        for f, m, s in zip(extracted.features, extracted.masks, extracted.samples, strict=True):
+            if s.label == 1 and m is not None and s.category not in seen:
+                seen.add(s.category)
+                out.append((Provenance(f"ls:{s.image_id}", s.image_id, s.category, s.defect), mask_cells(f, m, coverage)))
+        return out
+    return make

@@ -4,9 +4,9 @@
 
 Submitted to a Ray cluster by ``defectloop retrain --submit`` (Ray Jobs API) or run by KubeRay's
 RayJob (infra/k8s/rayjob-retrain.yaml). It fits with the current version's settings (Ray Train
-when --workers is given), carries the abnormal-bank entries that annotators confirmed since that
-version was trained into the new one, and registers it; a run that fails registers nothing, and
-the scorer keeps serving the last good version.
+when --workers is given) and trains on the defects annotators confirmed in the served abnormal
+bank as real anomalies (they stay in the new version's bank), then registers it; a run that fails
+registers nothing, and the scorer keeps serving the last good version.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import json
 import logging
 import sys
 
-from defectloop.memory import AbnormalBank
+import torch
+
+from defectloop.memory import AbnormalBank, Provenance
 from defectloop.models import ModelConfig
 from defectloop.store import Registry
 from defectloop.workers.train import train_model
@@ -24,7 +26,7 @@ from defectloop.workers.train import train_model
 log = logging.getLogger("defectloop.retrain")
 
 
-def confirmed_labels(bank: AbnormalBank) -> list[tuple]:
+def confirmed_labels(bank: AbnormalBank) -> list[tuple[Provenance, torch.Tensor]]:
     """(provenance, features) of entries annotators confirmed (not training masks, not synthetic)."""
     feats, group, provs = bank.tensors()
     return [(p, feats[group == i]) for i, p in enumerate(provs)
@@ -42,12 +44,10 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
         labels = confirmed_labels(reg.load(current).abnormal_bank)
     else:
         config, labels = ModelConfig(), []
-    log.info("retraining %s from %s (current %s, %d confirmed annotations carried over)",
+    log.info("retraining %s from %s (current %s, training on %d confirmed annotations)",
              config.kind, data, current or "none", len(labels))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
-                       storage or f"{registry.rstrip('/')}/runs")
-    for prov, feats in labels:
-        model.abnormal_bank.add(prov, feats)
+                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels)
     stats.update(retrained_from=current, carried_annotations=len(labels))
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)})
     log.info("registered %s (%s) in %s", version, reg.label(version), registry)

@@ -24,6 +24,7 @@ from defectloop.collective import LOCAL, TorchCollective
 from defectloop.data import Sample, load_split
 from defectloop.features import extract
 from defectloop.models import AnomalyModel, ModelConfig, create_model, load_model
+from defectloop.models.base import Confirmed
 from defectloop.store import arrow_filesystem
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     t1 = time.perf_counter()
-    stats = model.fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done)
+    stats = model.fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done, confirmed=config["confirmed"])
     workers = comm.all_gather({"rank": rank, "n_images": len(samples), "extract_s": extract_s,
                                "images_per_s": len(samples) / max(extract_s, 1e-9),
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -92,7 +93,7 @@ def train_loop(config: dict) -> None:
 
 def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gpus_per_worker: float = 0.0,
                     ray_address: str | None = None, storage: str | None = None, name: str | None = None,
-                    max_failures: int = 2) -> tuple[AnomalyModel, dict]:
+                    max_failures: int = 2, confirmed: Confirmed = ()) -> tuple[AnomalyModel, dict]:
     """Fit one model on ``workers`` Ray Train workers; returns it with its fit statistics.
 
     Raises ``ray.train.TrainingFailedError`` when the run fails for good: nothing is registered.
@@ -109,7 +110,7 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"model": asdict(config), "samples": [_sample_dict(s) for s in samples],
-                           "threads": per_worker, "gpus": gpus_per_worker > 0},
+                           "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         torch_config=TorchConfig(backend="gloo"),  # collectives on CPU tensors, GPUs or not
@@ -131,20 +132,21 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
 
 def train_model(config: ModelConfig, data: str, categories: list[str] | None, anomalies_per_class: int, workers: int,
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
-                progress: bool = True, max_failures: int = 2) -> tuple[AnomalyModel, dict]:
-    """Fit a model on the train split of ``data``: in this process (workers = 0) or on Ray Train workers."""
+                progress: bool = True, max_failures: int = 2, confirmed: Confirmed = ()) -> tuple[AnomalyModel, dict]:
+    """Fit a model on the train split of ``data`` (plus annotators' ``confirmed`` defects): in this
+    process (workers = 0) or on Ray Train workers."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()
     if workers:
         model, stats = fit_distributed(config, split.train, workers, gpus_per_worker, ray_address, storage,
-                                       max_failures=max_failures)
+                                       max_failures=max_failures, confirmed=confirmed)
     else:
         model = create_model(config)
         train = extract(model.embedder, split.train, config.image_size, progress="features" if progress else False)
         extract_s = time.perf_counter() - t0
-        stats = model.fit(train, progress=progress)
+        stats = model.fit(train, progress=progress, confirmed=confirmed)
         stats.update(fit_s=time.perf_counter() - t0 - extract_s, per_worker=[{
             "rank": 0, "n_images": len(split.train), "extract_s": extract_s,
             "images_per_s": len(split.train) / max(extract_s, 1e-9),

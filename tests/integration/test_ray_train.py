@@ -41,11 +41,14 @@ def image_auroc(model, test) -> float:
     return auroc(scores.numpy(), np.array([s.label for s in test.samples]))
 
 
-def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_features, tmp_path):
+def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_features, confirmed_defects, tmp_path):
     train, test = tiny_features(2)
     split = load_split(tiny_data, anomalies_per_class=2)
-    m1, s1 = fit_distributed(config(), split.train, 1, storage=str(tmp_path / "runs"))
-    m2, s2 = fit_distributed(config(), split.train, 2, storage=str(tmp_path / "runs"))
+    confirmed = confirmed_defects(test, config().mask_coverage)  # annotators' defects, as in a retraining
+    m1, s1 = fit_distributed(config(), split.train, 1, storage=str(tmp_path / "runs"), confirmed=confirmed)
+    m2, s2 = fit_distributed(config(), split.train, 2, storage=str(tmp_path / "runs"), confirmed=confirmed)
+    assert s1["real_abnormal_patches"] == s2["real_abnormal_patches"] > sum(len(c) for _, c in confirmed)
+    assert all(p.annotation_id in m2.abnormal_bank for p, _ in confirmed)
     assert abs(image_auroc(m1, test) - image_auroc(m2, test)) <= 0.01
     assert image_auroc(m2, test) > 0.9
     # training patches: those of images both runs fitted on (each held back its own calibration images)

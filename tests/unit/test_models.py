@@ -84,6 +84,19 @@ def test_abnormal_bank_change_moves_scores_at_once(fitted, features):
     assert restored.item() == before.item()
 
 
+@pytest.mark.parametrize("kind", ["patchcore", "dmad"])
+def test_retraining_uses_confirmed_defects(tiny_features, small_config, confirmed_defects, kind):
+    """Confirmed defects from the pool are in the new version's bank, and DMAD's scorer trains on them."""
+    train, test = tiny_features(0)
+    model = create_model(small_config(kind))
+    confirmed = confirmed_defects(test, model.config.mask_coverage)
+    stats = model.fit(train, confirmed=confirmed)
+    assert len(confirmed) == 3 and stats["confirmed_annotations"] == 3
+    assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
+    if kind == "dmad":  # no masks in the training split: every real abnormal patch is a confirmed one
+        assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed) > 0
+
+
 def test_registry_versions_current_rollback(fitted, tmp_path):
     reg = Registry(tmp_path / "reg")
     assert reg.current() is None

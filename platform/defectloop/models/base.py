@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,12 +22,15 @@ from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted, PatchEmbedder, load_backbone
-from defectloop.memory import AbnormalBank, KCenterGreedy, NormalBank, target_size
+from defectloop.memory import AbnormalBank, KCenterGreedy, NormalBank, Provenance, target_size
 
 log = logging.getLogger(__name__)
 
 #: the key of the threshold used for images of a category the model has not seen
 ANY_CATEGORY = "*"
+
+#: annotators' confirmed defects: (provenance, patch features under the mask) per annotation
+Confirmed = Sequence[tuple[Provenance, torch.Tensor]]
 
 
 @dataclass
@@ -132,12 +135,15 @@ class AnomalyModel(nn.Module):
 
     # ----- fitting -------------------------------------------------------------------------
     def fit(self, train: Extracted, progress: bool = False, comm: Collective = LOCAL,
-            checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset()) -> dict:
+            checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset(),
+            confirmed: Confirmed = ()) -> dict:
         """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals.
 
         With ``comm`` of world > 1, ``train`` is this worker's shard and the workers agree through
         ``comm``. ``checkpoint(phase)`` is called after the "bank" and "head" phases; phases in
-        ``done`` were restored from a checkpoint and are skipped.
+        ``done`` were restored from a checkpoint and are skipped. ``confirmed`` (the same on every
+        worker) are defects annotators confirmed on pool images: they end up in the abnormal bank,
+        and a learned head trains on them as real anomalies.
         """
         torch.manual_seed(self.config.seed + comm.rank)
         fit_idx, held_idx = split_holdout(train.samples, self.config.holdout_fraction, self.config.seed)
@@ -152,7 +158,11 @@ class AnomalyModel(nn.Module):
             if checkpoint:
                 checkpoint("bank")
         if "head" not in done:
-            stats.update(self.fit_head(train, fit_idx, progress, comm))
+            stats.update(self.fit_head(train, fit_idx, progress, comm, confirmed))
+            for prov, cells in confirmed:  # heads that do not train on them still score with them
+                if prov.annotation_id not in self.abnormal_bank:
+                    self.abnormal_bank.add(prov, cells)
+            stats["confirmed_annotations"] = len(confirmed)
             if checkpoint:
                 checkpoint("head")
         cats, scores, peaks = [train.samples[i].category for i in held_idx], torch.zeros(0), torch.zeros(0)
@@ -200,7 +210,8 @@ class AnomalyModel(nn.Module):
             self.normal_bank = NormalBank(*comm.broadcast(bank))
         return {"normal_bank_size": len(self.normal_bank), "n_normal_patches": total}
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
+                 confirmed: Confirmed = ()) -> dict:
         """Learned parts (none for PatchCore)."""
         return {}
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted
-from defectloop.models.base import AnomalyModel, split_holdout
+from defectloop.models.base import AnomalyModel, Confirmed, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ class CRAD(AnomalyModel):
         x = self.head.normalise(feats)
         return (self.head(x) - x).norm(dim=1)
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
+                 confirmed: Confirmed = ()) -> dict:
+        """Trains on normals only (its memory models normality); confirmed defects go to the bank as-is."""
         cfg, head = self.config, self.head
         g = torch.Generator().manual_seed(cfg.seed + comm.rank)
         # model selection on held-back normals of the fit set (calibration keeps its own)

@@ -35,7 +35,7 @@ from defectloop.data.synthetic import add_defect
 from defectloop.features import Extracted, image_tensor
 from defectloop.memory import Provenance, knn
 from defectloop.memory.nn_index import sq_dists
-from defectloop.models.base import AnomalyModel
+from defectloop.models.base import AnomalyModel, Confirmed
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class DMAD(AnomalyModel):
                     out.append((i, cells))
         return out
 
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL) -> dict:
+    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
+                 confirmed: Confirmed = ()) -> dict:
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed + comm.rank)
         ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
@@ -210,10 +211,20 @@ class DMAD(AnomalyModel):
             found.append((Provenance(f"synthetic:{s.image_id}", s.image_id, s.category, "synthetic", "synthetic"), cells))
             syn_q.append(cells)
             syn_owner.append(torch.full((len(cells),), i))
+        # annotators' confirmed defects (on pool images, outside the training set): in every worker's
+        # bank, and real anomalies to train on, shared out among the workers; each pool image gets
+        # an owner of its own so that leave-one-image-out also holds for them
+        for prov, _ in confirmed:
+            ids.setdefault(prov.image_id, len(train.samples) + len(ids))
+        for prov, cells in list(confirmed)[comm.rank::comm.world]:
+            real_q.append(cells)
+            real_owner.append(torch.full((len(cells),), ids[prov.image_id]))
         self.abnormal_bank = type(self.abnormal_bank)(self.dim)
         for part in comm.all_gather(found):
             for prov, cells in part:
                 self.abnormal_bank.add(prov, cells)
+        for prov, cells in confirmed:
+            self.abnormal_bank.add(prov, cells)
         ab_feats, ab_group, ab_provs = self.abnormal_bank.tensors()
         ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
 
