@@ -97,6 +97,16 @@ def test_retraining_uses_confirmed_defects(tiny_features, small_config, confirme
         assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed) > 0
 
 
+def test_same_config_and_data_give_the_same_model(features, small_config):
+    """Fits are reproducible: the learned head's initial weights come from the config's seed."""
+    train, test = features
+    a, b = (create_model(small_config("dmad", steps=20)) for _ in range(2))
+    torch.manual_seed(123)  # the global RNG's state must not matter
+    a.fit(train)
+    b.fit(train)
+    assert torch.equal(a.score_features(test.features)[0], b.score_features(test.features)[0])
+
+
 def test_registry_versions_current_rollback(fitted, tmp_path):
     reg = Registry(tmp_path / "reg")
     assert reg.current() is None
