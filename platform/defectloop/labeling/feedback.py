@@ -4,8 +4,9 @@ A Label Studio annotation says one of four things about its image: here are defe
 (brush regions), it is anomalous (no mask), it is normal, or (deleted) nothing any more. Masks
 become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
 (webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
-removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger for
-thresholds, evaluation and the normal pool of the next retraining.
+removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger (the
+loop's record of what was labeled; the retraining job does not read it yet: it trains on the
+pool's normal images and the confirmed masks in the bank).
 """
 
 from __future__ import annotations
