@@ -60,8 +60,9 @@ class ManagedProcess:
         """SIGTERM to our PID, then SIGKILL to what is left of its session; returns the exit code."""
         if self.proc is None:
             return None
-        below = descendants(self.proc.pid) if self.proc.poll() is None else []
+        below: list[tuple[int, str]] = []
         if self.proc.poll() is None:
+            below = descendants(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)

@@ -72,6 +72,3 @@ class ScorerClient:
                 return status
             time.sleep(min(delay, max(0.0, timeout_s - waited)))
             delay = min(5.0, delay * 2)
-
-    def close(self) -> None:
-        self.http.close()
