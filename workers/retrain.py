@@ -4,23 +4,29 @@
 
 Submitted to a Ray cluster by ``defectloop retrain --submit`` (Ray Jobs API) or run by KubeRay's
 RayJob (infra/k8s/rayjob-retrain.yaml). It fits with the current version's settings (Ray Train
-when --workers is given) and trains on the defects annotators confirmed in the served abnormal
-bank as real anomalies (they stay in the new version's bank), then registers it; a run that fails
-registers nothing, and the scorer keeps serving the last good version.
+when --workers is given) and learns from what annotators confirmed: the defects in the served
+abnormal bank are trained on as real anomalies (they stay in the new version's bank), and the pool
+images they confirmed normal (the registry's labels/normal.json) join the normal training images.
+Then it registers the new version; a run that fails registers nothing, and the scorer keeps
+serving the last good version.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+from defectloop.data import Sample
 from defectloop.memory import AbnormalBank, Provenance
 from defectloop.models import ModelConfig
-from defectloop.store import Registry
+from defectloop.store import CACHE_DIR, Registry, is_s3, read_uri
 from defectloop.workers.train import train_model
 
 log = logging.getLogger("defectloop.retrain")
@@ -31,6 +37,31 @@ def confirmed_labels(bank: AbnormalBank) -> list[tuple[Provenance, torch.Tensor]
     feats, group, provs = bank.tensors()
     return [(p, feats[group == i]) for i, p in enumerate(provs)
             if p.source == "annotation" and not p.annotation_id.startswith("train:")]
+
+
+def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[Sample]:
+    """Pool images annotators confirmed normal, as normal training samples (S3 ones downloaded once).
+
+    One that cannot be read any more is skipped with a warning: it is one image among many."""
+    out = []
+    for entry in reg.normals():
+        src = entry["source"]
+        path = Path(src)
+        try:
+            if is_s3(src):
+                path = cache / hashlib.sha256(src.encode()).hexdigest()[:16] / src.rsplit("/", 1)[-1]
+                if not path.is_file():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_bytes(read_uri(src))
+                    os.replace(tmp, path)
+            elif not path.is_file():
+                raise FileNotFoundError("no such file")
+        except Exception as e:  # noqa: BLE001 - any storage error: skip this image, keep the rest
+            log.warning("skipping the confirmed-normal image %s: %s", src, e)
+            continue
+        out.append(Sample(path, entry["category"]))
+    return out
 
 
 def retrain(registry: str, data: str, categories: list[str] | None = None, anomalies_per_class: int = 0,
@@ -44,11 +75,12 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
         labels = confirmed_labels(reg.load(current).abnormal_bank)
     else:
         config, labels = ModelConfig(), []
-    log.info("retraining %s from %s (current %s, training on %d confirmed annotations)",
-             config.kind, data, current or "none", len(labels))
+    normals = [s for s in confirmed_normals(reg) if not categories or s.category in categories]
+    log.info("retraining %s from %s (current %s, training on %d confirmed annotations and %d images confirmed "
+             "normal)", config.kind, data, current or "none", len(labels), len(normals))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
-                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels)
-    stats.update(retrained_from=current, carried_annotations=len(labels))
+                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals)
+    stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals))
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)})
     log.info("registered %s (%s) in %s", version, reg.label(version), registry)
     return version

@@ -15,6 +15,7 @@ import logging
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -132,10 +133,12 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
 
 def train_model(config: ModelConfig, data: str, categories: list[str] | None, anomalies_per_class: int, workers: int,
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
-                progress: bool = True, max_failures: int = 2, confirmed: Confirmed = ()) -> tuple[AnomalyModel, dict]:
-    """Fit a model on the train split of ``data`` (plus annotators' ``confirmed`` defects): in this
-    process (workers = 0) or on Ray Train workers."""
+                progress: bool = True, max_failures: int = 2, confirmed: Confirmed = (),
+                normals: Sequence[Sample] = ()) -> tuple[AnomalyModel, dict]:
+    """Fit a model on the train split of ``data``, plus annotators' ``confirmed`` defects and the
+    ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
+    split.train.extend(normals)
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()

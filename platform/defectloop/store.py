@@ -9,6 +9,7 @@ Registry layout (the same on both backends; keys are relative to the registry's 
     CURRENT, history.json          the id being served; previous CURRENT values, for rollback
     banks/<id>/bNNNN/...           abnormal-bank updates of a version (labels confirmed since training)
     banks/<id>/CURRENT             the bank in force for that version
+    labels/normal.json             pool images annotators confirmed normal (read by the retraining)
 
 Every object is written whole (local: temporary file + rename; S3: one PUT), so a reader never
 sees half a file, and the commit markers and pointers are written after what they point to, so a
@@ -523,6 +524,15 @@ class Registry:
             self.store.upload_dir(Path(tmp), f"banks/{version}/{bank_id}", last=("abnormal_bank.json",))
         self.store.write(f"banks/{version}/CURRENT", bank_id.encode())
         return self.label(version)
+
+    # ----- image-level labels ---------------------------------------------------------------
+    def publish_normals(self, images: list[dict]) -> None:
+        """Record the pool images annotators confirmed normal ({"source", "category"}), whole."""
+        self.store.write("labels/normal.json", json.dumps(images, indent=1).encode())
+
+    def normals(self) -> list[dict]:
+        """The pool images last recorded as confirmed normal (none before the first record)."""
+        return json.loads(self.store.read_text("labels/normal.json", "[]"))
 
     def label(self, version: str | None = None) -> str:
         """What a served model calls itself: the version, plus the bank update in force."""

@@ -2,8 +2,10 @@
 queue, annotations flowing into the abnormal bank (idempotent, edits, deletions), Label Studio
 killed and restarted mid-loop."""
 
+import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,22 +136,30 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
     mask = np.zeros(image.shape[:2], bool)
     mask[20:60, 20:60] = True
     ls.annotations.create(id=picked[0], result=[brush(mask)])
+    normal = ls.tasks.get(id=picked[1])
+    ls.annotations.create(id=picked[1], result=[{"type": "choices", "from_name": "verdict", "to_name": "image",
+                                                 "value": {"choices": ["normal"]}}])
     inbox = EventInbox(tmp_path / "inbox")
     inbox.put({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
     inbox.put({"action": "START_TRAINING"})
     assert main(["label", "sync", "--state", str(state), "--inbox", str(inbox.folder), "--data", str(tiny_data)]) == 0
     out = capsys.readouterr().out
-    assert "1 annotation change(s)" in out and "START_TRAINING" in out and "registered v0002" in out
-    assert inbox.pending() == [] and Registry(root).current() == "v0002"
+    assert "2 annotation change(s)" in out and "START_TRAINING" in out and "registered v0002" in out
+    reg = Registry(root)
+    assert inbox.pending() == [] and reg.current() == "v0002"
+    # the retraining learned from both: the confirmed mask, and the image confirmed normal (from the pool)
+    assert reg.normals() == [{"source": normal.data["source"], "category": normal.data["category"]}]
+    assert normal.data["source"].startswith(str(pool)) and Path(normal.data["source"]).is_file()
+    fit = json.loads(reg.store.read_text("versions/v0002/fit.json"))
+    assert fit["carried_annotations"] == 1 and fit["confirmed_normals"] == 1
     assert main(["label", "status", "--state", str(state)]) == 0
     status = capsys.readouterr().out
-    assert "1 labeled (1 with masks" in status and "model v0002" in status
+    assert "2 labeled (1 with masks, 0 anomalous without, 1 normal)" in status and "model v0002" in status
 
 
 def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp_path):
     """The scorer connected as ML backend (its webhook authenticated), serving each bank the loop
     publishes; killed during a round: the loop retries, reports, loses nothing, and picks it up again."""
-    import json
     import os
     import sys
     import threading

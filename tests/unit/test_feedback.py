@@ -96,6 +96,29 @@ def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
     assert cancelled.kind == "empty"
 
 
+def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_path, caplog):
+    """Normal verdicts become normal training samples of the next retraining, through the registry."""
+    from defectloop.workers.retrain import confirmed_normals
+
+    fb, _, _ = feedback
+    goods = [s for s in load_split(tiny_data).test if s.label == 0][:3]
+    tasks = [{"id": 20 + i, "data": {"image": f"/data/local-files/?d={i}", "category": s.category, "source": str(s.path)}}
+             for i, s in enumerate(goods)]
+    fb.apply(read_annotation(annotation(30, tasks[0], choice="normal"), tasks[0], CONFIG))
+    fb.apply(read_annotation(annotation(31, tasks[0], choice="normal"), tasks[0], CONFIG))  # a second annotator
+    fb.apply(read_annotation(annotation(32, tasks[1], choice="normal"), tasks[1], CONFIG))
+    fb.apply(read_annotation(annotation(33, tasks[1], choice="anomalous"), tasks[1], CONFIG))  # disputed: left out
+    fb.apply(read_annotation(annotation(34, tasks[2], choice="normal"), tasks[2], CONFIG))
+    assert fb.normal_images() == sorted([{"source": str(s.path), "category": s.category} for s in (goods[0], goods[2])],
+                                        key=lambda e: e["source"])
+    reg = Registry(tmp_path / "reg")
+    assert reg.normals() == [] and confirmed_normals(reg) == []
+    reg.publish_normals(fb.normal_images() + [{"source": str(tmp_path / "gone.png"), "category": "tile"}])
+    samples = confirmed_normals(reg)
+    assert {(s.path, s.category, s.label) for s in samples} == {(s.path, s.category, 0) for s in (goods[0], goods[2])}
+    assert "gone.png" in caplog.text and "skipping" in caplog.text
+
+
 def test_mask_of_the_wrong_size_is_refused(feedback):
     fb, task, _ = feedback
     v = read_annotation(annotation(9, task, np.ones((7, 9), bool)), task, CONFIG)

@@ -5,8 +5,9 @@ A Label Studio annotation says one of four things about its image: here are defe
 become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
 (webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
 removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger (the
-loop's record of what was labeled; the retraining job does not read it yet: it trains on the
-pool's normal images and the confirmed masks in the bank).
+loop's record of what was labeled). The next retraining reads both: the confirmed masks from the
+served bank, and the images confirmed normal from the registry (``Feedback.normal_images``,
+published by the loop), which join the normal training images.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Verdict:
     image: str  # the task's image URI: the image's identity
     category: str
     kind: Kind
+    source: str = ""  # where the pool keeps the image (local path or s3:// URI), for the retraining
     defects: list[str] = field(default_factory=list)
     mask: np.ndarray | None = None  # H x W bool, union of the brush regions
 
@@ -55,7 +57,8 @@ def read_annotation(annotation: dict, task: dict, config: LabelConfig, codec: Ma
     codec = codec or BrushRLE()
     data = task.get("data") or {}
     base = dict(annotation_id=str(annotation["id"]), task_id=int(task.get("id") or annotation.get("task")),
-                image=str(data.get(config.image_key, "")), category=str(data.get("category", "")))
+                image=str(data.get(config.image_key, "")), category=str(data.get("category", "")),
+                source=str(data.get("source", "")))
     if annotation.get("was_cancelled"):
         return Verdict(**base, kind="empty")
     mask, defects, choice = None, set(), None
@@ -108,6 +111,16 @@ class Feedback:
             self.ledger[verdict.annotation_id] = verdict.ledger_entry()
         self._save()
         return changed
+
+    def normal_images(self) -> list[dict]:
+        """Images annotators confirmed normal: {"source", "category"}, once each, for the retraining.
+
+        An image that has any other verdict too (another annotator saw a defect) is left out."""
+        by_image: dict[str, set[str]] = {}
+        for e in self.ledger.values():
+            by_image.setdefault(e.get("source") or e["image"], set()).add(e["kind"])
+        category = {e.get("source") or e["image"]: e["category"] for e in self.ledger.values()}
+        return [{"source": src, "category": category[src]} for src, kinds in sorted(by_image.items()) if kinds == {"normal"}]
 
     @torch.no_grad()
     def cells(self, verdict: Verdict) -> torch.Tensor:

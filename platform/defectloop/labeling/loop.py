@@ -83,9 +83,13 @@ class LabelingLoop:
         self.project.push_predictions(self.predictor.predictions(self.model, order or None), self.label)
 
     def apply_feedback(self) -> FeedbackTiming:
-        """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict."""
+        """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict.
+
+        The images confirmed normal go to the registry too, where the next retraining reads them."""
         t0 = time.perf_counter()
         report = self.sync.run()
+        if report.applied:  # for the next retraining: the pool images confirmed normal so far
+            self.registry.publish_normals(self.feedback.normal_images())
         if report.published:
             self.push()
         status = self.check_scorer() if report.published else None

@@ -2,8 +2,9 @@
 
 Bootstrap (``create``): the label config (Image + BrushLabels for the defect vocabulary + Choices
 normal/anomalous), a storage so Label Studio can show the images (Local files below its document
-root, or S3 with a custom endpoint), one task per image carrying its category, and a Data Manager
-tab "Most anomalous first" sorted by prediction score. Predictions carry the model version, and
+root, or S3 with a custom endpoint), one task per image carrying its category and its place in the
+pool ("source": what the retraining reads), and a Data Manager tab "Most anomalous first" sorted
+by prediction score. Predictions carry the model version, and
 the project's ``model_version`` is kept equal to it, without which Label Studio silently ignores
 the scores when sorting and filtering.
 """
@@ -60,7 +61,7 @@ class LabelingProject:
                 region_name=os.environ.get("AWS_REGION", "us-east-1"),
                 aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
                 aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
-            tasks = [{"image": img.uri, "category": img.category} for img in pool]
+            tasks = [{"image": img.uri, "category": img.category, "source": img.uri} for img in pool]
         else:
             if document_root is None:
                 raise ValueError("local images need Label Studio's LOCAL_FILES_DOCUMENT_ROOT (document_root)")
@@ -75,8 +76,8 @@ class LabelingProject:
                                  "a subfolder of it (Label Studio refuses the root for security)")
             ls.import_storage.local.create(project=project.id, path=str(folder), title="defectloop pool",
                                            use_blob_urls=True)
-            tasks = [{"image": f"/data/local-files/?d={quote(str(p.relative_to(root)))}", "category": img.category}
-                     for p, img in zip(paths, pool, strict=True)]
+            tasks = [{"image": f"/data/local-files/?d={quote(str(p.relative_to(root)))}", "category": img.category,
+                      "source": str(p)} for p, img in zip(paths, pool, strict=True)]
         for i in range(0, len(tasks), 1000):
             ls.projects.import_tasks(id=project.id, request=tasks[i:i + 1000])
         ls.views.create(project=project.id, data={"title": MOST_ANOMALOUS_TAB, "ordering": ["-tasks:predictions_score"]})
