@@ -50,6 +50,7 @@ class ModelConfig:
     # DMAD
     mask_coverage: float = 0.25  # a patch is abnormal when this fraction of its cell is defective
     hidden: int = 256
+    heads: int = 3  # DMAD correction heads averaged (one head's ranking swings with its seed)
     steps: int = 1500
     batch_size: int = 1024
     lr: float = 1e-3

@@ -10,7 +10,8 @@ Implements the method as DESIGN.md section 4 corrects it:
 - pseudo-anomalies: noise on normal features, with the enhancement recomputed for the noisy one;
 - scorer: feature adaptor + MLP, hinge loss (margin 0.5) over normal, pseudo, synthetic and real
   abnormal patches (real ones weighted up); no normalisation layers, so eval = train behaviour;
-  it learns a correction on top of the nearest-normal distance (see DMADScorer);
+  it learns a correction on top of the nearest-normal distance, averaged over a few independently
+  trained heads (see DMADScorer);
 - cold start: without annotations the abnormal bank holds synthetic defects painted on normal
   training images;
 - the abnormal bank is read at scoring time, so a newly confirmed mask changes scores at once.
@@ -61,26 +62,43 @@ class Enhanced:
         return Enhanced(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "r_n", "d_n", "d_a")))
 
 
-class DMADScorer(nn.Module):
-    """Adaptor + MLP mapping an enhanced patch to an anomaly score (positive = anomalous).
+class CorrectionHead(nn.Module):
+    """Feature adaptor + MLP: a bounded correction in (-1, 1) from a patch and its normal residual."""
 
-    The score is the PatchCore evidence l_n = log(1 + d_n / scale), raised by how much closer the
-    patch is to a confirmed defect than to any normal patch, relu(l_n - l_a), plus a learned,
-    bounded correction from the patch and its normal residual. So a patch near a confirmed defect
-    scores higher the moment that defect enters the abnormal bank, while patches nearer the normal
-    bank (most of them) keep PatchCore's ranking. The last layer starts at zero, so an untrained
-    scorer ranks by this evidence; the hinge loss then only moves patches that sit on the wrong
-    side of the margin (seen defect types pulled up, normal variation pushed down), and the
-    distance keeps ranking the rest instead of the scores collapsing onto the two margins.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.adaptor = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim + 1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
                                  nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, q: torch.Tensor, r_n: torch.Tensor, log_dn: torch.Tensor) -> torch.Tensor:
+        a = self.adaptor
+        return torch.tanh(self.mlp(torch.cat([a(q), a(r_n), log_dn[:, None]], 1))[:, 0])
+
+
+class DMADScorer(nn.Module):
+    """Maps an enhanced patch to an anomaly score (positive = anomalous).
+
+    The score is the PatchCore evidence l_n = log(1 + d_n / scale), raised by how much closer the
+    patch is to a confirmed defect than to any normal patch, relu(l_n - l_a), plus a learned,
+    bounded correction from the patch and its normal residual. So a patch near a confirmed defect
+    scores higher the moment that defect enters the abnormal bank, while patches nearer the normal
+    bank (most of them) keep PatchCore's ranking. The correction's last layer starts at zero, so
+    an untrained scorer ranks by this evidence; the hinge loss then only moves patches that sit on
+    the wrong side of the margin (seen defect types pulled up, normal variation pushed down).
+
+    The correction is the mean of several heads, each trained on its own batches from its own
+    initial weights. The training data (pseudo-anomalies, synthetic and a few real defects) is
+    separated perfectly, so one head is unconstrained where unseen defects fall, and its ranking
+    there swings with its seed (measured on the dev set: mean image AUROC 81.9 to 92.0 over
+    three seeds, screw 63 to 88); the mean of three heads kept the gains (92.8, screw 90.5).
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, heads: int = 3):
+        super().__init__()
+        self.heads = nn.ModuleList(CorrectionHead(dim, hidden) for _ in range(heads))
         # decision boundary of the hinge loss, learned; starts at d_n = 2 typical distances
         self.threshold = nn.Parameter(torch.tensor(math.log(3.0)))
         # feature statistics and distance scale, set from training data before fitting
@@ -88,15 +106,22 @@ class DMADScorer(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("scale", torch.ones(()))
 
-    def forward(self, e: Enhanced) -> torch.Tensor:
-        a = self.adaptor
+    def forward(self, e: Enhanced, per_head: bool = False) -> torch.Tensor:
+        """Patch scores; ``per_head`` (training) splits the rows evenly among the heads, in order,
+        so that each head scores its own batch, instead of averaging the heads over all rows."""
         log_dn, log_da = torch.log1p(e.d_n / self.scale), torch.log1p(e.d_a / self.scale)
-        # the learned correction sees the patch and its normal evidence only: abnormal-bank entries act
+        # the correction sees the patch and its normal evidence only: abnormal-bank entries act
         # through relu(l_n - l_a) alone, so annotators' new masks (never seen in training) cannot
         # push the MLP out of its training distribution (measured: confirmed masks from the pool
         # took held-out image AUROC from 87.9 to 77.8 when the MLP also read the abnormal residual)
-        x = torch.cat([a((e.q - self.mean) / self.std), a(e.r_n / self.std), log_dn[:, None]], 1)
-        return log_dn + F.relu(log_dn - log_da) + torch.tanh(self.mlp(x)[:, 0])
+        q, r_n = (e.q - self.mean) / self.std, e.r_n / self.std
+        if per_head:
+            n = len(self.heads)
+            correction = torch.cat([h(*x) for h, *x in zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n),
+                                                            strict=True)])
+        else:
+            correction = torch.stack([h(q, r_n, log_dn) for h in self.heads]).mean(0)
+        return log_dn + F.relu(log_dn - log_da) + correction
 
 
 def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
@@ -141,7 +166,7 @@ class DMAD(AnomalyModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.scorer = DMADScorer(self.dim, config.hidden)
+        self.scorer = DMADScorer(self.dim, config.hidden, config.heads)
 
     # ----- enhancement ---------------------------------------------------------------------
     def _no_abnormal(self) -> float:
@@ -265,13 +290,16 @@ class DMAD(AnomalyModel):
         bar = tqdm(range(cfg.steps), desc="dmad scorer", disable=not progress, leave=False)
         loss_val = float("nan")
         for _ in bar:
-            # one forward over [normal | pseudo | real | synthetic] (DDP wants one forward per backward)
-            i = torch.randint(n_pool, (bs,), generator=g)
-            groups = [(e_n.take(i), 1.0, -1.0), (e_p.take(i), 1.0, 1.0)]
-            for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight)):
-                if e is not None:
-                    groups.append((e.take(torch.randint(len(e.q), (bs // 2,), generator=g)), weight, 1.0))
-            out = scorer(Enhanced.cat([e for e, _, _ in groups]))
+            # one forward over [normal | pseudo | real | synthetic] for each head in turn, each with its
+            # own batch (DDP wants one forward per backward)
+            groups = []
+            for _head in self.scorer.heads:
+                i = torch.randint(n_pool, (bs,), generator=g)
+                groups += [(e_n.take(i), 1.0, -1.0), (e_p.take(i), 1.0, 1.0)]
+                for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight)):
+                    if e is not None:
+                        groups.append((e.take(torch.randint(len(e.q), (bs // 2,), generator=g)), weight, 1.0))
+            out = scorer(Enhanced.cat([e for e, _, _ in groups]), per_head=True)
             t = self.scorer.threshold
             loss, start = out.new_zeros(()), 0
             for e, weight, sign in groups:  # sign -1: should score below the threshold, +1: above
