@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from defectloop.data import Sample
 from defectloop.memory import AbnormalBank, Provenance
 from defectloop.models import ModelConfig
-from defectloop.store import CACHE_DIR, Registry, is_s3, read_uri
+from defectloop.store import CACHE_DIR, Registry, is_s3, open_store
 from defectloop.workers.train import train_model
 
 log = logging.getLogger("defectloop.retrain")
@@ -49,12 +48,10 @@ def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[S
         path = Path(src)
         try:
             if is_s3(src):
-                path = cache / hashlib.sha256(src.encode()).hexdigest()[:16] / src.rsplit("/", 1)[-1]
+                folder, name = src.rsplit("/", 1)
+                path = cache / hashlib.sha256(src.encode()).hexdigest()[:16] / name
                 if not path.is_file():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + ".tmp")
-                    tmp.write_bytes(read_uri(src))
-                    os.replace(tmp, path)
+                    open_store(folder).download_file(name, path)  # atomic: temporary file + rename
             elif not path.is_file():
                 raise FileNotFoundError("no such file")
         except Exception as e:  # noqa: BLE001 - any storage error: skip this image, keep the rest

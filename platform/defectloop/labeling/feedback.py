@@ -116,11 +116,13 @@ class Feedback:
         """Images annotators confirmed normal: {"source", "category"}, once each, for the retraining.
 
         An image that has any other verdict too (another annotator saw a defect) is left out."""
-        by_image: dict[str, set[str]] = {}
+        kinds: dict[str, set[str]] = {}
+        category: dict[str, str] = {}
         for e in self.ledger.values():
-            by_image.setdefault(e.get("source") or e["image"], set()).add(e["kind"])
-        category = {e.get("source") or e["image"]: e["category"] for e in self.ledger.values()}
-        return [{"source": src, "category": category[src]} for src, kinds in sorted(by_image.items()) if kinds == {"normal"}]
+            src = e.get("source") or e["image"]  # ledgers written before tasks carried their source
+            kinds.setdefault(src, set()).add(e["kind"])
+            category[src] = e["category"]
+        return [{"source": src, "category": category[src]} for src in sorted(kinds) if kinds[src] == {"normal"}]
 
     @torch.no_grad()
     def cells(self, verdict: Verdict) -> torch.Tensor:

@@ -117,8 +117,8 @@ class DMADScorer(nn.Module):
         q, r_n = (e.q - self.mean) / self.std, e.r_n / self.std
         if per_head:
             n = len(self.heads)
-            correction = torch.cat([h(*x) for h, *x in zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n),
-                                                            strict=True)])
+            chunks = zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n), strict=True)
+            correction = torch.cat([head(qi, ri, li) for head, qi, ri, li in chunks])
         else:
             correction = torch.stack([h(q, r_n, log_dn) for h in self.heads]).mean(0)
         return log_dn + F.relu(log_dn - log_da) + correction
