@@ -1,6 +1,16 @@
+import pytest
 import torch
 
-from defectloop.memory import AbnormalBank, ExactIndex, IVFIndex, KCenterGreedy, NormalBank, Provenance, knn
+from defectloop.memory import (
+    AbnormalBank,
+    ExactIndex,
+    IVFIndex,
+    KCenterGreedy,
+    NormalBank,
+    Provenance,
+    knn,
+    nn_index,
+)
 from defectloop.memory.coreset import coverage_radius, farthest_points
 
 
@@ -47,13 +57,39 @@ def test_exact_index_matches_brute_force():
     assert torch.allclose(d, ref.min(1).values, atol=1e-4)
 
 
-def test_ivf_index_recall():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ivf_index_recall(monkeypatch, dtype):
+    """Lists ranked in bfloat16 (where the CPU is fast at it) keep the recall of float32."""
+    monkeypatch.setattr(nn_index, "matmul_dtype", lambda: dtype)
     bank = _clustered(8000, 32)
     q = bank[:2000] + 0.1 * torch.randn(2000, 32)
     d, i = IVFIndex(bank, nprobe=8).search(q)
     _, ie = ExactIndex(bank).search(q)
     assert (i == ie).float().mean() > 0.97
     assert torch.allclose(d, (q - bank[i]).norm(dim=1), atol=1e-3)
+
+
+def test_knn_leaves_out_the_queries_own_entries():
+    bank, q = torch.randn(200, 8), torch.randn(30, 8)
+    bank_owner, q_owner = torch.arange(200) % 5, torch.arange(30) % 5
+    d, i = knn(q, bank, 3, exclude=(q_owner, bank_owner))
+    assert (bank_owner[i] != q_owner[:, None]).all()
+    ref = torch.cdist(q, bank).masked_fill(q_owner[:, None] == bank_owner[None], float("inf"))
+    assert torch.allclose(d, ref.topk(3, largest=False).values, atol=1e-4)
+    d, _ = knn(q, bank[:40], 1, exclude=(torch.zeros(30, dtype=torch.long), torch.zeros(40, dtype=torch.long)))
+    assert torch.isinf(d).all()  # nothing but the query's own entries
+
+
+def test_matmul_dtype_follows_the_environment(monkeypatch):
+    from defectloop import precision
+
+    for value, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("DEFECTLOOP_BF16", value)
+        precision.matmul_dtype.cache_clear()
+        assert precision.matmul_dtype() == dtype
+    monkeypatch.delenv("DEFECTLOOP_BF16")
+    precision.matmul_dtype.cache_clear()
+    assert precision.matmul_dtype() in (torch.float32, torch.bfloat16)  # measured on this CPU
 
 
 def test_knn_sorted():

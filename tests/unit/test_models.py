@@ -107,26 +107,29 @@ def test_same_config_and_data_give_the_same_model(features, small_config):
     assert torch.equal(a.score_features(test.features)[0], b.score_features(test.features)[0])
 
 
-def test_dmad_correction_is_the_mean_of_independent_heads(fitted, features):
-    """Each head trains on its own batches from its own start, and the score averages them."""
-    from defectloop.models.dmad import DMADScorer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dmad_correction_is_the_mean_of_independent_heads(fitted, features, monkeypatch, dtype):
+    """Each head trains on its own batches from its own start, and the score averages them: at
+    scoring time as one batched product with the adaptors folded in (bfloat16 where fast)."""
+    import torch.nn.functional as F
 
+    from defectloop.models import dmad
+
+    monkeypatch.setattr(dmad, "matmul_dtype", lambda: dtype)
     model, (_, test) = fitted["dmad"], features
-    heads = model.scorer.heads
+    sc, heads = model.scorer, model.scorer.heads
     assert len(heads) == model.config.heads == 3
     first = [h.mlp[0].weight for h in heads]
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
     f = test.features[:2]
-    e = model.enhance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-    single = []
-    for h in heads:  # a one-head scorer with the same statistics and threshold
-        one = DMADScorer(model.dim, model.config.hidden, heads=1)
-        one.load_state_dict({**{k: v for k, v in model.scorer.state_dict().items() if not k.startswith("heads.")},
-                             **{f"heads.0.{k}": v for k, v in h.state_dict().items()}})
-        single.append(one(e))
     with torch.no_grad():
-        torch.testing.assert_close(model.scorer(e), torch.stack(single).mean(0))
-        assert (single[0] - single[1]).abs().max() > 1e-3  # the heads disagree somewhere: not copies
+        e = model.enhance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+        log_dn, log_da = torch.log1p(e.d_n / sc.scale), torch.log1p(e.d_a / sc.scale)
+        each = torch.stack([h((e.q - sc.mean) / sc.std, e.r_n / sc.std, log_dn) for h in heads])  # head by head, float32
+        expected = log_dn + F.relu(log_dn - log_da) + each.mean(0)
+        tol = 1e-5 if dtype == torch.float32 else 0.02
+        torch.testing.assert_close(sc(e), expected, atol=tol, rtol=0)
+        assert (each[0] - each[1]).abs().max() > 1e-3  # the heads disagree somewhere: not copies
 
 
 def test_registry_versions_current_rollback(fitted, tmp_path):

@@ -77,6 +77,7 @@ class AbnormalBank:
         self._groups: dict[str, tuple[Provenance, torch.Tensor]] = {}
         self.version = 0
         self._cache: tuple[torch.Tensor, torch.Tensor, list[Provenance]] | None = None
+        self._index: NNIndex | None = None
 
     def __len__(self) -> int:
         return sum(f.shape[0] for _, f in self._groups.values())
@@ -107,7 +108,14 @@ class AbnormalBank:
 
     def _changed(self) -> None:
         self.version += 1
-        self._cache = None
+        self._cache = self._index = None
+
+    @property
+    def index(self) -> NNIndex:
+        """Nearest-entry search over the current entries (rebuilt after any change)."""
+        if self._index is None:
+            self._index = build_index(self.tensors()[0])
+        return self._index
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, list[Provenance]]:
         """(features M x D, group index per entry M, provenance per group)."""

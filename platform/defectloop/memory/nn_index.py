@@ -4,6 +4,10 @@ On CPU the search over a bank of tens of thousands of entries would cost more th
 itself, so banks above ``exact_max`` entries use :class:`IVFIndex`: entries are grouped into
 k-means lists and each query scans only its ``nprobe`` closest lists (batched: one small GEMM per
 list for all queries that probe it). Small banks use :class:`ExactIndex`.
+
+The IVF ranks candidates with products in :func:`~defectloop.precision.matmul_dtype` (bfloat16
+where the CPU has it) on residuals from the list centroids, which keeps the rounding small next to
+the distances; the distance returned to the chosen entry is then recomputed in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 from typing import Protocol
 
 import torch
+
+from defectloop.precision import matmul_dtype
 
 
 class NNIndex(Protocol):
@@ -22,22 +28,31 @@ class NNIndex(Protocol):
 
 def sq_dists(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between rows of q and b (b_sq: squared norms of b)."""
-    return ((q * q).sum(1, keepdim=True) - 2 * q @ b.T + b_sq[None]).clamp_min_(0)
+    return torch.addmm(b_sq, q, b.T, alpha=-2).add_((q * q).sum(1, keepdim=True)).clamp_min_(0)
 
 
-def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = None,
+        exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours: (distances Q x k, indices Q x k), sorted nearest first.
 
-    Queries go in chunks whose distance block stays near 8 MB: larger blocks cost more in page
-    faults for fresh allocations than they save in GEMM efficiency.
+    Always float32: ranking a whole bank in bfloat16 loses the nearest entry when the bank lies
+    far from the origin next to its spread (clustered data: recall 0.87). Queries go in chunks
+    of about 8M distances (measured on 4096 queries against 60k entries: 1.3x faster than 2M).
+    ``exclude=(query_owner, bank_owner)`` leaves out, for each query, the bank rows that share
+    its owner (distance inf when nothing else is left).
     """
+    queries, bank = queries.float(), bank.float()
     k = min(k, bank.shape[0])
-    chunk = chunk or max(32, (1 << 21) // max(1, bank.shape[0]))
-    b_sq = (bank * bank).sum(1)
+    chunk = chunk or max(32, (1 << 23) // max(1, bank.shape[0]))
+    b_sq = bank.pow(2).sum(1)
     dists, idx = [], []
     for i in range(0, queries.shape[0], chunk):
-        d, j = sq_dists(queries[i:i + chunk], bank, b_sq).topk(k, dim=1, largest=False)
-        dists.append(d.sqrt_())
+        q = queries[i:i + chunk]
+        partial = torch.addmm(b_sq, q, bank.T, alpha=-2)  # squared distances less ||q||^2
+        if exclude is not None:
+            partial.masked_fill_(exclude[0][i:i + chunk, None] == exclude[1][None], float("inf"))
+        d, j = partial.topk(k, dim=1, largest=False)
+        dists.append(d.add_(q.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
         idx.append(j)
     return torch.cat(dists), torch.cat(idx)
 
@@ -49,7 +64,7 @@ class ExactIndex:
         self.bank = bank.float().contiguous()
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d, i = knn(queries.float(), self.bank, 1)
+        d, i = knn(queries, self.bank, 1)
         return d[:, 0], i[:, 0]
 
 
@@ -71,6 +86,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, sample: int 
 class IVFIndex:
     """Inverted-file index: approximate nearest neighbour, exact within the probed lists.
 
+    An entry b of list c is kept as its residual r = b - c, so that
+    ||q - b||^2 = ||q - c||^2 - 2 (q - c).r + ||r||^2: the first term is known from probing, and
+    the loop over lists is one GEMM (the last term as its bias) and one min. Both residuals are
+    small next to q and b, so rounding them to the matmul type costs little precision.
+
     Args:
         bank: M x D entries.
         n_lists: number of k-means lists (default about sqrt(M)).
@@ -79,44 +99,59 @@ class IVFIndex:
 
     def __init__(self, bank: torch.Tensor, n_lists: int | None = None, nprobe: int = 8, seed: int = 0):
         bank = bank.float()
+        self.features = bank
+        self.dtype = matmul_dtype()
         self.n_lists = n_lists or max(1, int(round(math.sqrt(bank.shape[0]))))
         self.nprobe = min(nprobe, self.n_lists)
         self.centroids = kmeans(bank, self.n_lists, seed=seed)
+        self.cent_sq = self.centroids.pow(2).sum(1)
         assign = knn(bank, self.centroids, 1)[1][:, 0]
-        order = torch.argsort(assign, stable=True)
-        self.order = order  # sorted position -> original row
-        self.bank = bank[order].contiguous()
-        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.order = torch.argsort(assign, stable=True)  # sorted position -> original row
+        res = bank[self.order] - self.centroids[assign[self.order]]
+        self.res = res.to(self.dtype)
+        self.res_sq = res.pow(2).sum(1).to(self.dtype)
         counts = torch.bincount(assign, minlength=self.n_lists)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
-        self.cent_sq = (self.centroids * self.centroids).sum(1)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = queries.float()
-        probe = sq_dists(q, self.centroids, self.cent_sq).topk(self.nprobe, dim=1, largest=False).indices
-        best = torch.full((q.shape[0],), float("inf"))
-        best_row = torch.zeros(q.shape[0], dtype=torch.long)
-        q_list = probe.reshape(-1)
-        q_idx = torch.arange(q.shape[0]).repeat_interleave(self.nprobe)
-        order = torch.argsort(q_list, stable=True)
-        q_list, q_idx = q_list[order], q_idx[order]
-        bounds = torch.searchsorted(q_list, torch.arange(self.n_lists + 1)).tolist()
+        n = q.shape[0]
+        probe_d, probe = sq_dists(q, self.centroids, self.cent_sq).topk(self.nprobe, dim=1, largest=False)
+        # (query, list) pairs grouped by list: each list's queries are one contiguous block
+        pair_list, order = probe.reshape(-1).sort(stable=True)
+        pair_q = torch.arange(n).repeat_interleave(self.nprobe)[order]
+        # the best `keep` entries of each pair's list: rounding in the matmul type can swap near ties
+        keep = 1 if self.dtype == torch.float32 else 2
+        pair_d = probe_d.reshape(-1)[order, None].repeat(1, keep)
+        pair_row = torch.zeros(len(pair_q), keep, dtype=torch.long)
+        bounds = torch.searchsorted(pair_list, torch.arange(self.n_lists + 1)).tolist()
         for lst in range(self.n_lists):
             lo, hi = bounds[lst], bounds[lst + 1]
             start, end = self.offsets[lst], self.offsets[lst + 1]
-            if lo == hi or start == end:
+            if lo == hi:
                 continue
-            qi = q_idx[lo:hi]
-            d, j = sq_dists(q[qi], self.bank[start:end], self.bank_sq[start:end]).min(1)
-            better = d < best[qi]
-            qb = qi[better]
-            best[qb] = d[better]
-            best_row[qb] = j[better] + start
-        return best.sqrt_(), self.order[best_row]
+            if end - start < keep:
+                pair_d[lo:hi] = float("inf")
+                if start == end:
+                    continue
+            res = (q.index_select(0, pair_q[lo:hi]) - self.centroids[lst]).to(self.dtype)
+            d, j = torch.addmm(self.res_sq[start:end], res, self.res[start:end].T, alpha=-2).topk(
+                min(keep, end - start), dim=1, largest=False)
+            pair_d[lo:hi, :d.shape[1]] += d.float()
+            pair_row[lo:hi, :d.shape[1]] = j + start
+        # per query: the best `keep` candidates over its lists, ranked again by float32 distance
+        by_query_d, by_query_row = torch.empty_like(pair_d), torch.empty_like(pair_row)
+        by_query_d[order], by_query_row[order] = pair_d, pair_row
+        best = by_query_d.view(n, -1).topk(keep, dim=1, largest=False).indices
+        rows = self.order[by_query_row.view(n, -1).gather(1, best)]
+        d = (q[:, None] - self.features[rows]).norm(dim=2)
+        d, pick = d.min(1)
+        return d, rows.gather(1, pick[:, None])[:, 0]
 
 
-def build_index(bank: torch.Tensor, exact_max: int = 4096, nprobe: int = 8, seed: int = 0) -> NNIndex:
-    """The index a bank of this size should use (exact when small, IVF otherwise)."""
+def build_index(bank: torch.Tensor, exact_max: int = 512, nprobe: int = 8, seed: int = 0) -> NNIndex:
+    """The index a bank of this size should use: exact when small, IVF otherwise (16384 queries,
+    measured: equal at 512 entries, IVF 1.8x faster at 1024 and 6x at 4096, recall 0.99)."""
     if bank.shape[0] <= exact_max:
         return ExactIndex(bank)
     return IVFIndex(bank, nprobe=nprobe, seed=seed)

@@ -35,8 +35,8 @@ from defectloop.data.images import ImageError, load_image
 from defectloop.data.synthetic import add_defect
 from defectloop.features import Extracted, image_tensor
 from defectloop.memory import Provenance, knn
-from defectloop.memory.nn_index import sq_dists
 from defectloop.models.base import AnomalyModel, Confirmed
+from defectloop.precision import matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -120,38 +120,58 @@ class DMADScorer(nn.Module):
             chunks = zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n), strict=True)
             correction = torch.cat([head(qi, ri, li) for head, qi, ri, li in chunks])
         else:
-            correction = torch.stack([h(q, r_n, log_dn) for h in self.heads]).mean(0)
+            correction = self.mean_correction(q, r_n, log_dn)
         return log_dn + F.relu(log_dn - log_da) + correction
+
+    def mean_correction(self, q: torch.Tensor, r_n: torch.Tensor, log_dn: torch.Tensor) -> torch.Tensor:
+        """The heads' mean correction as three batched products in the matmul type (scoring).
+
+        Each adaptor is linear and feeds only its head's first layer, so it folds into that
+        layer's weights; the heads' first layers are then one GEMM and their later layers one
+        batched product each: 5x faster than head by head in float32 on the dev machine.
+        """
+        dtype, n_heads = matmul_dtype(), len(self.heads)
+        dim = q.shape[1]
+        w1, b1, w2, b2, w3, b3 = [], [], [], [], [], []
+        for h in self.heads:
+            a, first, second, last = h.adaptor, h.mlp[0], h.mlp[2], h.mlp[4]
+            wq, wr, wl = first.weight[:, :dim], first.weight[:, dim:2 * dim], first.weight[:, 2 * dim:]
+            w1.append(torch.cat([wq @ a.weight, wr @ a.weight, wl], 1))
+            b1.append(first.bias + (wq + wr) @ a.bias)
+            w2.append(second.weight.T)
+            b2.append(second.bias)
+            w3.append(last.weight.T)
+            b3.append(last.bias)
+        x = torch.cat([q, r_n, log_dn[:, None]], 1).to(dtype)
+        hidden = torch.addmm(torch.cat(b1).to(dtype), x, torch.cat(w1).T.to(dtype))
+        hidden = F.leaky_relu(hidden.view(len(x), n_heads, -1).transpose(0, 1), 0.2)
+        hidden = F.leaky_relu(torch.baddbmm(torch.stack(b2)[:, None].to(dtype), hidden, torch.stack(w2).to(dtype)), 0.2)
+        out = torch.baddbmm(torch.stack(b3)[:, None].to(dtype), hidden, torch.stack(w3).to(dtype))
+        return torch.tanh(out[..., 0].float()).mean(0)
 
 
 def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
-                   query_owner: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest normal entry from another image than the query's (exact; used for training)."""
-    d, idx = knn(q, bank_feats, k)
-    other = bank_owner[idx] != query_owner[:, None]
-    first = torch.where(other.any(1), other.float().argmax(1), torch.full_like(query_owner, k - 1))
-    rows = torch.arange(q.shape[0])
-    return d[rows, first], idx[rows, first]
+                   query_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest normal entry from another image than the query's (exact; used for training).
 
-
-def nearest_abnormal(q: torch.Tensor, feats: torch.Tensor, no_abnormal: float, owner: torch.Tensor | None = None,
-                     query_owner: torch.Tensor | None = None, chunk: int = 2048) -> torch.Tensor:
-    """Distance to the nearest abnormal entry (``no_abnormal`` when there is none).
-
-    With owners given, entries of the query's own image are left out (leave-one-image-out).
+    A bank made of the query's own image alone leaves nothing else: then its nearest entry.
     """
-    n = q.shape[0]
+    d, idx = knn(q, bank_feats, 1, exclude=(query_owner, bank_owner))
+    d, idx = d[:, 0], idx[:, 0]
+    alone = ~torch.isfinite(d)
+    if alone.any():
+        d_own, idx_own = knn(q[alone], bank_feats, 1)
+        d[alone], idx[alone] = d_own[:, 0], idx_own[:, 0]
+    return d, idx
+
+
+def nearest_abnormal(q: torch.Tensor, feats: torch.Tensor, no_abnormal: float, owner: torch.Tensor,
+                     query_owner: torch.Tensor) -> torch.Tensor:
+    """Distance to the nearest abnormal entry of another image (``no_abnormal`` when there is none; training)."""
     if feats.shape[0] == 0:
-        return torch.full((n,), no_abnormal)
-    f_sq = (feats * feats).sum(1)
-    d_a = torch.empty(n)
-    for i in range(0, n, chunk):
-        d2 = sq_dists(q[i:i + chunk], feats, f_sq)
-        if owner is not None:
-            d2 = d2.masked_fill(query_owner[i:i + chunk, None] == owner[None], float("inf"))
-        d2min = d2.min(1).values
-        d_a[i:i + chunk] = torch.where(torch.isfinite(d2min), d2min.clamp_min(0).sqrt(), torch.full_like(d2min, no_abnormal))
-    return d_a
+        return torch.full((q.shape[0],), no_abnormal)
+    d = knn(q, feats, 1, exclude=(query_owner, owner))[0][:, 0]
+    return torch.where(torch.isfinite(d), d, torch.full_like(d, no_abnormal))
 
 
 def mask_cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -174,10 +194,10 @@ class DMAD(AnomalyModel):
 
     def enhance(self, q: torch.Tensor) -> Enhanced:
         """Enhancement of test patches against the current banks (no exclusions)."""
-        bank = self.normal_bank
+        bank, abnormal = self.normal_bank, self.abnormal_bank
         d_n, idx = bank.index.search(q)
-        feats, _, _ = self.abnormal_bank.tensors()
-        return Enhanced(q, q - bank.features[idx], d_n, nearest_abnormal(q, feats, self._no_abnormal()))
+        d_a = abnormal.index.search(q)[0] if len(abnormal) else torch.full_like(d_n, self._no_abnormal())
+        return Enhanced(q, q - bank.features[idx], d_n, d_a)
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
