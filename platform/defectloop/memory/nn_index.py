@@ -83,13 +83,21 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, sample: int 
     return cent
 
 
+def split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x as two columns, hi + lo, that sum to x to ~16 significant bits even in bfloat16."""
+    hi = x.bfloat16().float()
+    return torch.stack([hi, x - hi], 1)
+
+
 class IVFIndex:
     """Inverted-file index: approximate nearest neighbour, exact within the probed lists.
 
-    An entry b of list c is kept as its residual r = b - c, so that
-    ||q - b||^2 = ||q - c||^2 - 2 (q - c).r + ||r||^2: the first term is known from probing, and
-    the loop over lists is one GEMM (the last term as its bias) and one min. Both residuals are
-    small next to q and b, so rounding them to the matmul type costs little precision.
+    An entry b of list c is kept as its residual r = b - c, and a query q probing c as its own
+    residual s = q - c: ||q - b||^2 = ||s||^2 - 2 s.r + ||r||^2. Each residual carries its squared
+    norm as two extra columns (hi + lo, see :func:`split_bf16`), so that one product per list
+    yields the squared distances themselves: in bfloat16 their rounding is then relative to the
+    distance, not to the residuals' norms (which would swap near ties: recall 0.989 against
+    0.9994), and the loop over lists is one GEMM and one min.
 
     Args:
         bank: M x D entries.
@@ -108,8 +116,8 @@ class IVFIndex:
         assign = knn(bank, self.centroids, 1)[1][:, 0]
         self.order = torch.argsort(assign, stable=True)  # sorted position -> original row
         res = bank[self.order] - self.centroids[assign[self.order]]
-        self.res = res.to(self.dtype)
-        self.res_sq = res.pow(2).sum(1).to(self.dtype)
+        ones = torch.ones(len(res), 2)
+        self.entries = torch.cat([-2 * res, split_bf16(res.pow(2).sum(1)), ones], 1).to(self.dtype)
         counts = torch.bincount(assign, minlength=self.n_lists)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
 
@@ -120,32 +128,26 @@ class IVFIndex:
         # (query, list) pairs grouped by list: each list's queries are one contiguous block
         pair_list, order = probe.reshape(-1).sort(stable=True)
         pair_q = torch.arange(n).repeat_interleave(self.nprobe)[order]
-        # the best `keep` entries of each pair's list: rounding in the matmul type can swap near ties
-        keep = 1 if self.dtype == torch.float32 else 2
-        pair_d = probe_d.reshape(-1)[order, None].repeat(1, keep)
-        pair_row = torch.zeros(len(pair_q), keep, dtype=torch.long)
+        pair_cols = torch.cat([torch.ones(len(pair_q), 2), split_bf16(probe_d.reshape(-1)[order])], 1)
+        pair_d = torch.full((len(pair_q),), float("inf"))
+        pair_row = torch.zeros(len(pair_q), dtype=torch.long)
         bounds = torch.searchsorted(pair_list, torch.arange(self.n_lists + 1)).tolist()
         for lst in range(self.n_lists):
             lo, hi = bounds[lst], bounds[lst + 1]
             start, end = self.offsets[lst], self.offsets[lst + 1]
-            if lo == hi:
+            if lo == hi or start == end:
                 continue
-            if end - start < keep:
-                pair_d[lo:hi] = float("inf")
-                if start == end:
-                    continue
-            res = (q.index_select(0, pair_q[lo:hi]) - self.centroids[lst]).to(self.dtype)
-            d, j = torch.addmm(self.res_sq[start:end], res, self.res[start:end].T, alpha=-2).topk(
-                min(keep, end - start), dim=1, largest=False)
-            pair_d[lo:hi, :d.shape[1]] += d.float()
-            pair_row[lo:hi, :d.shape[1]] = j + start
-        # per query: the best `keep` candidates over its lists, ranked again by float32 distance
+            res = torch.cat([q.index_select(0, pair_q[lo:hi]) - self.centroids[lst], pair_cols[lo:hi]], 1)
+            d, j = (res.to(self.dtype) @ self.entries[start:end].T).min(1)
+            pair_d[lo:hi] = d.float()
+            pair_row[lo:hi] = j + start
+        # each query's two best pairs (from two lists), ranked again by float32 distance: coarse
+        # bfloat16 distances tie often, and ties must not leave the choice to the order of writes
         by_query_d, by_query_row = torch.empty_like(pair_d), torch.empty_like(pair_row)
         by_query_d[order], by_query_row[order] = pair_d, pair_row
-        best = by_query_d.view(n, -1).topk(keep, dim=1, largest=False).indices
-        rows = self.order[by_query_row.view(n, -1).gather(1, best)]
-        d = (q[:, None] - self.features[rows]).norm(dim=2)
-        d, pick = d.min(1)
+        cand = by_query_d.view(n, -1).topk(min(2, self.nprobe), dim=1, largest=False).indices
+        rows = self.order[by_query_row.view(n, -1).gather(1, cand)]
+        d, pick = (q[:, None] - self.features[rows]).norm(dim=2).min(1)
         return d, rows.gather(1, pick[:, None])[:, 0]
 
 
