@@ -124,30 +124,25 @@ class DMADScorer(nn.Module):
         return log_dn + F.relu(log_dn - log_da) + correction
 
     def mean_correction(self, q: torch.Tensor, r_n: torch.Tensor, log_dn: torch.Tensor) -> torch.Tensor:
-        """The heads' mean correction as three batched products in the matmul type (scoring).
+        """The heads' mean correction, in the matmul type (scoring).
 
         Each adaptor is linear and feeds only its head's first layer, so it folds into that
-        layer's weights; the heads' first layers are then one GEMM and their later layers one
-        batched product each: 5x faster than head by head in float32 on the dev machine.
+        layer's weights: three products per head, on one shared input, written in place (3x
+        faster than the modules in float32 on the dev machine, 5x with bfloat16).
         """
-        dtype, n_heads = matmul_dtype(), len(self.heads)
-        dim = q.shape[1]
-        w1, b1, w2, b2, w3, b3 = [], [], [], [], [], []
+        dtype, dim = matmul_dtype(), q.shape[1]
+        x = torch.empty(len(q), 2 * dim + 1, dtype=dtype)
+        x[:, :dim], x[:, dim:2 * dim], x[:, 2 * dim] = q, r_n, log_dn
+        total = torch.zeros(len(q))
         for h in self.heads:
             a, first, second, last = h.adaptor, h.mlp[0], h.mlp[2], h.mlp[4]
             wq, wr, wl = first.weight[:, :dim], first.weight[:, dim:2 * dim], first.weight[:, 2 * dim:]
-            w1.append(torch.cat([wq @ a.weight, wr @ a.weight, wl], 1))
-            b1.append(first.bias + (wq + wr) @ a.bias)
-            w2.append(second.weight.T)
-            b2.append(second.bias)
-            w3.append(last.weight.T)
-            b3.append(last.bias)
-        x = torch.cat([q, r_n, log_dn[:, None]], 1).to(dtype)
-        hidden = torch.addmm(torch.cat(b1).to(dtype), x, torch.cat(w1).T.to(dtype))
-        hidden = F.leaky_relu(hidden.view(len(x), n_heads, -1).transpose(0, 1), 0.2)
-        hidden = F.leaky_relu(torch.baddbmm(torch.stack(b2)[:, None].to(dtype), hidden, torch.stack(w2).to(dtype)), 0.2)
-        out = torch.baddbmm(torch.stack(b3)[:, None].to(dtype), hidden, torch.stack(w3).to(dtype))
-        return torch.tanh(out[..., 0].float()).mean(0)
+            w1 = torch.cat([wq @ a.weight, wr @ a.weight, wl], 1)
+            b1 = first.bias + (wq + wr) @ a.bias
+            hidden = F.leaky_relu(torch.addmm(b1.to(dtype), x, w1.T.to(dtype)), 0.2, inplace=True)
+            hidden = F.leaky_relu(torch.addmm(second.bias.to(dtype), hidden, second.weight.T.to(dtype)), 0.2, inplace=True)
+            total += torch.tanh(torch.addmm(last.bias.to(dtype), hidden, last.weight.T.to(dtype))[:, 0].float())
+        return total / len(self.heads)
 
 
 def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
