@@ -110,7 +110,7 @@ def test_same_config_and_data_give_the_same_model(features, small_config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dmad_correction_is_the_mean_of_independent_heads(fitted, features, monkeypatch, dtype):
     """Each head trains on its own batches from its own start, and the score averages them: at
-    scoring time as one batched product with the adaptors folded in (bfloat16 where fast)."""
+    scoring time with the adaptors folded into the first layers (bfloat16 where fast)."""
     import torch.nn.functional as F
 
     from defectloop.models import dmad
