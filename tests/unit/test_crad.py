@@ -65,12 +65,12 @@ def test_crad_save_load_bit_exact(crad, features, tmp_path):
     assert torch.equal(a, b) and torch.equal(ma, mb)
 
 
-@pytest.mark.parametrize("switch", ["crad_global", "crad_refine"])
-def test_ablations_switch_parts_off(features, switch):
+@pytest.mark.parametrize(("switch", "value"), [("crad_global", False), ("crad_refine", True)])
+def test_ablations_switch_parts(features, switch, value):
     from defectloop.models import ModelConfig
 
     model = create_model(ModelConfig(kind="crad", image_size=128, crad_epochs=2, crad_batch_size=8,
-                                     crad_layers=1, **{switch: False}))
+                                     crad_layers=1, **{switch: value}))
     model.fit(features[0])
     assert model.score_features(features[1].features[:2])[0].isfinite().all()
 

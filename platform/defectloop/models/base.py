@@ -70,7 +70,7 @@ class ModelConfig:
     crad_local_res: int = 8
     crad_global_res: int = 4
     crad_global: bool = True
-    crad_refine: bool = True
+    crad_refine: bool = False  # the similarity blend; off: it cost 10 points of pixel AUROC (README)
     crad_jitter: float = 0.05
     crad_bf16: bool = True  # bfloat16 autocast while training the head
     extra: dict = field(default_factory=dict)
@@ -266,7 +266,7 @@ class AnomalyModel(nn.Module):
 
     @torch.no_grad()
     def score_features(self, feats: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B: the top patch score) and smoothed anomaly maps (B x S x S) from patch features."""
+        """Image scores (B, see ``image_scores``) and smoothed anomaly maps (B x S x S) from patch features."""
         self.eval()
         scores, maps = [], []
         size = self.config.image_size
@@ -277,9 +277,15 @@ class AnomalyModel(nn.Module):
             if ops is None:
                 ops = map_operator(p.shape[1], size, sigma), map_operator(p.shape[2], size, sigma)
             maps.append(ops[0] @ p @ ops[1].T)
-            # the image score is the most anomalous patch: smoothing would wash out small defects
-            scores.append(p.flatten(1).max(1).values)
+            scores.append(self.image_scores(p, maps[-1]))
         return torch.cat(scores), torch.cat(maps)
+
+    def image_scores(self, patch_map: torch.Tensor, smoothed: torch.Tensor) -> torch.Tensor:
+        """B image scores from B x H x W patch scores and their B x S x S smoothed maps.
+
+        The most anomalous patch: smoothing first would wash out small defects (screw 81.8 vs 86.8).
+        """
+        return patch_map.flatten(1).max(1).values
 
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,15 @@ DESIGN.md section 5, adapted to our backbones:
   for every patch position, a global grid (R_g x R_g nodes, each a whole C x H x W map) at one
   coordinate predicted per image; coordinates come from tanh-bounded 1x1-conv / MLP heads;
 - MobileNetV3-style bottlenecks fuse the two sampled maps into a "normal" reconstruction f_n;
-- refinement blends it with the input, x_hat = S x + (1 - S) f_n with
-  S = 0.3 [mse <= 10] + 0.7 cos(f_n, x), and the anomaly map is |x_hat - x| per position;
+- the anomaly map is |x_hat - x| per position, x_hat = f_n by default; the optional refinement
+  (``crad_refine``) blends it with the input, x_hat = S x + (1 - S) f_n with
+  S = 0.3 [mse <= 10] + 0.7 cos(f_n, x). It is off because on our standardised features a normal
+  patch near the channel means has a near-zero vector, hence a noisy cosine and a large 1 - S:
+  unified on the dev set it cost 10 points of pixel AUROC (81.6 with it, 88.5 without; screw
+  89.4 vs 98.5). Measured alternatives that did not close the gap: scaling without centring
+  (screw 89.3) and training with the blend but scoring f_n (93.4);
+- the image score is the most anomalous 32 px window of the smoothed map, as in the published
+  CRAD (``image_scores``);
 - trained with MSE(x_hat, x) on normal features only, local coordinates jittered during training,
   AdamW with a large learning rate for the grids and a small one for the network.
 
@@ -142,6 +149,16 @@ class CRAD(AnomalyModel):
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
         x = self.head.normalise(feats)
         return (self.head(x) - x).norm(dim=1)
+
+    def image_scores(self, patch_map: torch.Tensor, smoothed: torch.Tensor) -> torch.Tensor:
+        """The most anomalous 32 px window (at 256 px) of the smoothed map, as the published CRAD.
+
+        A reconstruction leaves scattered single-patch errors on normal texture; a defect is an
+        area. Dev set, unified: mean image AUROC 83.9 with the top patch, 88.3 with the window.
+        """
+        scale = self.config.image_size / 256
+        window, stride = max(1, round(32 * scale)), max(1, round(8 * scale))
+        return F.avg_pool2d(smoothed[:, None], window, stride).flatten(1).max(1).values
 
     def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
                  confirmed: Confirmed = ()) -> dict:
