@@ -59,14 +59,17 @@ def test_exact_index_matches_brute_force():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ivf_index_recall(monkeypatch, dtype):
-    """Lists ranked in bfloat16 (where the CPU is fast at it) keep the recall of float32."""
+    """Lists ranked in bfloat16 (where the CPU is fast at it) on a tightly clustered bank: recall
+    0.976-0.979 over seeds (float32: 0.999), distances on average within 1% of the exact ones."""
     monkeypatch.setattr(nn_index, "matmul_dtype", lambda: dtype)
     bank = _clustered(8000, 32)
     q = bank[:2000] + 0.1 * torch.randn(2000, 32)
-    d, i = IVFIndex(bank, nprobe=8).search(q)
+    d, i = IVFIndex(bank).search(q)  # the defaults, as scoring uses them
     _, ie = ExactIndex(bank).search(q)
     assert (i == ie).float().mean() > 0.97
     assert torch.allclose(d, (q - bank[i]).norm(dim=1), atol=1e-3)
+    d_exact = (q - bank[ie]).norm(dim=1)
+    assert ((d - d_exact) / d_exact).mean() < 0.01
 
 
 def test_knn_leaves_out_the_queries_own_entries():
