@@ -65,8 +65,8 @@ class Mask(BaseModel):
 class ImageScore(BaseModel):
     name: str
     category: str | None
-    score: float = Field(description="anomaly score (higher = more anomalous): the top patch score, "
-                                     "or for CRAD the most anomalous 32 px window of the map")
+    score: float = Field(description="anomaly score (higher = more anomalous): the mean of the most "
+                                     "anomalous 32 px window (at 256 px) of the smoothed map")
     normalised_score: float = Field(description="score mapped to (0, 1) with the category threshold at 0.5")
     threshold: float | None
     decision: Literal["normal", "anomalous", "unknown"]

@@ -281,11 +281,17 @@ class AnomalyModel(nn.Module):
         return torch.cat(scores), torch.cat(maps)
 
     def image_scores(self, patch_map: torch.Tensor, smoothed: torch.Tensor) -> torch.Tensor:
-        """B image scores from B x H x W patch scores and their B x S x S smoothed maps.
+        """B image scores from B x H x W patch scores and their B x S x S smoothed maps: the most
+        anomalous 32 px window (stride 8 px, at 256 px) of the smoothed map, as the published CRAD.
 
-        The most anomalous patch: smoothing first would wash out small defects (screw 81.8 vs 86.8).
+        A defect is an area, while normal texture leaves scattered single-patch highs. Measured on
+        the unified dev benchmark (mean image AUROC, top patch -> window): PatchCore 90.7 -> 92.6,
+        DMAD-10 93.4 -> 94.6, CRAD 83.9 -> 88.3; screw, the smallest defects, 88.9 -> 89.3 and
+        90.6 -> 91.9. The smoothed map's single peak pixel is worse than either (PatchCore 89.9).
         """
-        return patch_map.flatten(1).max(1).values
+        scale = self.config.image_size / 256
+        window, stride = max(1, round(32 * scale)), max(1, round(8 * scale))
+        return F.avg_pool2d(smoothed[:, None], window, stride).flatten(1).max(1).values
 
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
