@@ -24,12 +24,14 @@ def client(address: str | None = None, token: str | None = None):
 
 def submit_retrain(registry: str, data: str, workers: int = 0, anomalies_per_class: int = 0,
                    categories: str | None = None, address: str | None = None, python: str = "python",
-                   token: str | None = None, env: dict[str, str] | None = None, retries: int = 5) -> str:
+                   token: str | None = None, env: dict[str, str] | None = None, retries: int = 5, full: bool = False) -> str:
     """Submit the retraining entry point; returns the job id. ``python`` is the interpreter on the cluster."""
     args = [python, "-m", "defectloop.workers.retrain", "--registry", registry, "--data", data,
             "--workers", str(workers), "--anomalies-per-class", str(anomalies_per_class)]
     if categories:
         args += ["--categories", categories]
+    if full:
+        args.append("--full")
     passed = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DEFECTLOOP_S3_"))}
     jobs = client(address, token)
     for attempt in range(retries + 1):

@@ -1,14 +1,17 @@
 """The retraining job: a new model version from the image pool and the labels gathered so far.
 
-    python -m defectloop.workers.retrain --registry REG --data POOL [--workers N] [--anomalies-per-class K]
+    python -m defectloop.workers.retrain --registry REG --data POOL [--workers N] [--anomalies-per-class K] [--full]
 
 Submitted to a Ray cluster by ``defectloop retrain --submit`` (Ray Jobs API) or run by KubeRay's
 RayJob (infra/k8s/rayjob-retrain.yaml). It fits with the current version's settings (Ray Train
 when --workers is given) and learns from what annotators confirmed: the defects in the served
 abnormal bank are trained on as real anomalies (they stay in the new version's bank), and the pool
 images they confirmed normal (the registry's labels/normal.json) join the normal training images.
-Then it registers the new version; a run that fails registers nothing, and the scorer keeps
-serving the last good version.
+By default it fits warm from the current version: the normal bank keeps its entries and gains
+the new normal images' patches it does not cover, and the learned head continues from its weights,
+so labels refine the served model instead of a fresh draw replacing it (``--full``: everything
+anew, e.g. after many new images). Then it registers the new version; a run that fails registers
+nothing, and the scorer keeps serving the last good version.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[S
 
 def retrain(registry: str, data: str, categories: list[str] | None = None, anomalies_per_class: int = 0,
             workers: int = 0, gpus_per_worker: float = 0.0, ray_address: str | None = None,
-            storage: str | None = None) -> str:
-    """Fit a new version and register it; returns its id."""
+            storage: str | None = None, full: bool = False) -> str:
+    """Fit a new version (warm from the current one unless ``full``) and register it; returns its id."""
     reg = Registry(registry)
     current = reg.current()
     if current:
@@ -73,10 +76,12 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
     else:
         config, labels = ModelConfig(), []
     normals = [s for s in confirmed_normals(reg) if not categories or s.category in categories]
-    log.info("retraining %s from %s (current %s, training on %d confirmed annotations and %d images confirmed "
-             "normal)", config.kind, data, current or "none", len(labels), len(normals))
+    base = f"{registry.rstrip('/')}/versions/{current}" if current and not full else None
+    log.info("retraining %s from %s (%s, training on %d confirmed annotations and %d images confirmed normal)",
+             config.kind, data, f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
+             len(labels), len(normals))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
-                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals)
+                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base)
     stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals))
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)})
     log.info("registered %s (%s) in %s", version, reg.label(version), registry)
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--ray-address")
     p.add_argument("--storage", help="Ray Train storage path (default: <registry>/runs)")
+    p.add_argument("--full", action="store_true", help="fit every part anew instead of warm from the current version")
     return p
 
 
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     cats = [c for c in (args.categories or "").split(",") if c] or None
     try:
         version = retrain(args.registry, args.data, cats, args.anomalies_per_class, args.workers,
-                          args.gpus_per_worker, args.ray_address, args.storage)
+                          args.gpus_per_worker, args.ray_address, args.storage, args.full)
     except Exception as e:
         log.error("retraining failed, the registry is unchanged: %s", e)
         return 1

@@ -26,7 +26,7 @@ from defectloop.data import Sample, load_split
 from defectloop.features import extract
 from defectloop.models import AnomalyModel, ModelConfig, create_model, load_model
 from defectloop.models.base import Confirmed
-from defectloop.store import arrow_filesystem
+from defectloop.store import arrow_filesystem, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def train_loop(config: dict) -> None:
             model.load_state(Path(d))
             done = frozenset(json.loads((Path(d) / PHASE_FILE).read_text())["done"])
         log.info("worker %d: resuming after %s", rank, sorted(done))
+    elif config["base"]:
+        model.load_state(resolve_model_dir(config["base"]))
 
     samples = [_sample(x) for x in config["samples"]][rank::world]
     t0 = time.perf_counter()
@@ -84,7 +86,8 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     t1 = time.perf_counter()
-    stats = model.fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done, confirmed=config["confirmed"])
+    stats = model.fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done, confirmed=config["confirmed"],
+                      warm=bool(config["base"]))
     workers = comm.all_gather({"rank": rank, "n_images": len(samples), "extract_s": extract_s,
                                "images_per_s": len(samples) / max(extract_s, 1e-9),
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -94,8 +97,10 @@ def train_loop(config: dict) -> None:
 
 def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gpus_per_worker: float = 0.0,
                     ray_address: str | None = None, storage: str | None = None, name: str | None = None,
-                    max_failures: int = 2, confirmed: Confirmed = ()) -> tuple[AnomalyModel, dict]:
+                    max_failures: int = 2, confirmed: Confirmed = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
     """Fit one model on ``workers`` Ray Train workers; returns it with its fit statistics.
+
+    ``base``: a model version every worker can read (folder or s3:// URI) to fit warm from.
 
     Raises ``ray.train.TrainingFailedError`` when the run fails for good: nothing is registered.
     """
@@ -111,7 +116,8 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"model": asdict(config), "samples": [_sample_dict(s) for s in samples],
-                           "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed)},
+                           "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed),
+                           "base": base and str(base)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         torch_config=TorchConfig(backend="gloo"),  # collectives on CPU tensors, GPUs or not
@@ -134,9 +140,12 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
 def train_model(config: ModelConfig, data: str, categories: list[str] | None, anomalies_per_class: int, workers: int,
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
                 progress: bool = True, max_failures: int = 2, confirmed: Confirmed = (),
-                normals: Sequence[Sample] = ()) -> tuple[AnomalyModel, dict]:
+                normals: Sequence[Sample] = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
     """Fit a model on the train split of ``data``, plus annotators' ``confirmed`` defects and the
-    ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers."""
+    ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers.
+
+    ``base`` (a model version's folder or s3:// URI, of the same config) makes it a warm fit from
+    that version (see ``AnomalyModel.fit``); without it every part is fitted anew."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
     split.train.extend(normals)
     for note in split.notes:
@@ -144,12 +153,14 @@ def train_model(config: ModelConfig, data: str, categories: list[str] | None, an
     t0 = time.perf_counter()
     if workers:
         model, stats = fit_distributed(config, split.train, workers, gpus_per_worker, ray_address, storage,
-                                       max_failures=max_failures, confirmed=confirmed)
+                                       max_failures=max_failures, confirmed=confirmed, base=base)
     else:
         model = create_model(config)
+        if base:
+            model.load_state(resolve_model_dir(base))
         train = extract(model.embedder, split.train, config.image_size, progress="features" if progress else False)
         extract_s = time.perf_counter() - t0
-        stats = model.fit(train, progress=progress, confirmed=confirmed)
+        stats = model.fit(train, progress=progress, confirmed=confirmed, warm=bool(base))
         stats.update(fit_s=time.perf_counter() - t0 - extract_s, per_worker=[{
             "rank": 0, "n_images": len(split.train), "extract_s": extract_s,
             "images_per_s": len(split.train) / max(extract_s, 1e-9),

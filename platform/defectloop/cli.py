@@ -78,7 +78,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         from defectloop.workers.jobs import submit_retrain
 
         job = submit_retrain(args.registry, args.data, args.workers, args.anomalies_per_class, args.categories,
-                             args.address, args.python)
+                             args.address, args.python, full=args.full)
         print(job)
         return 0
     from defectloop.workers.retrain import main as retrain_main
@@ -87,6 +87,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             "--anomalies-per-class", str(args.anomalies_per_class)]
     if args.categories:
         argv += ["--categories", args.categories]
+    if args.full:
+        argv.append("--full")
     return retrain_main(argv)
 
 
@@ -390,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--categories")
     r.add_argument("--anomalies-per-class", type=int, default=0)
     r.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: one process)")
+    r.add_argument("--full", action="store_true", help="fit every part anew instead of warm from the current version")
     r.add_argument("--submit", action="store_true", help="submit to a Ray cluster (Jobs API) and print the job id")
     r.add_argument("--address", help="Ray dashboard address for --submit (default $RAY_ADDRESS or http://127.0.0.1:8265)")
     r.add_argument("--python", default="python", help="interpreter on the cluster that has defectloop installed")
@@ -451,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one line per HTTP request to Label Studio or the scorer buries what happened
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         return args.func(args)

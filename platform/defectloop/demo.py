@@ -7,7 +7,7 @@ project's ML backend), imports the pool and predicts. Then, per round: the selec
 B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
 annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
 served label, hot-loaded by the scorer), the pool is re-predicted, and every few rounds the model is
-retrained. The same runs with the random policy for comparison. Prints a table per round and writes
+retrained (warm, by the retraining job in a child process). The same runs with the random policy for comparison. Prints a table per round and writes
 a learning curve (PNG) and, on request, the rounds as JSON.
 """
 
@@ -19,6 +19,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -115,10 +117,20 @@ def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
     return result["mean"]
 
 
+def retrain_job(registry: Path, data: Path) -> bool:
+    """The retraining job in a child process, as a Ray job runs it: its memory returns to the system
+    when it ends, and a failure (out of memory included) leaves the loop on the served version."""
+    rc = subprocess.run([sys.executable, "-m", "defectloop.workers.retrain", "--registry", str(registry),
+                         "--data", str(data)], check=False).returncode
+    if rc:
+        why = " (killed: out of memory?)" if rc == -signal.SIGKILL else ""
+        print(f"  the retraining failed with exit status {rc}{why}; the loop keeps the served version", flush=True)
+    return rc == 0
+
+
 def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     from defectloop.data.synthetic import make_dataset
     from defectloop.plots import learning_curve
-    from defectloop.workers.retrain import retrain
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = (cfg.data or make_dataset(cfg.out / "data", n_train=cfg.n_train, n_test_good=cfg.n_test_good,
@@ -178,8 +190,7 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
                 found = annotate(project, selected, truth)
                 timing = loop.apply_feedback()
                 served = timing.scorer
-                if cfg.retrain_every and r % cfg.retrain_every == 0:
-                    retrain(str(reg_root), str(data))
+                if cfg.retrain_every and r % cfg.retrain_every == 0 and retrain_job(reg_root, data):
                     served = loop.reload()
                 if served is not None and not served.ok:
                     print(f"  {served}", flush=True)

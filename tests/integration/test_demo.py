@@ -24,3 +24,17 @@ def test_demo_runs_the_loop(tmp_path):
     assert top[1]["anomalies_found"] >= 4 and sum(r["anomalies_found"] for r in top) > sum(r["anomalies_found"] for r in rand)
     assert top[2]["model_version"] == "v0002"  # retrained after round 2
     assert (tmp_path / "demo" / "learning_curve.png").stat().st_size > 10_000
+
+
+def test_a_failed_retraining_leaves_the_demo_on_the_served_version(served_registry, tmp_path, capsys):
+    """The retraining runs as a child process: its failure is reported, and nothing is registered."""
+    import shutil
+
+    from defectloop.demo import retrain_job
+    from defectloop.store import Registry
+
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    assert not retrain_job(root, tmp_path / "no-such-pool")
+    assert "the retraining failed with exit status 1" in capsys.readouterr().out
+    assert Registry(root).ids() == ["v0001"] and Registry(root).current() == "v0001"

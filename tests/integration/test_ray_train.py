@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 
 from defectloop.cli import main
 from defectloop.data import load_split
@@ -120,7 +121,7 @@ def test_retrain_job_on_a_ray_head(ray_head, tiny_data, served_registry, tmp_pat
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)
     assert main(["retrain", "--submit", "--address", url, "--python", sys.executable,
-                 "--registry", str(root), "--data", str(tiny_data)]) == 0
+                 "--registry", str(root), "--data", str(tiny_data), "--workers", "2"]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     deadline = time.monotonic() + 300
     while True:
@@ -135,7 +136,12 @@ def test_retrain_job_on_a_ray_head(ray_head, tiny_data, served_registry, tmp_pat
     assert "SUCCEEDED" in line, logs[-3000:]
     assert "registered v0002" in logs
     reg = Registry(root)
-    assert reg.current() == "v0002" and reg.info()["fit"]["retrained_from"] == "v0001"
+    fit = reg.info()["fit"]
+    assert reg.current() == "v0002" and fit["retrained_from"] == "v0001"
+    # a warm fit on 2 Ray Train workers: each loaded the served version, and its bank entries all stay
+    assert fit["warm"] and fit["workers"] == 2
+    old, new = reg.load("v0001").normal_bank, reg.load("v0002").normal_bank
+    assert torch.equal(new.features[:len(old)], old.features) and len(new) == len(old) + fit["normal_bank_added"]
 
 
 def test_checkpoints_land_in_s3(local_ray, s3, tiny_data):

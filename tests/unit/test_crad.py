@@ -65,6 +65,18 @@ def test_crad_save_load_bit_exact(crad, features, tmp_path):
     assert torch.equal(a, b) and torch.equal(ma, mb)
 
 
+def test_warm_fit_continues_from_the_learned_head(crad, features, tmp_path):
+    """A warm refit (the retraining's default) starts where the served head ended, statistics kept."""
+    model, stats = crad
+    model.save(tmp_path / "v")
+    warm = load_model(tmp_path / "v")
+    warm.config.crad_epochs = 2
+    kept = {k: warm.head_state()[k].clone() for k in ("head.mean", "head.std")}
+    history = warm.fit(features[0], warm=True)["crad_history"]
+    assert history[0]["train_loss"] < 0.5 * stats["crad_history"][0]["train_loss"]
+    assert all(torch.equal(warm.head_state()[k], v) for k, v in kept.items())
+
+
 @pytest.mark.parametrize(("switch", "value"), [("crad_global", False), ("crad_refine", True)])
 def test_ablations_switch_parts(features, switch, value):
     from defectloop.models import ModelConfig

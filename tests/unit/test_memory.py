@@ -11,7 +11,7 @@ from defectloop.memory import (
     knn,
     nn_index,
 )
-from defectloop.memory.coreset import coverage_radius, farthest_points
+from defectloop.memory.coreset import coverage_radius, extend_farthest, farthest_points
 
 
 def _naive(x, n, seed=0):
@@ -33,6 +33,26 @@ def _clustered(n=6000, d=24, k=30, seed=0):
 def test_pruned_kcenter_selects_what_the_plain_loop_selects():
     x = _clustered()
     assert torch.equal(farthest_points(x, 400, seed=3), _naive(x, 400, seed=3))
+
+
+def test_extend_farthest_adds_what_the_coreset_does_not_cover():
+    """Seeded with distances to an existing coreset: the plain greedy's order, covered rows last."""
+    x = _clustered(n=3000)
+    old = x[farthest_points(x[:2000], 100)]
+    new = x[2000:]
+    covered = knn(new, old, 1)[0][:, 0]
+    sel = extend_farthest(new, covered, 50, shard_size=4096)
+    mind, expected = covered.clone(), []
+    for _ in range(50):
+        i = int(mind.argmax())
+        expected.append(i)
+        mind = torch.minimum(mind, (new - new[i]).norm(dim=1))
+    assert sel.tolist() == expected
+    assert coverage_radius(new, torch.cat([old, new[sel]])) < coverage_radius(new, old)
+    dup = torch.cat([old[:10], torch.randn(5, old.shape[1]) * 10])  # 10 rows the coreset holds already
+    picked = extend_farthest(dup, knn(dup, old, 1)[0][:, 0], 5).tolist()
+    assert sorted(picked) == list(range(10, 15))
+    assert len(extend_farthest(x, torch.zeros(len(x)), 90, shard_size=1000)) == 90  # shards take their shares
 
 
 def test_kcenter_covers_better_than_random():

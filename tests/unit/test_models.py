@@ -97,6 +97,44 @@ def test_retraining_uses_confirmed_defects(tiny_features, small_config, confirme
         assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed) > 0
 
 
+@pytest.mark.parametrize("kind", ["patchcore", "dmad"])
+def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, confirmed_defects, kind):
+    """A warm refit (the retraining's default) keeps the bank's entries and adds only from new images;
+    DMAD's scorer continues from its weights and input statistics; calibration stays on held-back images."""
+    from defectloop.features import Extracted
+    from defectloop.models.base import split_holdout
+
+    train, test = tiny_features(0)
+    late = {s.image_id for s in train.samples if s.label == 0 and s.path.stem[-1] in "05"}  # come later
+    first = [i for i, s in enumerate(train.samples) if s.image_id not in late]
+    old = Extracted(train.features[first], [train.samples[i] for i in first], [train.masks[i] for i in first])
+    model = create_model(small_config(kind))
+    with pytest.raises(ValueError, match="warm fit"):
+        model.fit(old, warm=True)
+    model.fit(old)
+    before = model.normal_bank
+    stats_before = {k: v.clone() for k, v in model.head_state().items() if k.split(".")[-1] in ("mean", "std", "scale")}
+    confirmed = confirmed_defects(test, model.config.mask_coverage)
+    stats = model.fit(train, warm=True, confirmed=confirmed)
+    after = model.normal_bank
+    # an image's side of the calibration split does not move when images are added
+    held_old = {old.samples[i].image_id for i in split_holdout(old.samples, 0.1, 0)[1]}
+    held_new = {train.samples[i].image_id for i in split_holdout(train.samples, 0.1, 0)[1]}
+    assert held_old <= held_new
+    assert stats["warm"] and stats["new_normal_images"] >= len(late - held_new) > 0 and stats["normal_bank_added"] > 0
+    assert torch.equal(after.features[:len(before)], before.features)
+    assert [after.image_ids[o] for o in after.owners[:len(before)].tolist()] == \
+        [before.image_ids[o] for o in before.owners.tolist()]
+    added = {after.image_ids[o] for o in after.owners[len(before):].tolist()}
+    assert added and added.isdisjoint(before.image_ids)
+    assert held_new.isdisjoint(after.image_ids)  # calibration never on images the bank holds
+    for k, v in stats_before.items():
+        assert torch.equal(model.head_state()[k], v), k
+    assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
+    scores, _ = model.score_features(test.features)
+    assert auroc(scores.numpy(), np.array([s.label for s in test.samples])) > 0.9
+
+
 def test_same_config_and_data_give_the_same_model(features, small_config):
     """Fits are reproducible: the learned head's initial weights come from the config's seed."""
     train, test = features

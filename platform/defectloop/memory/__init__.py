@@ -1,8 +1,14 @@
 """Memory: coreset sampling, nearest-neighbour indexes, normal/abnormal banks."""
 
 from defectloop.memory.banks import AbnormalBank, NormalBank, Provenance
-from defectloop.memory.coreset import CoresetSampler, KCenterGreedy, RandomSampler, target_size
+from defectloop.memory.coreset import (
+           CoresetSampler,
+           KCenterGreedy,
+           RandomSampler,
+           extend_farthest,
+           target_size,
+)
 from defectloop.memory.nn_index import ExactIndex, IVFIndex, NNIndex, build_index, knn
 
 __all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "KCenterGreedy", "NNIndex", "NormalBank",
-           "Provenance", "RandomSampler", "build_index", "knn", "target_size"]
+           "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "target_size"]

@@ -137,6 +137,31 @@ def farthest_points(x: torch.Tensor, n: int, seed: int = 0, first: int | None = 
     return selected
 
 
+def extend_farthest(features: torch.Tensor, covered: torch.Tensor, n: int, shard_size: int = 65536) -> torch.Tensor:
+    """Indices of ``n`` rows of ``features`` that extend an existing coreset: farthest-point order
+    seeded with each row's distance ``covered`` to that coreset, so rows it already covers come last.
+
+    The incremental k-center step of a warm fit, where the new rows are few: a plain pass over a
+    shard per pick (cost n * shard_size), shards of ``shard_size`` rows each taking their share.
+    """
+    total = features.shape[0]
+    shards = max(1, math.ceil(total / shard_size))
+    bounds = [round(total * i / shards) for i in range(shards + 1)]
+    picks = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        x = features[lo:hi].float()
+        x_sq, mind = (x * x).sum(1), covered[lo:hi].float().clone()
+        share = min(hi - lo, max(1, round(n * (hi - lo) / total)))
+        sel = torch.empty(share, dtype=torch.long)
+        for t in range(share):
+            i = int(mind.argmax())
+            sel[t] = i
+            mind = torch.minimum(mind, _dist(x, x_sq, x[i]))
+            mind[i] = -1.0  # never picked twice, even among duplicates
+        picks.append(lo + sel)
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
+
+
 def coverage_radius(features: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> float:
     """Largest distance from any feature to its nearest bank entry (how well the bank covers)."""
     worst = 0.0

@@ -6,10 +6,10 @@ A model version is a directory: ``config.json``, ``weights.safetensors`` (learne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +22,14 @@ from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted, PatchEmbedder, load_backbone
-from defectloop.memory import AbnormalBank, KCenterGreedy, NormalBank, Provenance, target_size
+from defectloop.memory import (
+    AbnormalBank,
+    KCenterGreedy,
+    NormalBank,
+    Provenance,
+    extend_farthest,
+    target_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +109,28 @@ def map_operator(n: int, size: int, sigma: float) -> torch.Tensor:
 
 
 def split_holdout(samples: list, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of (fit, held-back) normal samples; per category, at least one held back when possible."""
+    """Indices of (fit, held-back) normal samples.
+
+    An image is held back when a seeded hash of its id falls below ``fraction``, so its side never
+    changes when images are added: a warm retraining must not calibrate on images whose patches
+    its bank already holds. Per category with two images or more, at least one is held back and
+    at least one fitted (the lowest and highest hash).
+    """
     by_cat: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         if s.label == 0:
             by_cat.setdefault(s.category, []).append(i)
     fit, held = [], []
-    for cat, idx in sorted(by_cat.items()):
-        idx = idx[:]
-        random.Random(f"{seed}/holdout/{cat}").shuffle(idx)
-        n = min(len(idx) - 1, max(1, round(len(idx) * fraction))) if fraction > 0 else 0
-        held += idx[:n]
-        fit += idx[n:]
+    for _, idx in sorted(by_cat.items()):
+        u = {i: int(hashlib.sha256(f"{seed}/holdout/{samples[i].image_id}".encode()).hexdigest()[:12], 16) / 16**12
+             for i in idx}
+        out = {i for i in idx if u[i] < fraction}
+        if fraction > 0 and len(idx) > 1 and not out:
+            out = {min(idx, key=u.__getitem__)}
+        elif len(out) == len(idx):
+            out.discard(max(idx, key=u.__getitem__))
+        held += sorted(out)
+        fit += [i for i in idx if i not in out]
     return sorted(fit), sorted(held)
 
 
@@ -137,8 +154,15 @@ class AnomalyModel(nn.Module):
     # ----- fitting -------------------------------------------------------------------------
     def fit(self, train: Extracted, progress: bool = False, comm: Collective = LOCAL,
             checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset(),
-            confirmed: Confirmed = ()) -> dict:
+            confirmed: Confirmed = (), warm: bool = False) -> dict:
         """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals.
+
+        ``warm`` (a retraining from the served version, loaded into this model) keeps what was
+        learned: the normal bank only gains entries from images it has not seen, and learned heads
+        continue from their weights and input statistics. A cold fit draws everything anew, and
+        with a new draw of bank and head a model's ranking can swing more than a round of labels
+        moves it (measured in the dev demo: screw image AUROC 91.2 -> 82.2 and 76.6 after cold
+        retrainings that added 23 confirmed defects, or 6, and a few dozen normal images).
 
         With ``comm`` of world > 1, ``train`` is this worker's shard and the workers agree through
         ``comm``. ``checkpoint(phase)`` is called after the "bank" and "head" phases; phases in
@@ -146,20 +170,23 @@ class AnomalyModel(nn.Module):
         worker) are defects annotators confirmed on pool images: they end up in the abnormal bank,
         and a learned head trains on them as real anomalies.
         """
+        if warm and self.uses_normal_bank and self.normal_bank is None:
+            raise ValueError("a warm fit continues a fitted model: load one first")
         torch.manual_seed(self.config.seed + comm.rank)
         fit_idx, held_idx = split_holdout(train.samples, self.config.holdout_fraction, self.config.seed)
         if min(comm.all_gather(len(fit_idx))) == 0:
             raise ValueError("no normal training image to fit on" if comm.world == 1 else
                              "a worker's shard has no normal training image: use fewer workers")
-        stats = {"n_train_images": int(comm.all_sum(len(train.samples))), "n_fit_normal": int(comm.all_sum(len(fit_idx))),
+        stats = {"warm": warm, "n_train_images": int(comm.all_sum(len(train.samples))), "n_fit_normal": int(comm.all_sum(len(fit_idx))),
                  "n_calibration": int(comm.all_sum(len(held_idx))),
                  "skipped": [x for part in comm.all_gather(train.skipped) for x in part], "workers": comm.world}
         if self.uses_normal_bank and "bank" not in done:
-            stats.update(self.build_normal_bank(train, fit_idx, progress, comm))
+            build = self.extend_normal_bank if warm else self.build_normal_bank
+            stats.update(build(train, fit_idx, progress, comm))
             if checkpoint:
                 checkpoint("bank")
         if "head" not in done:
-            stats.update(self.fit_head(train, fit_idx, progress, comm, confirmed))
+            stats.update(self.fit_head(train, fit_idx, progress, comm, confirmed, warm))
             for prov, cells in confirmed:  # heads that do not train on them still score with them
                 if prov.annotation_id not in self.abnormal_bank:
                     self.abnormal_bank.add(prov, cells)
@@ -211,9 +238,38 @@ class AnomalyModel(nn.Module):
             self.normal_bank = NormalBank(*comm.broadcast(bank))
         return {"normal_bank_size": len(self.normal_bank), "n_normal_patches": total}
 
+    def extend_normal_bank(self, train: Extracted, fit_idx: list[int], progress: bool = False,
+                           comm: Collective = LOCAL) -> dict:
+        """Warm fit: the bank keeps its entries and takes, at the coreset ratio, the patches of fit
+        images it holds nothing from, farthest from the bank first (what it covers is not added).
+
+        An image of the last fit that left no entry counts as new: its patches are near the bank
+        and add the few that are not. Distributed: each worker adds from its own shard.
+        """
+        bank = self.normal_bank
+        known = set(bank.image_ids)
+        new = [i for i in fit_idx if train.samples[i].image_id not in known]
+        feats, ids = torch.zeros(0, self.dim), []
+        if new:
+            f = train.features[new]
+            n, c, h, w = f.shape
+            flat = f.permute(0, 2, 3, 1).reshape(-1, c)
+            sel = extend_farthest(flat, bank.index.search(flat)[0], target_size(flat.shape[0], self.config.coreset_ratio))
+            feats, ids = flat[sel].clone(), [train.samples[new[o]].image_id for o in (sel // (h * w)).tolist()]
+        parts = comm.all_gather((feats, ids))
+        added = torch.cat([p[0] for p in parts])
+        entry_ids = [bank.image_ids[o] for o in bank.owners.tolist()] + [x for p in parts for x in p[1]]
+        distinct = sorted(set(entry_ids))
+        pos = {x: i for i, x in enumerate(distinct)}
+        self.normal_bank = NormalBank(torch.cat([bank.features, added]), distinct, torch.tensor([pos[x] for x in entry_ids]))
+        n_new = int(comm.all_sum(len(new)))
+        if progress:
+            tqdm.write(f"normal bank: {len(added)} entries added from {n_new} new images to {len(bank)}")
+        return {"normal_bank_size": len(self.normal_bank), "normal_bank_added": len(added), "new_normal_images": n_new}
+
     def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
-                 confirmed: Confirmed = ()) -> dict:
-        """Learned parts (none for PatchCore)."""
+                 confirmed: Confirmed = (), warm: bool = False) -> dict:
+        """Learned parts (none for PatchCore); ``warm``: continue from the loaded ones."""
         return {}
 
     def calibrate(self, categories: list[str], scores: torch.Tensor, map_peaks: torch.Tensor | None = None) -> None:

@@ -158,18 +158,21 @@ class CRAD(AnomalyModel):
         return (self.head(x) - x).norm(dim=1)
 
     def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
-                 confirmed: Confirmed = ()) -> dict:
-        """Trains on normals only (its memory models normality); confirmed defects go to the bank as-is."""
+                 confirmed: Confirmed = (), warm: bool = False) -> dict:
+        """Trains on normals only (its memory models normality); confirmed defects go to the bank as-is.
+
+        ``warm``: training continues from the loaded grids, network and input statistics."""
         cfg, head = self.config, self.head
         g = torch.Generator().manual_seed(cfg.seed + comm.rank)
         # model selection on held-back normals of the fit set (calibration keeps its own)
         sel_fit, sel_val = split_holdout([train.samples[i] for i in fit_idx], 0.1, cfg.seed + 1)
         tr_idx = [fit_idx[i] for i in sel_fit]
         val_idx = [fit_idx[i] for i in sel_val]
-        parts = comm.all_gather(train.features[tr_idx[:: max(1, len(tr_idx) * comm.world // 256)]])
-        sample = torch.cat(parts)
-        head.mean.copy_(sample.mean((0, 2, 3)))
-        head.std.copy_(sample.std((0, 2, 3)).clamp_min(1e-6))
+        if not warm:
+            parts = comm.all_gather(train.features[tr_idx[:: max(1, len(tr_idx) * comm.world // 256)]])
+            sample = torch.cat(parts)
+            head.mean.copy_(sample.mean((0, 2, 3)))
+            head.std.copy_(sample.std((0, 2, 3)).clamp_min(1e-6))
         grid_ids = {id(p) for p in head.grids()}
         opt = torch.optim.AdamW([
             {"params": head.grids(), "lr": cfg.crad_grid_lr},

@@ -226,7 +226,8 @@ class DMAD(AnomalyModel):
         return out
 
     def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
-                 confirmed: Confirmed = ()) -> dict:
+                 confirmed: Confirmed = (), warm: bool = False) -> dict:
+        """Rebuild the abnormal bank and train the scorer (``warm``: from its weights and statistics)."""
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed + comm.rank)
         ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
@@ -275,14 +276,14 @@ class DMAD(AnomalyModel):
         flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
         q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
         own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
-        d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
-        # feature statistics and distance scale: the same on every worker
-        keep = n_pool if comm.world == 1 else 4096
-        parts = comm.all_gather((q_n[:keep], d_n0[:keep]))
-        sample, dists = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        self.scorer.mean.copy_(sample.mean(0))
-        self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
-        self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
+        if not warm:  # feature statistics and distance scale: the same on every worker
+            d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
+            keep = n_pool if comm.world == 1 else 4096
+            parts = comm.all_gather((q_n[:keep], d_n0[:keep]))
+            sample, dists = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            self.scorer.mean.copy_(sample.mean(0))
+            self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
+            self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
 
         def enhanced(q: torch.Tensor, owner: torch.Tensor) -> Enhanced:
             d_n, idx = nearest_normal(q, bank.features, bank_owner, owner)
