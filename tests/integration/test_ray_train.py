@@ -63,7 +63,9 @@ def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_f
     r2 = coverage_radius(patches, m2.normal_bank.features)
     print("coverage radius", r1, r2)
     assert abs(r2 - r1) / r1 <= 0.10, (r1, r2)
-    assert len(m1.normal_bank) == len(m2.normal_bank)
+    # each shard holds back its own calibration images (at least one per category), so the fitted
+    # patch counts, and with them the bank sizes, differ a little
+    assert abs(len(m2.normal_bank) - len(m1.normal_bank)) <= 0.1 * len(m1.normal_bank)
     assert [w["n_images"] for w in s2["per_worker"]] == [27, 27] and s2["workers"] == 2
     assert len(m2.abnormal_bank.annotations) >= 6  # the annotated masks of both shards, on every worker
 
