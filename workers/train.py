@@ -117,7 +117,7 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
         train_loop,
         train_loop_config={"model": asdict(config), "samples": [_sample_dict(s) for s in samples],
                            "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed),
-                           "base": base and str(base)},
+                           "base": base},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         torch_config=TorchConfig(backend="gloo"),  # collectives on CPU tensors, GPUs or not

@@ -7,8 +7,9 @@ project's ML backend), imports the pool and predicts. Then, per round: the selec
 B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
 annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
 served label, hot-loaded by the scorer), the pool is re-predicted, and every few rounds the model is
-retrained (warm, by the retraining job in a child process). The same runs with the random policy for comparison. Prints a table per round and writes
-a learning curve (PNG) and, on request, the rounds as JSON.
+retrained (warm, by the retraining job in a child process). The same runs with the random policy
+for comparison. Prints a table per round and writes a learning curve (PNG) and, on request, the
+rounds as JSON.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 from defectloop.memory.banks import AbnormalBank, NormalBank, Provenance
 from defectloop.memory.coreset import (
-           CoresetSampler,
-           KCenterGreedy,
-           RandomSampler,
-           extend_farthest,
-           target_size,
+    CoresetSampler,
+    KCenterGreedy,
+    RandomSampler,
+    extend_farthest,
+    target_size,
 )
 from defectloop.memory.nn_index import ExactIndex, IVFIndex, NNIndex, build_index, knn
 

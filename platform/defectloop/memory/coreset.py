@@ -10,6 +10,7 @@ selection is the same as the plain algorithm's.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Protocol
 
@@ -72,17 +73,18 @@ class KCenterGreedy:
 
     def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
         x = random_projection(features, self.projection_dim, self.seed)
-        total = x.shape[0]
-        shards = max(1, math.ceil(total / self.shard_size))
-        if shards == 1:
+        shards = shard_bounds(x.shape[0], self.shard_size)
+        if len(shards) == 1:
             return farthest_points(x, n, self.seed)
-        bounds = [round(total * i / shards) for i in range(shards + 1)]
-        picks = []
-        for i in range(shards):
-            lo, hi = bounds[i], bounds[i + 1]
-            share = max(1, round(n * (hi - lo) / total))
-            picks.append(lo + farthest_points(x[lo:hi], share, self.seed + i))
-        return torch.cat(picks)
+        return torch.cat([lo + farthest_points(x[lo:hi], max(1, round(n * (hi - lo) / x.shape[0])), self.seed + i)
+                          for i, (lo, hi) in enumerate(shards)])
+
+
+def shard_bounds(total: int, shard_size: int) -> list[tuple[int, int]]:
+    """(start, end) of the fewest equal contiguous shards of at most ``shard_size`` rows."""
+    shards = max(1, math.ceil(total / shard_size))
+    bounds = [round(total * i / shards) for i in range(shards + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 def _dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -145,10 +147,8 @@ def extend_farthest(features: torch.Tensor, covered: torch.Tensor, n: int, shard
     shard per pick (cost n * shard_size), shards of ``shard_size`` rows each taking their share.
     """
     total = features.shape[0]
-    shards = max(1, math.ceil(total / shard_size))
-    bounds = [round(total * i / shards) for i in range(shards + 1)]
     picks = []
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in shard_bounds(total, shard_size):
         x = features[lo:hi].float()
         x_sq, mind = (x * x).sum(1), covered[lo:hi].float().clone()
         share = min(hi - lo, max(1, round(n * (hi - lo) / total)))

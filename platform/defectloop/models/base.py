@@ -252,7 +252,7 @@ class AnomalyModel(nn.Module):
         feats, ids = torch.zeros(0, self.dim), []
         if new:
             f = train.features[new]
-            n, c, h, w = f.shape
+            _, c, h, w = f.shape
             flat = f.permute(0, 2, 3, 1).reshape(-1, c)
             sel = extend_farthest(flat, bank.index.search(flat)[0], target_size(flat.shape[0], self.config.coreset_ratio))
             feats, ids = flat[sel].clone(), [train.samples[new[o]].image_id for o in (sel // (h * w)).tolist()]
