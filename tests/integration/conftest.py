@@ -64,15 +64,20 @@ class SeaweedS3:
 
     def __init__(self, folder: Path, port: int | None = None):
         self.folder = folder
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._use_port(port or free_port())
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
         exe = Path(sys.executable).with_name("weed")
-        self.server = ManagedProcess("seaweedfs", [str(exe), "mini", f"-dir={folder}", "-ip=127.0.0.1",
-                                                   "-ip.bind=127.0.0.1", f"-s3.port={self.port}", "-admin.ui=false"],
-                                     env, self.endpoint, folder.parent / f"{folder.name}.log")
+        self.server = ManagedProcess("seaweedfs", [str(exe), "mini", f"-dir={self.folder}", "-ip=127.0.0.1",
+                                                   "-ip.bind=127.0.0.1", f"-s3.port={port}", "-admin.ui=false"],
+                                     env, self.endpoint, self.folder.parent / f"{self.folder.name}.log")
 
-    def start(self) -> SeaweedS3:
+    def start(self, attempts: int = 3) -> SeaweedS3:
+        """Start and create the bucket. A port that another process took between ``free_port`` and
+        the server's own check (seen in CI: Ray's workers take ephemeral ports) means a new port."""
         import boto3
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,11 @@ class SeaweedS3:
                     client.create_bucket(Bucket=S3_BUCKET)
                 return self
             except Exception:
-                if time.monotonic() > deadline or self.server.proc.poll() is not None:
+                exited = self.server.proc.poll() is not None
+                if exited and attempts > 1 and "Port allocation failed" in self.server.tail():
+                    self._use_port(free_port())
+                    return self.start(attempts - 1)
+                if time.monotonic() > deadline or exited:
                     raise RuntimeError(f"seaweedfs did not start:\n{self.server.tail()}") from None
                 time.sleep(0.3)
 
