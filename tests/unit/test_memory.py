@@ -143,3 +143,27 @@ def test_normal_bank_roundtrip(tmp_path):
     bank.save(tmp_path)
     loaded = NormalBank.load(tmp_path)
     assert torch.equal(loaded.features, bank.features) and loaded.image_ids == ["a", "b"]
+
+
+KNN_MEMORY = """
+import resource, torch
+from defectloop.memory import knn
+torch.manual_seed(0)
+bank, q = torch.randn(20000, 64), torch.randn(40000, 64)
+owners = torch.randint(0, 1300, (20000,)), torch.randint(0, 1300, (40000,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    knn(q, bank, 1, exclude=(owners[1], owners[0]))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_knn_memory_stays_flat_over_many_chunks():
+    """A leave-one-image-out search over a bank runs hundreds of ~32 MB chunks; allocating them
+    afresh fragmented glibc's heap by 1-3 GB here (the retraining that was OOM-killed at 21 GB).
+    In a fresh process, so that nothing else has shaped the heap."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", KNN_MEMORY], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) < 300, f"peak RSS grew by {out.split()[-1]} MB"
