@@ -77,7 +77,7 @@ class SeaweedS3:
 
     def start(self, attempts: int = 3) -> SeaweedS3:
         """Start and create the bucket. A port that another process took between ``free_port`` and
-        the server's own check (seen in CI: Ray's workers take ephemeral ports) means a new port."""
+        the server's own check ("Port allocation failed", seen once in CI) means a new port."""
         import boto3
 
         self.folder.mkdir(parents=True, exist_ok=True)
