@@ -199,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
     cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
-                     defect_rate=args.defect_rate, policy=args.policy, retrain_every=args.retrain_every,
+                     defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy, retrain_every=args.retrain_every,
                      steps=args.steps, seed=args.seed, keep_running=args.keep_running)
     run_demo(cfg, args.json)
     print(f"working folder: {out}")
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=4)
     d.add_argument("--batch", type=int, default=10, help="tasks the annotator labels per round")
     d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
+    d.add_argument("--pool-normals", type=float, default=0.5,
+                   help="share of the normal training images that join the unlabeled pool")
     d.add_argument("--policy", default="top", choices=["top", "borderline", "diverse", "random"])
     d.add_argument("--retrain-every", type=int, default=2, help="retrain every K rounds (0: never)")
     d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")

@@ -1,8 +1,8 @@
 """The main job: the whole labeling loop on one machine, with a simulated annotator.
 
 Generates a multi-category data set with synthetic defects (or reads ``--data`` in MVTec layout),
-holds a test split back, subsamples the rest into a pool at the given defect rate, trains an
-unsupervised DMAD model, starts a local Label Studio and the Ray Serve scorer (connected as the
+holds a test split back, makes a pool of the rest and half the normal training images at the given
+defect rate (see ``split_pool``), trains an unsupervised DMAD model on the other normals, starts a local Label Studio and the Ray Serve scorer (connected as the
 project's ML backend), imports the pool and predicts. Then, per round: the selection policy picks
 B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
 annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
@@ -58,6 +58,7 @@ class DemoConfig:
     baseline: str = "random"
     retrain_every: int = 2
     test_fraction: float = 0.3
+    pool_normals: float = 0.5  # share of the normal training images that join the unlabeled pool
     steps: int = 500
     seed: int = 0
     keep_running: bool = False
@@ -68,25 +69,46 @@ class DemoConfig:
     image_size: int = 256
 
 
-def split_pool(data: Path, defect_rate: float, test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(training normals, pool, held-out test): the test split is set aside before anything is shown;
-    the pool is subsampled so that ``defect_rate`` of it is defective."""
+def split_pool(data: Path, defect_rate: float, test_fraction: float, pool_normals: float,
+               seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(training normals, pool, held-out test), per category.
+
+    The test split (``test_fraction`` of the test images) is set aside before anything is shown.
+    The pool is what annotators label: the other test images, with ``pool_normals`` of the normal
+    training images (unlabeled production images are mostly normal), subsampled so that
+    ``defect_rate`` of it is defective. The initial model trains on the training normals left.
+    """
     split = load_split(data, seed=seed)
     rng = random.Random(f"{seed}/pool")
-    pool, test = [], []
+    train, pool, test = [], [], []
     for cat in split.categories:
+        normals = [s for s in split.train if s.category == cat]
         good = [s for s in split.test if s.category == cat and s.label == 0]
         bad = [s for s in split.test if s.category == cat and s.label == 1]
-        rng.shuffle(good)
-        rng.shuffle(bad)
+        for x in (normals, good, bad):
+            rng.shuffle(x)
         n_good, n_bad = round(len(good) * test_fraction), round(len(bad) * test_fraction)
         test += good[:n_good] + bad[:n_bad]
-        good, bad = good[n_good:], bad[n_bad:]
+        n_normals = min(round(len(normals) * pool_normals), len(normals) - 2)  # two left: one to fit, one to calibrate
+        train += normals[n_normals:]
+        good, bad = good[n_good:] + normals[:n_normals], bad[n_bad:]
         keep_bad = min(len(bad), max(1, round(defect_rate * len(good) / (1 - defect_rate))))
         keep_good = min(len(good), round(keep_bad * (1 - defect_rate) / defect_rate))
         pool += good[:keep_good] + bad[:keep_bad]
     rng.shuffle(pool)
-    return split.train, pool, test
+    return train, pool, test
+
+
+def training_folder(train: list[Sample], folder: Path) -> Path:
+    """The training normals as an MVTec-layout folder of links, for the retraining job: it trains on
+    these and on what annotators confirmed, never on unlabeled pool images. Links keep each image's
+    id (category/train/good/name), so a warm retraining knows which images its bank has seen."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for s in train:
+        link = folder / s.category / "train" / "good" / s.path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(s.path.resolve())
+    return folder
 
 
 def brush_result(mask: np.ndarray, label: str, config: LabelConfig) -> dict:
@@ -136,7 +158,8 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = (cfg.data or make_dataset(cfg.out / "data", n_train=cfg.n_train, n_test_good=cfg.n_test_good,
                                      n_test_bad=cfg.n_test_bad, size=cfg.image_size, seed=cfg.seed)).resolve()
-    train, pool, test = split_pool(data, cfg.defect_rate, cfg.test_fraction, cfg.seed)
+    train, pool, test = split_pool(data, cfg.defect_rate, cfg.test_fraction, cfg.pool_normals, cfg.seed)
+    train_data = training_folder(train, cfg.out / "training-data")
     n_bad = sum(s.label for s in pool)
     print(f"data: {data}\npool: {len(pool)} images, {n_bad} defective ({n_bad / max(1, len(pool)):.0%}); "
           f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
@@ -191,7 +214,7 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
                 found = annotate(project, selected, truth)
                 timing = loop.apply_feedback()
                 served = timing.scorer
-                if cfg.retrain_every and r % cfg.retrain_every == 0 and retrain_job(reg_root, data):
+                if cfg.retrain_every and r % cfg.retrain_every == 0 and retrain_job(reg_root, train_data):
                     served = loop.reload()
                 if served is not None and not served.ok:
                     print(f"  {served}", flush=True)

@@ -25,7 +25,7 @@ from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.scorer import ScorerClient, ScorerStatus
 from defectloop.labeling.sync import Sync, SyncReport
-from defectloop.store import Registry
+from defectloop.store import LABEL_KINDS, Registry
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,13 @@ class LabelingLoop:
     def apply_feedback(self) -> FeedbackTiming:
         """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict.
 
-        The images confirmed normal go to the registry too, where the next retraining reads them."""
+        The image-level verdicts (normal, anomalous without a mask) go to the registry too, where the
+        next retraining reads them."""
         t0 = time.perf_counter()
         report = self.sync.run()
-        if report.applied:  # for the next retraining: the pool images confirmed normal so far
-            self.registry.publish_normals(self.feedback.normal_images())
+        if report.applied:  # for the next retraining: the image-level verdicts so far
+            for kind in LABEL_KINDS:
+                self.registry.publish_labels(kind, self.feedback.images(kind))
         if report.published:
             self.push()
         status = self.check_scorer() if report.published else None
