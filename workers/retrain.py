@@ -5,10 +5,8 @@
 Submitted to a Ray cluster by ``defectloop retrain --submit`` (Ray Jobs API) or run by KubeRay's
 RayJob (infra/k8s/rayjob-retrain.yaml). It fits with the current version's settings (Ray Train
 when --workers is given) and learns from what annotators confirmed: the defects in the served
-abnormal bank are trained on as real anomalies (they stay in the new version's bank), the pool
-images they confirmed normal (the registry's labels/normal.json) join the normal training images,
-and those they called anomalous without drawing a mask (labels/anomalous.json) are weak positives
-for DMAD (see ``DMAD.fit_head``).
+abnormal bank are trained on as real anomalies (they stay in the new version's bank), and the pool
+images they confirmed normal (the registry's labels/normal.json) join the normal training images.
 By default it fits warm from the current version: the normal bank keeps its entries and gains
 the new normal images' patches it does not cover, and the learned head continues from its weights,
 so labels refine the served model instead of a fresh draw replacing it (``--full``: everything
@@ -30,7 +28,7 @@ import torch
 from defectloop.data import Sample
 from defectloop.memory import AbnormalBank, Provenance
 from defectloop.models import ModelConfig
-from defectloop.store import CACHE_DIR, LABEL_KINDS, Registry, is_s3, open_store
+from defectloop.store import CACHE_DIR, Registry, is_s3, open_store
 from defectloop.workers.train import train_model
 
 log = logging.getLogger("defectloop.retrain")
@@ -43,13 +41,12 @@ def confirmed_labels(bank: AbnormalBank) -> list[tuple[Provenance, torch.Tensor]
             if p.source == "annotation" and not p.annotation_id.startswith("train:")]
 
 
-def confirmed_images(reg: Registry, kind: str, cache: Path = CACHE_DIR / "pool") -> list[Sample]:
-    """Pool images annotators gave the image-level verdict ``kind`` ("normal", or "anomalous"
-    without a mask), as training samples (S3 ones downloaded once).
+def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[Sample]:
+    """Pool images annotators confirmed normal, as normal training samples (S3 ones downloaded once).
 
     One that cannot be read any more is skipped with a warning: it is one image among many."""
     out = []
-    for entry in reg.labels(kind):
+    for entry in reg.normals():
         src = entry["source"]
         path = Path(src)
         try:
@@ -61,10 +58,9 @@ def confirmed_images(reg: Registry, kind: str, cache: Path = CACHE_DIR / "pool")
             elif not path.is_file():
                 raise FileNotFoundError("no such file")
         except Exception as e:  # noqa: BLE001 - any storage error: skip this image, keep the rest
-            log.warning("skipping the image confirmed %s %s: %s", kind, src, e)
+            log.warning("skipping the confirmed-normal image %s: %s", src, e)
             continue
-        out.append(Sample(path, entry["category"]) if kind == "normal" else
-                   Sample(path, entry["category"], label=1, defect=kind))
+        out.append(Sample(path, entry["category"]))
     return out
 
 
@@ -79,18 +75,14 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
         labels = confirmed_labels(reg.load(current).abnormal_bank)
     else:
         config, labels = ModelConfig(), []
-    images = {kind: [s for s in confirmed_images(reg, kind) if not categories or s.category in categories]
-              for kind in LABEL_KINDS}
+    normals = [s for s in confirmed_normals(reg) if not categories or s.category in categories]
     base = f"{registry.rstrip('/')}/versions/{current}" if current and not full else None
-    log.info("retraining %s from %s (%s, training on %d confirmed annotations, %d images confirmed normal and %d "
-             "anomalous without a mask)", config.kind, data,
-             f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
-             len(labels), len(images["normal"]), len(images["anomalous"]))
+    log.info("retraining %s from %s (%s, training on %d confirmed annotations and %d images confirmed normal)",
+             config.kind, data, f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
+             len(labels), len(normals))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
-                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels,
-                               images=images["normal"] + images["anomalous"], base=base)
-    stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(images["normal"]),
-                 confirmed_anomalous=len(images["anomalous"]))
+                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base)
+    stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals))
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)})
     log.info("registered %s (%s) in %s", version, reg.label(version), registry)
     return version

@@ -140,16 +140,14 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
 def train_model(config: ModelConfig, data: str, categories: list[str] | None, anomalies_per_class: int, workers: int,
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
                 progress: bool = True, max_failures: int = 2, confirmed: Confirmed = (),
-                images: Sequence[Sample] = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
+                normals: Sequence[Sample] = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
     """Fit a model on the train split of ``data``, plus annotators' ``confirmed`` defects and the
-    ``images`` they labeled as a whole (normal ones, label 0, join the normal training images;
-    anomalous ones without a mask, label 1, are weak positives): in this process (workers = 0) or
-    on Ray Train workers.
+    ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers.
 
     ``base`` (a model version's folder or s3:// URI, of the same config) makes it a warm fit from
     that version (see ``AnomalyModel.fit``); without it every part is fitted anew."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
-    split.train.extend(images)
+    split.train.extend(normals)
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()

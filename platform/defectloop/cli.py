@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from defectloop.labeling.policies import POLICIES
+
 if TYPE_CHECKING:
     from defectloop.labeling.scorer import ScorerStatus
 
@@ -414,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--document-root", help="init: Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local pools)")
     lb.add_argument("--title", default="defectloop")
     lb.add_argument("--defects", help="init: comma-separated defect labels (default: defect)")
-    lb.add_argument("--policy", default="top", choices=["top", "borderline", "diverse", "random"])
+    lb.add_argument("--policy", default="per-category", choices=list(POLICIES))
     lb.add_argument("--batch", type=int, default=20)
     lb.add_argument("--retrain-after", type=int, default=20, help="confirmed anomalies that trigger a retraining")
     lb.add_argument("--inbox", help="the scorer's event inbox (webhooks), e.g. <registry>/inbox")
@@ -442,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
     d.add_argument("--pool-normals", type=float, default=0.5,
                    help="share of the normal training images that join the unlabeled pool")
-    d.add_argument("--policy", default="top", choices=["top", "borderline", "diverse", "random"])
+    d.add_argument("--policy", default="per-category", choices=list(POLICIES))
     d.add_argument("--retrain-every", type=int, default=2, help="retrain every K rounds (0: never)")
     d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")
     d.add_argument("--seed", type=int, default=0)

@@ -54,7 +54,7 @@ class DemoConfig:
     rounds: int = 4
     batch: int = 10
     defect_rate: float = 0.1
-    policy: str = "top"
+    policy: str = "per-category"
     baseline: str = "random"
     retrain_every: int = 2
     test_fraction: float = 0.3

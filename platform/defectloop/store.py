@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: where S3 versions are cached locally (``DEFECTLOOP_CACHE`` overrides)
 CACHE_DIR = Path(os.environ.get("DEFECTLOOP_CACHE", Path.home() / ".cache" / "defectloop"))
-#: image-level verdicts the registry records for the retraining (masks go to the abnormal bank)
-LABEL_KINDS = ("normal", "anomalous")
 
 
 class StoreError(RuntimeError):
@@ -528,26 +526,19 @@ class Registry:
         return self.label(version)
 
     # ----- image-level labels ---------------------------------------------------------------
-    def publish_labels(self, kind: str, images: list[dict]) -> None:
-        """Record, whole, the pool images annotators gave an image-level verdict of ``kind``
-        ("normal", or "anomalous" without a mask): {"source", "category"} each."""
-        self.store.write(f"labels/{_label_kind(kind)}.json", json.dumps(images, indent=1).encode())
+    def publish_normals(self, images: list[dict]) -> None:
+        """Record the pool images annotators confirmed normal ({"source", "category"}), whole."""
+        self.store.write("labels/normal.json", json.dumps(images, indent=1).encode())
 
-    def labels(self, kind: str) -> list[dict]:
-        """The pool images last recorded with that verdict (none before the first record)."""
-        return json.loads(self.store.read_text(f"labels/{_label_kind(kind)}.json", "[]"))
+    def normals(self) -> list[dict]:
+        """The pool images last recorded as confirmed normal (none before the first record)."""
+        return json.loads(self.store.read_text("labels/normal.json", "[]"))
 
     def label(self, version: str | None = None) -> str:
         """What a served model calls itself: the version, plus the bank update in force."""
         version = self.resolve(version)
         bank = self.bank(version)
         return f"{version}-{bank}" if bank else version
-
-
-def _label_kind(kind: str) -> str:
-    if kind not in LABEL_KINDS:
-        raise ValueError(f"image-level labels are {' or '.join(LABEL_KINDS)}, not {kind!r}")
-    return kind
 
 
 def resolve_model_dir(location: str | os.PathLike) -> Path:

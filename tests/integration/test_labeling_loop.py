@@ -148,10 +148,10 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
     reg = Registry(root)
     assert inbox.pending() == [] and reg.current() == "v0002"
     # the retraining learned from both: the confirmed mask, and the image confirmed normal (from the pool)
-    assert reg.labels("normal") == [{"source": normal.data["source"], "category": normal.data["category"]}]
+    assert reg.normals() == [{"source": normal.data["source"], "category": normal.data["category"]}]
     assert normal.data["source"].startswith(str(pool)) and Path(normal.data["source"]).is_file()
     fit = json.loads(reg.store.read_text("versions/v0002/fit.json"))
-    assert fit["carried_annotations"] == 1 and fit["confirmed_normals"] == 1 and fit["confirmed_anomalous"] == 0
+    assert fit["carried_annotations"] == 1 and fit["confirmed_normals"] == 1
     assert main(["label", "status", "--state", str(state)]) == 0
     status = capsys.readouterr().out
     assert "2 labeled (1 with masks, 0 anomalous without, 1 normal)" in status and "model v0002" in status

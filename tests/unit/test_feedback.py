@@ -29,6 +29,10 @@ def test_policies():
     diverse = Diverse(pool_factor=10).select(c, 2)  # the 20 most anomalous: both clusters
     assert diverse[0] == 0 and diverse[1] >= 100  # one from each cluster, not two copies of one defect
     assert make_policy("diverse").select(c, 2)[0] == 0
+    # per category: the best of each in turn, so the low-scoring category is not starved
+    cats = [Candidate(x.task_id, x.score, x.embedding, "low" if x.task_id >= 200 else "high") for x in c]
+    assert make_policy("per-category").select(cats, 5) == [0, 209, 1, 208, 2]
+    assert make_policy("per-category").select(cats[:3], 5) == [0, 1, 2]  # one category: the top policy
     r1, r2 = make_policy("random", seed=1).select(c, 5), make_policy("random", seed=1).select(c, 5)
     assert r1 == r2 and len(set(r1)) == 5
     scores = rank_scores([7, 3, 9])
@@ -96,37 +100,27 @@ def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
     assert cancelled.kind == "empty"
 
 
-def test_image_level_verdicts_reach_the_retraining(feedback, tiny_data, tmp_path, caplog):
-    """Normal verdicts become normal training samples of the next retraining, and mask-less
-    anomalous ones weak positives (label 1, no mask), through the registry."""
-    from defectloop.workers.retrain import confirmed_images
+def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_path, caplog):
+    """Normal verdicts become normal training samples of the next retraining, through the registry."""
+    from defectloop.workers.retrain import confirmed_normals
 
     fb, _, _ = feedback
-    split = load_split(tiny_data)
-    goods = [s for s in split.test if s.label == 0][:3]
-    bad = next(s for s in split.test if s.label == 1)
+    goods = [s for s in load_split(tiny_data).test if s.label == 0][:3]
     tasks = [{"id": 20 + i, "data": {"image": f"/data/local-files/?d={i}", "category": s.category, "source": str(s.path)}}
-             for i, s in enumerate(goods + [bad])]
+             for i, s in enumerate(goods)]
     fb.apply(read_annotation(annotation(30, tasks[0], choice="normal"), tasks[0], CONFIG))
     fb.apply(read_annotation(annotation(31, tasks[0], choice="normal"), tasks[0], CONFIG))  # a second annotator
     fb.apply(read_annotation(annotation(32, tasks[1], choice="normal"), tasks[1], CONFIG))
     fb.apply(read_annotation(annotation(33, tasks[1], choice="anomalous"), tasks[1], CONFIG))  # disputed: left out
     fb.apply(read_annotation(annotation(34, tasks[2], choice="normal"), tasks[2], CONFIG))
-    fb.apply(read_annotation(annotation(35, tasks[3], choice="anomalous"), tasks[3], CONFIG))
-    entry = lambda s: {"source": str(s.path), "category": s.category}  # noqa: E731
-    assert fb.images("normal") == sorted([entry(goods[0]), entry(goods[2])], key=lambda e: e["source"])
-    assert fb.images("anomalous") == [entry(bad)]
+    assert fb.normal_images() == sorted([{"source": str(s.path), "category": s.category} for s in (goods[0], goods[2])],
+                                        key=lambda e: e["source"])
     reg = Registry(tmp_path / "reg")
-    assert reg.labels("normal") == reg.labels("anomalous") == [] and confirmed_images(reg, "normal") == []
-    reg.publish_labels("normal", fb.images("normal") + [{"source": str(tmp_path / "gone.png"), "category": "tile"}])
-    reg.publish_labels("anomalous", fb.images("anomalous"))
-    samples = confirmed_images(reg, "normal")
+    assert reg.normals() == [] and confirmed_normals(reg) == []
+    reg.publish_normals(fb.normal_images() + [{"source": str(tmp_path / "gone.png"), "category": "tile"}])
+    samples = confirmed_normals(reg)
     assert {(s.path, s.category, s.label) for s in samples} == {(s.path, s.category, 0) for s in (goods[0], goods[2])}
     assert "gone.png" in caplog.text and "skipping" in caplog.text
-    (weak,) = confirmed_images(reg, "anomalous")
-    assert (weak.path, weak.category, weak.label, weak.mask_path) == (bad.path, bad.category, 1, None)
-    with pytest.raises(ValueError, match="normal or anomalous"):
-        reg.publish_labels("mask", [])
 
 
 def test_mask_of_the_wrong_size_is_refused(feedback):

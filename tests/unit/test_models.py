@@ -209,36 +209,3 @@ def test_map_operator_is_upsampling_then_gaussian():
                             4.0, axis=2, mode="mirror", truncate=4.0)
     ours = map_operator(32, 256, 4.0).double() @ p @ map_operator(24, 256, 4.0).double().T
     assert np.abs(ours.numpy() - ref).max() < 1e-5
-
-
-def test_weak_cells_are_the_deciding_window():
-    """An image called anomalous without a mask: the cells of its most anomalous window that score
-    at least the window's mean, not a lone high patch elsewhere."""
-    from defectloop.models.dmad import weak_cells
-
-    m = torch.zeros(2, 32, 32)
-    m[0, 10:12, 20:23] = 5.0  # a small defect
-    m[0, 0, 0] = 9.0  # one bright patch: the window of four cells around the defect is hotter
-    m[1] = torch.rand(32, 32)
-    cells = weak_cells(m)
-    assert cells[0, 10:12, 20:23].all() and int(cells[0].sum()) == 6
-    assert 1 <= int(cells[1].sum()) <= 16
-
-
-def test_dmad_trains_on_images_called_anomalous_without_a_mask(tiny_features, small_config):
-    """Mask-less anomalous training images are weak positives: never in the normal bank or the
-    calibration, and their most anomalous window is trained on, on the defect."""
-    from defectloop.features import Extracted
-    from defectloop.models.dmad import weak_cells
-
-    train, test = tiny_features(0)
-    bad = [i for i, s in enumerate(test.samples) if s.label == 1 and test.masks[i] is not None][:3]
-    weak = Extracted(torch.cat([train.features, test.features[bad]]), train.samples + [test.samples[i] for i in bad],
-                     train.masks + [None] * len(bad))
-    model = create_model(small_config("dmad"))
-    stats = model.fit(weak)
-    assert 0 < stats["weak_abnormal_patches"] <= 16 * len(bad) and stats["n_calibration"] < len(train.samples)
-    assert model.normal_bank.image_ids and not {test.samples[i].image_id for i in bad} & set(model.normal_bank.image_ids)
-    cells = weak_cells(model.patch_scores(test.features[bad]))
-    covered = torch.nn.functional.adaptive_avg_pool2d(torch.stack([test.masks[i] for i in bad])[:, None], cells.shape[1:])[:, 0]
-    assert (covered[cells] > 0).float().mean() > 0.5  # the weak positives lie on the defects

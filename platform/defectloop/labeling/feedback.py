@@ -5,10 +5,9 @@ A Label Studio annotation says one of four things about its image: here are defe
 become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
 (webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
 removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger (the
-loop's record of what was labeled). The next retraining reads all three: the confirmed masks from
-the served bank, and from the registry (``Feedback.images``, published by the loop) the images
-confirmed normal, which join the normal training images, and those confirmed anomalous without a
-mask, whose most anomalous window DMAD trains on as a weak positive.
+loop's record of what was labeled). The next retraining reads both: the confirmed masks from the
+served bank, and the images confirmed normal from the registry (``Feedback.normal_images``,
+published by the loop), which join the normal training images.
 """
 
 from __future__ import annotations
@@ -113,19 +112,17 @@ class Feedback:
         self._save()
         return changed
 
-    def images(self, kind: str) -> list[dict]:
-        """Images whose every verdict is ``kind`` ("normal", or "anomalous" without a mask):
-        {"source", "category"}, once each, for the retraining.
+    def normal_images(self) -> list[dict]:
+        """Images annotators confirmed normal: {"source", "category"}, once each, for the retraining.
 
-        An image with verdicts of another kind too (another annotator drew a mask, or saw none)
-        is left out: a mask puts it in the abnormal bank, and a disputed image teaches nothing."""
+        An image that has any other verdict too (another annotator saw a defect) is left out."""
         kinds: dict[str, set[str]] = {}
         category: dict[str, str] = {}
         for e in self.ledger.values():
             src = e.get("source") or e["image"]  # ledgers written before tasks carried their source
             kinds.setdefault(src, set()).add(e["kind"])
             category[src] = e["category"]
-        return [{"source": src, "category": category[src]} for src in sorted(kinds) if kinds[src] == {kind}]
+        return [{"source": src, "category": category[src]} for src in sorted(kinds) if kinds[src] == {"normal"}]
 
     @torch.no_grad()
     def cells(self, verdict: Verdict) -> torch.Tensor:

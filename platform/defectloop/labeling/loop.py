@@ -25,7 +25,7 @@ from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.scorer import ScorerClient, ScorerStatus
 from defectloop.labeling.sync import Sync, SyncReport
-from defectloop.store import LABEL_KINDS, Registry
+from defectloop.store import Registry
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class LabelingLoop:
         """The next batch by the policy, among tasks nobody has labeled, pushed as predictions in that order."""
         _, norm, _ = self.predictor.scores(self.model)
         done = self.labeled()
-        candidates = [Candidate(t, float(norm[i]), None if self.embeddings is None else self.embeddings[i])
-                      for i, t in enumerate(self.predictor.task_ids) if t not in done]
+        candidates = [Candidate(t, float(norm[i]), None if self.embeddings is None else self.embeddings[i],
+                                self.predictor.categories[i]) for i, t in enumerate(self.predictor.task_ids) if t not in done]
         self.selected = self.policy.select(candidates, self.batch)
         self.push()
         return self.selected
@@ -85,13 +85,11 @@ class LabelingLoop:
     def apply_feedback(self) -> FeedbackTiming:
         """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict.
 
-        The image-level verdicts (normal, anomalous without a mask) go to the registry too, where the
-        next retraining reads them."""
+        The images confirmed normal go to the registry too, where the next retraining reads them."""
         t0 = time.perf_counter()
         report = self.sync.run()
-        if report.applied:  # for the next retraining: the image-level verdicts so far
-            for kind in LABEL_KINDS:
-                self.registry.publish_labels(kind, self.feedback.images(kind))
+        if report.applied:  # for the next retraining: the pool images confirmed normal so far
+            self.registry.publish_normals(self.feedback.normal_images())
         if report.published:
             self.push()
         status = self.check_scorer() if report.published else None

@@ -31,7 +31,7 @@ class Workspace:
     project_id: int
     registry: str
     pool: str
-    policy: str = "top"
+    policy: str = "per-category"
     batch: int = 20
     retrain_after: int = 20  # confirmed anomalies since the last retraining that trigger the next one
     anomalies_at_last_retrain: int = 0

@@ -63,7 +63,6 @@ class ModelConfig:
     lr: float = 1e-3
     real_weight: float = 5.0
     synthetic_weight: float = 1.0
-    weak_weight: float = 1.0  # images called anomalous without a mask: their most anomalous window's cells
     synthetic_per_category: int = 8
     train_patches: int = 100_000
     # CRAD

@@ -8,9 +8,8 @@ Implements the method as DESIGN.md section 4 corrects it:
 - the same enhancement for training and test patches, with leave-one-image-out: a training
   patch never sees bank entries of its own image (else the scorer learns "I am in the bank");
 - pseudo-anomalies: noise on normal features, with the enhancement recomputed for the noisy one;
-- scorer: feature adaptor + MLP, hinge loss (margin 0.5) over normal, pseudo, synthetic, real
-  abnormal patches (real ones weighted up) and weak ones (the most anomalous window's cells of
-  images annotators called anomalous without a mask); no normalisation layers, so eval = train behaviour;
+- scorer: feature adaptor + MLP, hinge loss (margin 0.5) over normal, pseudo, synthetic and real
+  abnormal patches (real ones weighted up); no normalisation layers, so eval = train behaviour;
   it learns a correction on top of the nearest-normal distance, averaged over a few independently
   trained heads (see DMADScorer);
 - cold start: without annotations the abnormal bank holds synthetic defects painted on normal
@@ -177,25 +176,6 @@ def mask_cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) ->
     return feats.permute(1, 2, 0)[cov >= threshold]
 
 
-def weak_cells(patch_map: torch.Tensor) -> torch.Tensor:
-    """B x H x W bool: where an image-level "anomalous" verdict most likely points.
-
-    The cells of each image's most anomalous window (H/8 cells wide: the 32 px window at 256 px
-    that decides the image score) that score at least that window's mean: a defect thinner than
-    the window (a crack) leaves its normal-looking cells out.
-    """
-    b, h, w = patch_map.shape
-    k = max(1, round(h / 8))
-    pooled = F.avg_pool2d(patch_map[:, None], k, 1)[:, 0]
-    best = pooled.flatten(1).argmax(1).tolist()
-    out = torch.zeros(b, h, w, dtype=torch.bool)
-    for j, pos in enumerate(best):
-        y, x = divmod(pos, pooled.shape[2])
-        window = patch_map[j, y:y + k, x:x + k]
-        out[j, y:y + k, x:x + k] = window >= window.mean()
-    return out
-
-
 class DMAD(AnomalyModel):
     kind = "dmad"
 
@@ -305,15 +285,6 @@ class DMAD(AnomalyModel):
             self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
             self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
 
-        # images annotators called anomalous without drawing a mask: the cells the model as it stands
-        # (warm: the served one; cold: PatchCore's evidence) finds most anomalous are weak positives
-        weak = [i for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True)) if s.label == 1 and m is None]
-        weak_q, weak_owner = [], []
-        if weak:
-            for i, cells in zip(weak, weak_cells(self.patch_scores(train.features[weak])), strict=True):
-                weak_q.append(train.features[i].permute(1, 2, 0)[cells])
-                weak_owner.append(torch.full((int(cells.sum()),), i))
-
         def enhanced(q: torch.Tensor, owner: torch.Tensor) -> Enhanced:
             d_n, idx = nearest_normal(q, bank.features, bank_owner, owner)
             d_a = nearest_abnormal(q, ab_feats, self._no_abnormal(), ab_owner, owner)
@@ -326,7 +297,6 @@ class DMAD(AnomalyModel):
         e_p = enhanced(q_n + noise / noise.norm(dim=1, keepdim=True) * length, own_n)
         e_r = enhanced(torch.cat(real_q), torch.cat(real_owner)) if real_q else None
         e_s = enhanced(torch.cat(syn_q), torch.cat(syn_owner)) if syn_q else None
-        e_w = enhanced(torch.cat(weak_q), torch.cat(weak_owner)) if weak_q else None
 
         scorer = comm.wrap(self.scorer)
         opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.lr)
@@ -342,7 +312,7 @@ class DMAD(AnomalyModel):
             for _head in self.scorer.heads:
                 i = torch.randint(n_pool, (bs,), generator=g)
                 groups += [(e_n.take(i), 1.0, -1.0), (e_p.take(i), 1.0, 1.0)]
-                for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight), (e_w, cfg.weak_weight)):
+                for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight)):
                     if e is not None:
                         groups.append((e.take(torch.randint(len(e.q), (bs // 2,), generator=g)), weight, 1.0))
             out = scorer(Enhanced.cat([e for e, _, _ in groups]), per_head=True)
@@ -362,5 +332,4 @@ class DMAD(AnomalyModel):
         return {"abnormal_bank_size": len(self.abnormal_bank),
                 "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
                 "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
-                "weak_abnormal_patches": int(comm.all_sum(0 if e_w is None else len(e_w.q))),
                 "final_loss": comm.all_sum(loss_val) / comm.world}
