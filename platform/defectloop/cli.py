@@ -201,8 +201,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
     cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
-                     defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy, retrain_every=args.retrain_every,
-                     steps=args.steps, seed=args.seed, keep_running=args.keep_running)
+                     defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy,
+                     retrain_every=args.retrain_every, steps=args.steps, seed=args.seed, keep_running=args.keep_running)
     run_demo(cfg, args.json)
     print(f"working folder: {out}")
     return 0

@@ -2,8 +2,9 @@
 
 Generates a multi-category data set with synthetic defects (or reads ``--data`` in MVTec layout),
 holds a test split back, makes a pool of the rest and half the normal training images at the given
-defect rate (see ``split_pool``), trains an unsupervised DMAD model on the other normals, starts a local Label Studio and the Ray Serve scorer (connected as the
-project's ML backend), imports the pool and predicts. Then, per round: the selection policy picks
+defect rate (see ``split_pool``), trains an unsupervised DMAD model on the other normals, starts a
+local Label Studio and the Ray Serve scorer (connected as the project's ML backend), imports the
+pool and predicts. Then, per round: the selection policy picks
 B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
 annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
 served label, hot-loaded by the scorer), the pool is re-predicted, and every few rounds the model is

@@ -10,6 +10,7 @@ score (descending) shows them in policy order.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,15 +59,12 @@ class PerCategory:
     name = "per-category"
 
     def select(self, candidates: Sequence[Candidate], k: int) -> list[int]:
-        by_category: dict[str, list[Candidate]] = {}
+        turns: Counter[str] = Counter()  # an image's turn: its rank within its category
+        keyed = []
         for c in sorted(candidates, key=lambda c: (-c.score, c.task_id)):
-            by_category.setdefault(c.category, []).append(c)
-        out: list[Candidate] = []
-        for rank in range(max(map(len, by_category.values()), default=0)):
-            if len(out) >= k:
-                break
-            out += sorted((v[rank] for v in by_category.values() if rank < len(v)), key=lambda c: (-c.score, c.task_id))
-        return [c.task_id for c in out[:k]]
+            keyed.append((turns[c.category], -c.score, c.task_id))
+            turns[c.category] += 1
+        return [task for _, _, task in sorted(keyed)[:k]]
 
 
 class Borderline:
