@@ -112,7 +112,28 @@ def test_matmul_dtype_follows_the_environment(monkeypatch):
         assert precision.matmul_dtype() == dtype
     monkeypatch.delenv("DEFECTLOOP_BF16")
     precision.matmul_dtype.cache_clear()
-    assert precision.matmul_dtype() in (torch.float32, torch.bfloat16)  # measured on this CPU
+    assert precision.matmul_dtype() in (torch.float32, torch.bfloat16)  # this CPU's choice
+
+
+def test_matmul_dtype_trusts_cpu_flags_over_timing(monkeypatch):
+    """The flags decide where known, so a loaded CPU cannot flip the choice between processes."""
+    from defectloop import precision
+
+    monkeypatch.delenv("DEFECTLOOP_BF16", raising=False)
+    for native, speedup, dtype in ((True, 0.5, torch.bfloat16), (False, 9.0, torch.float32),
+                                   (None, 3.0, torch.bfloat16), (None, 1.2, torch.float32)):
+        monkeypatch.setattr(precision, "native_bf16", lambda n=native: n)
+        monkeypatch.setattr(precision, "bf16_speedup", lambda s=speedup: s)
+        precision.matmul_dtype.cache_clear()
+        assert precision.matmul_dtype() == dtype
+    monkeypatch.undo()
+    monkeypatch.delenv("DEFECTLOOP_BF16", raising=False)
+    precision.matmul_dtype.cache_clear()
+    native = precision.native_bf16()
+    if native is not None:  # x86: the same answer every time, whatever the load
+        assert {precision.matmul_dtype.__wrapped__() for _ in range(3)} == {
+            torch.bfloat16 if native else torch.float32}
+    assert precision.bf16_speedup(rounds=3) > 0
 
 
 def test_knn_sorted():
