@@ -198,7 +198,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The labeling loop end to end: Label Studio, the scorer, a simulated annotator (see defectloop.demo)."""
     from defectloop.demo import DemoConfig, run_demo
+    from defectloop.process import exit_on_sigterm
 
+    exit_on_sigterm()  # a stopped demo stops its Label Studio and scorer too
     out = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
     cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
                      defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy,

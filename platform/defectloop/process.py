@@ -105,6 +105,18 @@ def _kill_all(processes: list[tuple[int, str]]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that ``finally`` blocks stop the servers this process started.
+
+    Python's default SIGTERM ends the process on the spot: ``docker stop``, a Kubernetes eviction
+    or ``kill`` of the demo left its Label Studio, scorer and Ray running, orphaned.
+    """
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def free_port() -> int:
     import socket
 
