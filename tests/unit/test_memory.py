@@ -14,14 +14,14 @@ from defectloop.memory import (
 from defectloop.memory.coreset import coverage_radius, extend_farthest, farthest_points
 
 
-def _naive(x, n, seed=0):
-    first = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
-    sel, mind = [first], (x - x[first]).norm(dim=1)
-    for _ in range(1, n):
-        i = int(mind.argmax())
-        sel.append(i)
+def _assert_farthest_point_order(x, sel, mind, rtol=1e-5):
+    """Each selected row is (up to rounding) the farthest from those before it: the plain greedy
+    k-center. Exact index equality would fail on near ties, whose order depends on how a CPU's
+    kernels round (pruned and plain loops swapped steps 149 and 150 on one machine, not another)."""
+    mind = mind.clone()
+    for i in sel.tolist():
+        assert mind[i] >= mind.max() * (1 - rtol)
         mind = torch.minimum(mind, (x - x[i]).norm(dim=1))
-    return torch.tensor(sel)
 
 
 def _clustered(n=6000, d=24, k=30, seed=0):
@@ -32,7 +32,10 @@ def _clustered(n=6000, d=24, k=30, seed=0):
 
 def test_pruned_kcenter_selects_what_the_plain_loop_selects():
     x = _clustered()
-    assert torch.equal(farthest_points(x, 400, seed=3), _naive(x, 400, seed=3))
+    sel = farthest_points(x, 400, seed=3)
+    assert len(set(sel.tolist())) == 400
+    assert sel[0] == int(torch.randint(len(x), (1,), generator=torch.Generator().manual_seed(3)))
+    _assert_farthest_point_order(x, sel[1:], (x - x[sel[0]]).norm(dim=1))
 
 
 def test_extend_farthest_adds_what_the_coreset_does_not_cover():
@@ -42,12 +45,8 @@ def test_extend_farthest_adds_what_the_coreset_does_not_cover():
     new = x[2000:]
     covered = knn(new, old, 1)[0][:, 0]
     sel = extend_farthest(new, covered, 50, shard_size=4096)
-    mind, expected = covered.clone(), []
-    for _ in range(50):
-        i = int(mind.argmax())
-        expected.append(i)
-        mind = torch.minimum(mind, (new - new[i]).norm(dim=1))
-    assert sel.tolist() == expected
+    assert len(set(sel.tolist())) == 50
+    _assert_farthest_point_order(new, sel, covered)
     assert coverage_radius(new, torch.cat([old, new[sel]])) < coverage_radius(new, old)
     dup = torch.cat([old[:10], torch.randn(5, old.shape[1]) * 10])  # 10 rows the coreset holds already
     picked = extend_farthest(dup, knn(dup, old, 1)[0][:, 0], 5).tolist()
