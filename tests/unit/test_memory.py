@@ -93,11 +93,12 @@ def test_ivf_index_recall(monkeypatch, dtype):
 
 def test_knn_leaves_out_the_queries_own_entries():
     bank, q = torch.randn(200, 8), torch.randn(30, 8)
-    bank_owner, q_owner = torch.arange(200) % 5, torch.arange(30) % 5
-    d, i = knn(q, bank, 3, exclude=(q_owner, bank_owner))
+    bank_owner, q_owner = torch.arange(200) % 5, torch.arange(30) % 7  # owners 5 and 6 own no rows
+    d, i = knn(q, bank, 3, chunk=7, exclude=(q_owner, bank_owner))  # chunks of 7 queries
     assert (bank_owner[i] != q_owner[:, None]).all()
     ref = torch.cdist(q, bank).masked_fill(q_owner[:, None] == bank_owner[None], float("inf"))
     assert torch.allclose(d, ref.topk(3, largest=False).values, atol=1e-4)
+    assert torch.equal(i, ref.topk(3, largest=False).indices)
     d, _ = knn(q, bank[:40], 1, exclude=(torch.zeros(30, dtype=torch.long), torch.zeros(40, dtype=torch.long)))
     assert torch.isinf(d).all()  # nothing but the query's own entries
 
