@@ -276,21 +276,22 @@ class DMAD(AnomalyModel):
         flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
         q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
         own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
+        near_n = nearest_normal(q_n, bank.features, bank_owner, own_n)
         if not warm:  # feature statistics and distance scale: the same on every worker
-            d_n0, _ = nearest_normal(q_n, bank.features, bank_owner, own_n)
             keep = n_pool if comm.world == 1 else 4096
-            parts = comm.all_gather((q_n[:keep], d_n0[:keep]))
+            parts = comm.all_gather((q_n[:keep], near_n[0][:keep]))
             sample, dists = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             self.scorer.mean.copy_(sample.mean(0))
             self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
             self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
 
-        def enhanced(q: torch.Tensor, owner: torch.Tensor) -> Enhanced:
-            d_n, idx = nearest_normal(q, bank.features, bank_owner, owner)
+        def enhanced(q: torch.Tensor, owner: torch.Tensor,
+                     near: tuple[torch.Tensor, torch.Tensor] | None = None) -> Enhanced:
+            d_n, idx = near or nearest_normal(q, bank.features, bank_owner, owner)
             d_a = nearest_abnormal(q, ab_feats, self._no_abnormal(), ab_owner, owner)
             return Enhanced(q, q - bank.features[idx], d_n, d_a)
 
-        e_n = enhanced(q_n, own_n)
+        e_n = enhanced(q_n, own_n, near_n)  # the scale needed the normal pool's search already
         # pseudo-anomalies: noise along the feature spread, 1-3 typical normal distances long
         noise = torch.randn(q_n.shape, generator=g) * self.scorer.std
         length = self.scorer.scale * (1 + 2 * torch.rand(n_pool, 1, generator=g))
