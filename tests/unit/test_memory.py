@@ -91,6 +91,18 @@ def test_ivf_index_recall(monkeypatch, dtype):
     assert ((d - d_exact) / d_exact).mean() < 0.01
 
 
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])
+def test_row_min_is_min_with_its_first_column(n):
+    x = torch.randn(40, n, generator=torch.Generator().manual_seed(n))
+    x[0] = float("inf")  # nothing left (every entry excluded)
+    x[1] = 1.0  # all tied: the first column
+    x[2, -1] = -9.0  # the minimum in the partial last block
+    x[3, n // 2] = -9.0
+    d, j = nn_index.row_min(x)
+    ref_d, ref_j = x.min(1)
+    assert torch.equal(d, ref_d) and torch.equal(j, ref_j)
+
+
 def test_knn_leaves_out_the_queries_own_entries():
     bank, q = torch.randn(200, 8), torch.randn(30, 8)
     bank_owner, q_owner = torch.arange(200) % 5, torch.arange(30) % 7  # owners 5 and 6 own no rows

@@ -31,6 +31,29 @@ def sq_dists(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tens
     return torch.addmm(b_sq, q, b.T, alpha=-2).add_((q * q).sum(1, keepdim=True)).clamp_min_(0)
 
 
+def row_min(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum of each row of x and its first column: ``x.min(1)``, 4x faster on CPU.
+
+    A reduction that tracks indices (min, topk) costs about 1 ns per entry on the dev machine,
+    a plain amin about a tenth of that. So amin finds each block of ``block`` columns' minimum,
+    and the column is searched only in each row's winning block (a distance block of 139 x 60k:
+    topk 9.3 ms, min 4.7 ms, this 1.1 ms).
+    """
+    m, n = x.shape
+    full = n - n % block
+    if full == 0:
+        return x.min(1)
+    blocks = x[:, :full].unflatten(1, (-1, block))
+    block_min = blocks.amin(2)
+    b = block_min.argmin(1)
+    d, j = block_min.gather(1, b[:, None])[:, 0], b * block + blocks[torch.arange(m), b].argmin(1)
+    if full < n:  # the last, partial block
+        d_tail, j_tail = x[:, full:].min(1)
+        tail = d_tail < d
+        d, j = torch.where(tail, d_tail, d), torch.where(tail, j_tail + full, j)
+    return d, j
+
+
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = None,
         exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours: (distances Q x k, indices Q x k), sorted nearest first.
@@ -40,8 +63,9 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = N
     of about 8M distances (measured on 4096 queries against 60k entries: 1.3x faster than 2M).
     ``exclude=(query_owner, bank_owner)`` leaves out, for each query, the bank rows that share
     its owner (distance inf when nothing else is left). The bank is searched sorted by owner, so
-    a query's own rows are one run of columns, and only those are set to inf: comparing every
-    query's owner with every row's made the exclusion cost more than the distances themselves.
+    a query's own rows are one run of columns, and only those are set to inf (comparing every
+    query's owner with every row's added 40% to the search). The nearest entry alone (k = 1,
+    what every caller asks) comes from :func:`row_min`.
 
     Every chunk writes into buffers allocated once. With a fresh ~32 MB distance block per chunk
     and small results kept in between, glibc's heap fragmented: a warm DMAD retraining grew by
@@ -68,7 +92,10 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = N
             run_start = torch.repeat_interleave(own_lo[i:i + m] - (counts.cumsum(0) - counts), counts)
             partial[:m].index_put_((rows, run_start + torch.arange(len(rows))), torch.tensor(float("inf")))
         d, j = dists[i:i + m], idx[i:i + m]
-        torch.topk(partial[:m], k, dim=1, largest=False, out=(d, j))
+        if k == 1:
+            d[:, 0], j[:, 0] = row_min(partial[:m])
+        else:
+            torch.topk(partial[:m], k, dim=1, largest=False, out=(d, j))
         d.add_(q.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
     return dists, (idx if exclude is None else order[idx])
 
