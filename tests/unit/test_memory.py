@@ -30,7 +30,7 @@ def _clustered(n=6000, d=24, k=30, seed=0):
     return centres[torch.randint(k, (n,), generator=g)] + torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g)
 
 
-def test_pruned_kcenter_selects_what_the_plain_loop_selects():
+def test_pruned_kcenter_keeps_the_farthest_point_order():
     x = _clustered()
     sel = farthest_points(x, 400, seed=3)
     assert len(set(sel.tolist())) == 400
@@ -111,6 +111,8 @@ def test_knn_leaves_out_the_queries_own_entries():
     ref = torch.cdist(q, bank).masked_fill(q_owner[:, None] == bank_owner[None], float("inf"))
     assert torch.allclose(d, ref.topk(3, largest=False).values, atol=1e-4)
     assert torch.equal(i, ref.topk(3, largest=False).indices)
+    d1, i1 = knn(q, bank, 1, chunk=7, exclude=(q_owner, bank_owner))  # k = 1: row_min, as callers ask
+    assert torch.equal(i1[:, 0], ref.argmin(1)) and torch.allclose(d1[:, 0], ref.min(1).values, atol=1e-4)
     d, _ = knn(q, bank[:40], 1, exclude=(torch.zeros(30, dtype=torch.long), torch.zeros(40, dtype=torch.long)))
     assert torch.isinf(d).all()  # nothing but the query's own entries
 
