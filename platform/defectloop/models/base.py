@@ -71,10 +71,10 @@ class ModelConfig:
     crad_batch_size: int = 16
     crad_grid_lr: float = 0.1
     crad_weight_decay: float = 0.01
-    crad_layers: int = 4
+    crad_layers: int = 2  # 4 cost 1.5x the fit time for no better pixel AUROC (models/crad.py)
     crad_width: int = 0  # fusion channels; 0 = the backbone's patch dimension
     crad_expansion: int = 2
-    crad_local_res: int = 8
+    crad_local_res: int = 16
     crad_global_res: int = 4
     crad_global: bool = True
     crad_refine: bool = False  # the similarity blend; off: it cost 10 points of pixel AUROC (README)

@@ -8,7 +8,7 @@ DESIGN.md section 5, adapted to our backbones:
 - MobileNetV3-style bottlenecks fuse the two sampled maps into a "normal" reconstruction f_n;
 - the anomaly map is |x_hat - x| per position, x_hat = f_n by default; the optional refinement
   (``crad_refine``) blends it with the input, x_hat = S x + (1 - S) f_n with
-  S = 0.3 [mse <= 10] + 0.7 cos(f_n, x). It is off because on our standardised features a normal
+  S = 0.3 [mse <= 10] + 0.7 cos(f_n, x). It is off because on our centred features a normal
   patch near the channel means has a near-zero vector, hence a noisy cosine and a large 1 - S:
   unified on the dev set it cost 10 points of pixel AUROC (81.6 with it, 88.5 without; screw
   89.4 vs 98.5). Measured alternatives that did not close the gap: scaling without centring
@@ -27,7 +27,16 @@ DESIGN.md section 5, adapted to our backbones:
 
 The grids can only hold normal features and the fusion network never sees x itself, so anomalies
 are not reproduced (no identity shortcut). Sizes follow the backbone (C) and the feature grid
-(H x W); features are standardised per channel so one set of hyper-parameters fits any backbone.
+(H x W). Features are centred per channel and divided by ONE scale (the root mean square of the
+channels' standard deviations): one set of hyper-parameters fits any backbone, and the error weighs
+channels as the backbone does, as PatchCore's distance does. Unit variance per channel amplified
+low-variance channels (magnetic tile alone, 10 epochs, 2 fusion layers: pixel AUROC 77.8 with it,
+78.9 with one scale, 80.1 with one scale and a 16 x 16 local grid).
+
+Defaults, unified on the dev set (lite0, 40 epochs, pixel / image AUROC, fit time on 2 cores):
+4 fusion layers, an 8 x 8 local grid and per-channel scaling gave 88.9 / 88.6 in 1645 s, over the
+20-minute budget; 2 layers alone 88.5 / 85.3 in 1065 s; 2 layers, one scale and a 16 x 16 local
+grid 89.0 / 87.2 in 1072 s (magnetic tile pixel 79.8, screw 98.1), now the default.
 The backbone stays frozen: the head trains on cached features, and the epoch with the lowest loss
 on held-back normal training images is kept (never test data). Training runs under bfloat16
 autocast by default (2-3x faster on CPU; weights and scoring stay float32).
@@ -90,10 +99,10 @@ class Bottleneck(nn.Module):
 
 
 class CRADHead(nn.Module):
-    """Continuous-memory reconstruction of C x H x W (standardised) patch features."""
+    """Continuous-memory reconstruction of C x H x W (centred, scaled) patch features."""
 
-    def __init__(self, dim: int, grid_hw: tuple[int, int], local_res: int = 8, global_res: int = 4,
-                 width: int | None = None, expansion: int = 2, layers: int = 4, use_global: bool = True,
+    def __init__(self, dim: int, grid_hw: tuple[int, int], local_res: int = 16, global_res: int = 4,
+                 width: int | None = None, expansion: int = 2, layers: int = 2, use_global: bool = True,
                  refine: bool = True):
         super().__init__()
         h, w = grid_hw
@@ -172,7 +181,7 @@ class CRAD(AnomalyModel):
             parts = comm.all_gather(train.features[tr_idx[:: max(1, len(tr_idx) * comm.world // 256)]])
             sample = torch.cat(parts)
             head.mean.copy_(sample.mean((0, 2, 3)))
-            head.std.copy_(sample.std((0, 2, 3)).clamp_min(1e-6))
+            head.std.fill_(float(sample.std((0, 2, 3)).pow(2).mean().sqrt().clamp_min(1e-6)))
         grid_ids = {id(p) for p in head.grids()}
         opt = torch.optim.AdamW([
             {"params": head.grids(), "lr": cfg.crad_grid_lr},
