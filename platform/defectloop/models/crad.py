@@ -23,9 +23,11 @@ DESIGN.md section 5, adapted to our backbones:
   feature noise, a 4 x 4 local grid, no global grid, one fusion layer, no spatial mixing in the
   fusion, coordinate jitter 0.2: each within 1 point (77.2-78.7). Length of training does help a
   model of magnetic tile alone (current defaults: 80.1 after 10 epochs, 82.4 after 40), but the
-  unified model reaches only 79.8 after 40: sharing the memory with other categories costs it, and
-  neither a 32 x 32 local grid (79.8), an 8 x 8 global grid (79.6, 1359 s) nor fusion without
-  BatchNorm (79.7) won it back;
+  unified model reaches only 79.8 after 40. Capacity is not why: a 32 x 32 local grid (79.8), an
+  8 x 8 global grid (79.6, 1359 s) and fusion without BatchNorm (79.7) change nothing. The feature
+  statistics are: magnetic tile alone, centred and scaled with the unified mean and scale instead
+  of its own, falls from 82.4 to 80.1 after 40 epochs (one run each; next lead: statistics per
+  cluster of images, chosen without category labels);
 - trained with MSE(x_hat, x) on normal features only, local coordinates jittered during training,
   AdamW with a large learning rate for the grids and a small one for the network.
 
