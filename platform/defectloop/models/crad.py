@@ -26,8 +26,8 @@ DESIGN.md section 5, adapted to our backbones:
   unified model reaches only 79.8 after 40. Capacity is not why: a 32 x 32 local grid (79.8), an
   8 x 8 global grid (79.6, 1359 s) and fusion without BatchNorm (79.7) change nothing. The feature
   statistics are: magnetic tile alone, centred and scaled with the unified mean and scale instead
-  of its own, falls from 82.4 to 80.1 after 40 epochs (one run each; next lead: statistics per
-  cluster of images, chosen without category labels);
+  of its own, falls from 82.4 to 80.1 after 40 epochs, mostly by the mean (81.9 with the unified
+  scale alone; one run each; next lead: statistics per cluster of images, no category labels);
 - trained with MSE(x_hat, x) on normal features only, local coordinates jittered during training,
   AdamW with a large learning rate for the grids and a small one for the network.
 
