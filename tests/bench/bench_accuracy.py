@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="patchcore,dmad-unsup,dmad-1,dmad-5,dmad-10,crad,"
-                    "crad-no-global,crad-no-jitter,crad-refine", help="comma-separated subset")
+                    "crad-no-global,crad-no-jitter,crad-refine,crad-one-stats", help="comma-separated subset")
     ap.add_argument("--throughput-rounds", type=int, default=5)
     ap.add_argument("--crad-epochs", type=int, default=None, help="shorter CRAD runs, e.g. for the ablations")
     args = ap.parse_args()
@@ -82,7 +82,7 @@ def main() -> None:
     modes = {"patchcore": ("patchcore", 0, {}), "dmad-unsup": ("dmad", 0, {}), "dmad-1": ("dmad", 1, {}),
              "dmad-5": ("dmad", 5, {}), "dmad-10": ("dmad", 10, {}), "crad": ("crad", 0, {}),
              "crad-no-global": ("crad", 0, {"crad_global": False}), "crad-no-jitter": ("crad", 0, {"crad_jitter": 0.0}),
-             "crad-refine": ("crad", 0, {"crad_refine": True})}
+             "crad-refine": ("crad", 0, {"crad_refine": True}), "crad-one-stats": ("crad", 0, {"crad_clusters": 1})}
     fitted = {}
     for name in args.modes.split(","):
         kind, k, extra = modes[name]

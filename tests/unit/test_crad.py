@@ -9,7 +9,7 @@ from defectloop.data import load_split
 from defectloop.features import extract
 from defectloop.metrics import auroc
 from defectloop.models import create_model, load_model
-from defectloop.models.crad import CRADHead, bilinear_weights
+from defectloop.models.crad import ClusterStats, CRADHead, bilinear_weights, cluster_images
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,53 @@ def test_sizes_follow_backbone_and_grid():
     assert not hasattr(CRADHead(168, (16, 12), use_global=False), "global_grid")
 
 
+def _blobs(centres: list[float], n: int = 40, dim: int = 6, spread: float = 0.3) -> torch.Tensor:
+    """Feature maps (n per centre, dim x 4 x 4) scattered around well apart per-image means."""
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.cat([c + spread * torch.randn(n, dim, generator=g) for c in centres])
+    return offsets[:, :, None, None] + torch.randn(len(offsets), dim, 4, 4, generator=g)
+
+
+def _moments(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return feats.mean((2, 3)), feats.pow(2).mean((2, 3))
+
+
+def test_cluster_count_follows_the_data():
+    """Separate groups of images get their own statistics; one group's spread is not split."""
+    two = _moments(_blobs([0.0, 6.0]))[0].numpy()
+    assert len(set(cluster_images(two, 0, 16, 0.5, 0))) == 2
+    assert len(set(cluster_images(two, 1, 16, 0.5, 0))) == 1
+    assert len(set(cluster_images(two, 3, 16, 0.5, 0))) == 3
+    one = _moments(_blobs([0.0], n=80, spread=1.0))[0].numpy()
+    assert len(set(cluster_images(one, 0, 16, 0.5, 0))) == 1
+
+
+def test_cluster_stats_centre_and_scale_each_group():
+    a, b = _blobs([0.0], spread=0.1), 3.0 * _blobs([10.0], spread=0.1)
+    stats = ClusterStats(6)
+    mean, sq = _moments(torch.cat([a, b]))
+    stats.fit(mean, sq)
+    assert stats.mean.shape == (2, 6)
+    for group in (a, b):
+        x = stats(group)
+        assert x.mean().abs() < 0.1
+        assert x.std((0, 2, 3)).pow(2).mean().sqrt() == pytest.approx(1.0, abs=0.1)
+    assert not torch.equal(*stats.assign(torch.cat([a[:1], b[:1]])))
+    loaded = ClusterStats(6)  # one cluster until loaded: the saved state sets the number
+    loaded.load_state_dict(stats.state_dict())
+    assert torch.equal(loaded(b), stats(b))
+
+
+def test_versions_with_one_mean_and_std_still_load():
+    """Model versions saved before per-cluster statistics kept one mean and std (C each) on the head."""
+    head = CRADHead(6, (4, 4), local_res=4, global_res=2)
+    mean, std = torch.randn(6), torch.rand(6) + 0.5
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("stats.")}
+    head.load_state_dict({**state, "mean": mean, "std": std})
+    x = torch.randn(3, 6, 4, 4)
+    assert torch.allclose(head.normalise(x), (x - mean[:, None, None]) / std[:, None, None])
+
+
 def test_crad_learns_and_separates_defects(crad, features):
     model, stats = crad
     history = stats["crad_history"]
@@ -71,7 +118,7 @@ def test_warm_fit_continues_from_the_learned_head(crad, features, tmp_path):
     model.save(tmp_path / "v")
     warm = load_model(tmp_path / "v")
     warm.config.crad_epochs = 2
-    kept = {k: warm.head_state()[k].clone() for k in ("head.mean", "head.std")}
+    kept = {k: warm.head_state()[k].clone() for k in ("head.stats.centroids", "head.stats.mean", "head.stats.std")}
     history = warm.fit(features[0], warm=True)["crad_history"]
     assert history[0]["train_loss"] < 0.5 * stats["crad_history"][0]["train_loss"]
     assert all(torch.equal(warm.head_state()[k], v) for k, v in kept.items())

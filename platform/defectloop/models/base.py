@@ -79,6 +79,7 @@ class ModelConfig:
     crad_global: bool = True
     crad_refine: bool = False  # the similarity blend; off: it cost 10 points of pixel AUROC (README)
     crad_jitter: float = 0.05
+    crad_clusters: int = 0  # feature statistics per cluster of images: 0 = chosen by silhouette, 1 = one set
     crad_bf16: bool = True  # bfloat16 autocast while training the head
     extra: dict = field(default_factory=dict)
 
