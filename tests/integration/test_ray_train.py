@@ -70,6 +70,25 @@ def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_f
     assert len(m2.abnormal_bank.annotations) >= 6  # the annotated masks of both shards, on every worker
 
 
+def test_two_worker_crad_clusters_the_union_of_shards(local_ray, tiny_data, tmp_path):
+    """Every worker computes the feature statistics from all shards' images, so they agree with one worker's."""
+    split = load_split(tiny_data, anomalies_per_class=2)
+    cfg = ModelConfig(kind="crad", image_size=128, crad_epochs=6, crad_batch_size=8)
+    m1, s1 = fit_distributed(cfg, split.train, 1, storage=str(tmp_path / "runs"))
+    m2, s2 = fit_distributed(cfg, split.train, 2, storage=str(tmp_path / "runs"))
+    assert s2["workers"] == 2 and s2["crad_clusters"] == s1["crad_clusters"]
+    # per-shard hold-backs make the union a little smaller; one shard alone would be about half
+    assert abs(s2["crad_stats_images"] - s1["crad_stats_images"]) <= 0.2 * s1["crad_stats_images"]
+    a, b = m1.head.stats, m2.head.stats
+    assert a.mean.shape == b.mean.shape  # the same number of clusters
+    # clusters match up to their order; shards hold back different calibration images, so the
+    # moments differ a little
+    gap = (a.mean[:, None] - b.mean[None]).abs().amax(2)  # K x K, largest channel difference
+    match = gap.argmin(1)
+    assert sorted(match.tolist()) == list(range(len(match)))
+    assert (gap.min(1).values <= 0.25 * a.std.amax(1)).all(), gap
+
+
 def ray_worker_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
