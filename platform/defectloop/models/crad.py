@@ -62,8 +62,11 @@ import copy
 import logging
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
 from torch import nn
 from tqdm import tqdm
 
@@ -118,8 +121,9 @@ class ClusterStats(nn.Module):
     One mean for every category centres each category off its own mean; per cluster of the images'
     mean feature vectors (k-means, the number of clusters by silhouette), a unified model gets each
     category's statistics back while staying one model. An image takes the statistics of the
-    nearest centroid, at training and at scoring alike. Each cluster has one scale (the root mean
-    square of its channels' standard deviations), so the error weighs channels as the backbone does.
+    nearest cluster mean (its k-means centroid), at training and at scoring alike. Each cluster
+    has one scale (the root mean square of its channels' standard deviations), so the error weighs
+    channels as the backbone does.
     """
 
     max_clusters = 16
@@ -127,20 +131,19 @@ class ClusterStats(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("centroids", torch.zeros(1, dim))
         self.register_buffer("mean", torch.zeros(1, dim))
         self.register_buffer("std", torch.ones(1, dim))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the number of clusters is learned: take the saved shapes
-        for name in ("centroids", "mean", "std"):
+        for name in ("mean", "std"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def assign(self, feats: torch.Tensor) -> torch.Tensor:
         """Cluster of each image (B x C x H x W features -> B)."""
-        return torch.cdist(feats.mean((2, 3)), self.centroids).argmin(1)
+        return torch.cdist(feats.mean((2, 3)), self.mean).argmin(1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         k = self.assign(feats)
@@ -159,23 +162,23 @@ class ClusterStats(nn.Module):
         sq = torch.zeros_like(mean).index_add_(0, labels, image_sq.double()) / counts
         scale = (sq - mean.pow(2)).clamp_min(0).mean(1, keepdim=True).sqrt().clamp_min(1e-6)
         device = self.mean.device
-        self.centroids, self.mean = mean.float().to(device), mean.float().to(device)
+        self.mean = mean.float().to(device)
         self.std = scale.expand_as(mean).float().contiguous().to(device)
 
 
-def cluster_images(points, clusters: int, max_clusters: int, min_silhouette: float, seed: int):
+def cluster_images(points: np.ndarray, clusters: int, max_clusters: int, min_silhouette: float,
+                   seed: int) -> np.ndarray:
     """k-means labels (0..K-1) of N points; K = ``clusters``, or by silhouette when 0.
 
     K > 1 is kept only when its silhouette reaches ``min_silhouette`` and every cluster holds at
     least 8 images (enough for statistics), so one category is not split on its own spread."""
-    import numpy as np
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
     n = len(points)
     if clusters == 1 or n < 16:
         return np.zeros(n, dtype=np.int64)
-    fit = lambda k: KMeans(k, n_init=4, random_state=seed).fit_predict(points)  # noqa: E731
+
+    def fit(k: int) -> np.ndarray:
+        return KMeans(k, n_init=4, random_state=seed).fit_predict(points)
+
     if clusters > 1:
         return fit(min(clusters, n)).astype(np.int64)
     best, best_score = np.zeros(n, dtype=np.int64), min_silhouette
@@ -232,8 +235,6 @@ class CRADHead(nn.Module):
         for name in ("mean", "std"):
             if prefix + name in state_dict:
                 state_dict[f"{prefix}stats.{name}"] = state_dict.pop(prefix + name)[None]
-        if prefix + "stats.centroids" not in state_dict and prefix + "stats.mean" in state_dict:
-            state_dict[prefix + "stats.centroids"] = state_dict[prefix + "stats.mean"]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reconstruct(self, x: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
