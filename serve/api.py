@@ -1,156 +1,26 @@
-"""The scorer's HTTP API (FastAPI): ``/v1/score``, ``/v1/model``, ``/v1/health``, and the Label
-Studio ML-backend routes under ``/ls``.
+"""The scorer's HTTP API (FastAPI): ``/v1/score``, ``/v1/model``, ``/v1/health``, plus the Label
+Studio ML-backend routes of ``serve.ml_backend`` under ``/ls``.
 
-The app is built around a :class:`ScoringContext`, so the same routes run inside the Ray Serve
-deployment (where ``score_one`` is a ``@serve.batch`` method) and in-process for tests.
 Bad input is answered with a 4xx that names the file and the reason; it never reaches the model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
-from defectloop.data import ImageError, ImageTooLarge, load_image
-from defectloop.features import image_tensor
-from defectloop.labeling.brush import BrushRLE, MaskCodec
-from defectloop.labeling.inbox import EventInbox
-from defectloop.scoring import ModelHandle, Scored, b64, decision, heatmap_png, predicted_mask
-from defectloop.serve.settings import ServeSettings
-from defectloop.store import read_uri
+from defectloop.models import AbnormalMemory
+from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
+from defectloop.serve.fetch import read_uri
+from defectloop.serve.ml_backend import build_router
+from defectloop.serve.schemas import ImageRef, ModelInfo, ScoreRequest, ScoreResponse
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoringContext:
-    """What the routes need: the model handle, a (batched) scorer for one image, settings, the inbox."""
-
-    handle: ModelHandle
-    score_one: Callable[[torch.Tensor], Awaitable[Scored]]
-    settings: ServeSettings
-    inbox: EventInbox
-    codec: MaskCodec = BrushRLE()
-
-
-# ----- schemas -------------------------------------------------------------------------------
-class ImageRef(BaseModel):
-    uri: str = Field(description="s3://bucket/key, or a local path below the service's allowed_roots")
-    category: str | None = Field(None, description="product category: selects the calibrated threshold")
-    name: str | None = None
-
-
-class ScoreRequest(BaseModel):
-    images: list[ImageRef] = Field(min_length=1)
-
-
-class Mask(BaseModel):
-    format: Literal["rle"] = "rle"
-    rle: list[int] = Field(description="Label Studio brush RLE over the image's H x W x 4 RGBA array")
-    width: int
-    height: int
-    pixels: int = Field(description="number of pixels predicted defective")
-
-
-class ImageScore(BaseModel):
-    name: str
-    category: str | None
-    score: float = Field(description="anomaly score (higher = more anomalous): the mean of the most "
-                                     "anomalous 32 px window (at 256 px) of the smoothed map")
-    normalised_score: float = Field(description="score mapped to (0, 1) with the category threshold at 0.5")
-    threshold: float | None
-    decision: Literal["normal", "anomalous", "unknown"]
-    model_version: str
-    width: int
-    height: int
-    heatmap_png: str | None = Field(None, description="base64 PNG, jet colours, pixel threshold at mid-scale")
-    mask: Mask | None = None
-
-
-class ScoreResponse(BaseModel):
-    model_version: str
-    results: list[ImageScore]
-
-
-class ModelInfo(BaseModel):
-    model_version: str
-    kind: str
-    backbone: str
-    image_size: int
-    categories: list[str]
-    normal_bank_size: int
-    abnormal_bank_size: int
-    abnormal_annotations: int
-    thresholds: dict[str, float]
-    loaded_at: float
-    reload_error: str | None
-
-
-# ----- helpers -------------------------------------------------------------------------------
-def require_token(request: Request) -> None:
-    """Bearer token, or HTTP basic auth with the token as password (how Label Studio authenticates)."""
-    settings: ServeSettings = request.app.state.ctx.settings
-    if not settings.auth:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    token = ""
-    if scheme.lower() == "bearer":
-        token = value.strip()
-    elif scheme.lower() == "basic":
-        try:
-            token = base64.b64decode(value.strip()).decode().partition(":")[2]
-        except ValueError:
-            token = ""
-    if not token or not hmac.compare_digest(token.encode(), (settings.api_token or "").encode()):
-        raise HTTPException(401, "missing or wrong API token (Authorization: Bearer <token>)",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-def decode(name: str, data: bytes, settings: ServeSettings) -> np.ndarray:
-    try:
-        return load_image(data, max_pixels=int(settings.max_megapixels * 1e6))
-    except ImageTooLarge as e:
-        raise HTTPException(413, f"{name}: {e.reason}") from e
-    except ImageError as e:
-        raise HTTPException(400, f"{name}: {e.reason}") from e
-
-
-async def score_arrays(ctx: ScoringContext, items: list[tuple[str, str | None, np.ndarray]], heatmap: bool,
-                       mask: bool) -> ScoreResponse:
-    """Score decoded images (batched with other requests) and build the per-image answers."""
-    size = ctx.handle.served.model.config.image_size
-    tensors = await asyncio.to_thread(lambda: [image_tensor(img, size) for _, _, img in items])
-    scored = await asyncio.gather(*(ctx.score_one(t) for t in tensors))
-
-    def build() -> list[ImageScore]:
-        out = []
-        for (name, category, img), s in zip(items, scored, strict=True):
-            model = s.served.model
-            h, w = img.shape[:2]
-            t = model.threshold(category)
-            res = ImageScore(name=name, category=category, score=s.score, normalised_score=model.normalise(s.score, category),
-                             threshold=t, decision=decision(s.score, t), model_version=s.served.label, width=w, height=h)
-            if heatmap:
-                res.heatmap_png = b64(heatmap_png(s.amap, model.pixel_threshold(category), w, h))
-            if mask:
-                m = predicted_mask(s.amap, model.pixel_threshold(category), w, h)
-                res.mask = Mask(rle=ctx.codec.encode(m), width=w, height=h, pixels=int(m.sum()))
-            out.append(res)
-        return out
-
-    results = await asyncio.to_thread(build)
-    return ScoreResponse(model_version=results[0].model_version, results=results)
 
 
 class BodyLimit:
@@ -194,8 +64,6 @@ SCORE_BODY = {
 
 
 def build_app(ctx: ScoringContext) -> FastAPI:
-    from defectloop.serve.ml_backend import build_router
-
     app = FastAPI(title="defectloop scorer", version="1",
                   description="Anomaly scores, heatmaps and predicted defect masks for inspection images, from "
                               "the unified model in the registry. Authenticate with `Authorization: Bearer <token>`.")
@@ -215,12 +83,14 @@ def build_app(ctx: ScoringContext) -> FastAPI:
     def model_info() -> ModelInfo:
         served = ctx.handle.served
         m = served.model
+        abnormal = m.abnormal_bank if isinstance(m, AbnormalMemory) else None
         return ModelInfo(
             model_version=served.label, kind=m.kind, backbone=m.config.backbone, image_size=m.config.image_size,
-            categories=sorted(c for c in m.calibration if c != "*"),
+            categories=m.calibration.categories(),
             normal_bank_size=len(m.normal_bank) if m.normal_bank is not None else 0,
-            abnormal_bank_size=len(m.abnormal_bank), abnormal_annotations=len(m.abnormal_bank.annotations),
-            thresholds={c: v["threshold"] for c, v in m.calibration.items()}, loaded_at=served.loaded_at,
+            abnormal_bank_size=len(abnormal) if abnormal is not None else 0,
+            abnormal_annotations=len(abnormal.annotations) if abnormal is not None else 0,
+            thresholds={c: e.threshold for c, e in m.calibration.entries.items()}, loaded_at=served.loaded_at,
             reload_error=ctx.handle.last_error)
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=auth, openapi_extra=SCORE_BODY,

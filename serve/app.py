@@ -24,7 +24,8 @@ from ray import serve
 
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
-from defectloop.serve.api import ScoringContext, build_app
+from defectloop.serve.api import build_app
+from defectloop.serve.context import ScoringContext
 from defectloop.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,10 @@ class Scorer:
         log.info("scorer reconfigured: %s", sorted(user_config or {}))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score_one(self, images: list[torch.Tensor]) -> list[Scored]:
+    async def score_one(self, items: list[tuple[torch.Tensor, str | None]]) -> list[Scored]:
+        """(image, category) pairs of many requests, scored as one batch."""
         # in a thread: the replica's event loop keeps accepting requests (the next batch) meanwhile
-        return await asyncio.to_thread(self.handle.score, images)
+        return await asyncio.to_thread(self.handle.score, [t for t, _ in items], [c for _, c in items])
 
     def check_health(self) -> None:
         if self.handle._served is None:

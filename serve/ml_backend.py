@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from defectloop.labeling.client import StudioClient, StudioError
 from defectloop.labeling.inbox import FEEDBACK_ACTIONS
 from defectloop.labeling.label_config import LabelConfig, prediction_regions
-from defectloop.serve.api import ScoringContext, decode, require_token, score_arrays
+from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
 
 log = logging.getLogger(__name__)
 

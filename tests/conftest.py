@@ -8,7 +8,7 @@ import torch
 from defectloop.data import load_split
 from defectloop.data.synthetic import make_dataset
 from defectloop.features import PatchEmbedder, extract, load_backbone
-from defectloop.models import ModelConfig
+from defectloop.models import CRADConfig, DMADConfig, ModelConfig
 
 torch.set_num_threads(2)
 
@@ -19,15 +19,18 @@ def tiny_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n_train=16, n_test_good=5, n_test_bad=6, size=128, seed=1)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def small_config():
-    """Training sizes for tests: small image, small bank, few steps."""
-    def make(kind: str, **kw) -> ModelConfig:
-        base = dict(kind=kind, image_size=128, coreset_ratio=0.1, steps=120, batch_size=512,
-                    synthetic_per_category=2, train_patches=20_000)
-        base.update(kw)
-        return ModelConfig(**base)
-    return make
+    """Training sizes for tests: small image, small bank, few steps (``dmad``/``crad``: section settings)."""
+    return small
+
+
+def small(kind: str, dmad: dict | None = None, crad: dict | None = None, **kw) -> ModelConfig:
+    """A test-sized config; ``dmad``/``crad`` override their sections' settings."""
+    return ModelConfig(kind=kind, image_size=128, coreset_ratio=0.1, **kw,
+                       dmad=DMADConfig(**{**dict(steps=120, batch_size=512, synthetic_per_category=2, train_patches=20_000),
+                                          **(dmad or {})}),
+                       crad=CRADConfig(**{**dict(epochs=12, batch_size=8), **(crad or {})}))
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +55,33 @@ def tiny_features(tiny_data, embedder):
 def served_registry(tiny_features, tmp_path_factory):
     """A registry holding one small DMAD version (2 seen anomalies per category), for scorer tests."""
     from defectloop.models import create_model
-    from defectloop.store import Registry
+    from defectloop.registry import Registry
 
     train, _ = tiny_features(2)
-    model = create_model(ModelConfig(kind="dmad", image_size=128, coreset_ratio=0.1, steps=120, batch_size=512,
-                                     synthetic_per_category=2, train_patches=20_000))
-    model.fit(train)
+    from defectloop.models import Fitter
+
+    model = create_model(small("dmad"))
+    Fitter(model).fit(train)
     root = tmp_path_factory.mktemp("registry")
     Registry(root).register(model)
+    return root
+
+
+@pytest.fixture()
+def served_copy(served_registry, tmp_path):
+    """A copy of ``served_registry`` that a test may change."""
+    import shutil
+
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
     return root
 
 
 @pytest.fixture(scope="session")
 def confirmed_defects():
     """Defects as annotators confirm them (one per category of ``extracted``): provenance, features under the mask."""
+    from defectloop.features import mask_cells
     from defectloop.memory import Provenance
-    from defectloop.models.dmad import mask_cells
 
     def make(extracted, coverage: float) -> list:
         out, seen = [], set()

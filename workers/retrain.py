@@ -23,22 +23,13 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from defectloop.data import Sample
-from defectloop.memory import AbnormalBank, Provenance
-from defectloop.models import ModelConfig
-from defectloop.store import CACHE_DIR, Registry, is_s3, open_store
+from defectloop.models import AbnormalMemory, ModelConfig
+from defectloop.registry import Registry
+from defectloop.store import CACHE_DIR, is_s3, open_store
 from defectloop.workers.train import train_model
 
 log = logging.getLogger("defectloop.retrain")
-
-
-def confirmed_labels(bank: AbnormalBank) -> list[tuple[Provenance, torch.Tensor]]:
-    """(provenance, features) of entries annotators confirmed (not training masks, not synthetic)."""
-    feats, group, provs = bank.tensors()
-    return [(p, feats[group == i]) for i, p in enumerate(provs)
-            if p.source == "annotation" and not p.annotation_id.startswith("train:")]
 
 
 def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[Sample]:
@@ -72,7 +63,8 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
     current = reg.current()
     if current:
         config = ModelConfig.from_dict(json.loads(reg.store.read_text(f"versions/{current}/config.json")))
-        labels = confirmed_labels(reg.load(current).abnormal_bank)
+        served = reg.load(current)
+        labels = served.confirmed() if isinstance(served, AbnormalMemory) else []
     else:
         config, labels = ModelConfig(), []
     normals = [s for s in confirmed_normals(reg) if not categories or s.category in categories]

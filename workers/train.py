@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -24,9 +25,9 @@ import torch
 from defectloop.collective import LOCAL, TorchCollective
 from defectloop.data import Sample, load_split
 from defectloop.features import extract
-from defectloop.models import AnomalyModel, ModelConfig, create_model, load_model
-from defectloop.models.base import Confirmed
-from defectloop.store import arrow_filesystem, resolve_model_dir
+from defectloop.models import AnomalyModel, Confirmed, Fitter, ModelConfig, create_model, load_model
+from defectloop.registry import resolve_model_dir
+from defectloop.store import S3Config, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,25 @@ def _sample_dict(s: Sample) -> dict:
 
 def _sample(d: dict) -> Sample:
     return Sample(**{**d, "path": Path(d["path"]), "mask_path": Path(d["mask_path"]) if d.get("mask_path") else None})
+
+
+def arrow_filesystem(location: str | os.PathLike, s3: S3Config | None = None):
+    """(path, pyarrow filesystem) for Ray Train's ``storage_path``/``storage_filesystem``, so that
+    checkpoints land beside the registry; S3 gets the same endpoint and credentials as boto3."""
+    if not is_s3(location):
+        return str(Path(location).resolve()), None
+    import boto3
+    from pyarrow import fs
+
+    c = s3 or S3Config.from_env()
+    creds = boto3.Session(aws_access_key_id=c.access_key, aws_secret_access_key=c.secret_key).get_credentials()
+    endpoint = c.endpoint_url or ""
+    filesystem = fs.S3FileSystem(
+        access_key=creds.access_key if creds else None, secret_key=creds.secret_key if creds else None,
+        session_token=creds.token if creds else None, region=c.region or "us-east-1",
+        endpoint_override=endpoint.split("://", 1)[-1] or None,
+        scheme="http" if endpoint.startswith("http://") else "https", force_virtual_addressing=False)
+    return str(location)[5:].rstrip("/"), filesystem
 
 
 def train_loop(config: dict) -> None:
@@ -86,8 +106,8 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     t1 = time.perf_counter()
-    stats = model.fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done, confirmed=config["confirmed"],
-                      warm=bool(config["base"]))
+    stats = Fitter(model).fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done,
+                              confirmed=config["confirmed"], warm=bool(config["base"]))
     workers = comm.all_gather({"rank": rank, "n_images": len(samples), "extract_s": extract_s,
                                "images_per_s": len(samples) / max(extract_s, 1e-9),
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -115,7 +135,7 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
     path, fs = arrow_filesystem(storage or Path(tempfile.gettempdir()) / "defectloop-ray-runs")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"model": asdict(config), "samples": [_sample_dict(s) for s in samples],
+        train_loop_config={"model": config.to_dict(), "samples": [_sample_dict(s) for s in samples],
                            "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed),
                            "base": base},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
@@ -160,7 +180,7 @@ def train_model(config: ModelConfig, data: str, categories: list[str] | None, an
             model.load_state(resolve_model_dir(base))
         train = extract(model.embedder, split.train, config.image_size, progress="features" if progress else False)
         extract_s = time.perf_counter() - t0
-        stats = model.fit(train, progress=progress, confirmed=confirmed, warm=bool(base))
+        stats = Fitter(model).fit(train, progress=progress, confirmed=confirmed, warm=bool(base))
         stats.update(fit_s=time.perf_counter() - t0 - extract_s, per_worker=[{
             "rank": 0, "n_images": len(split.train), "extract_s": extract_s,
             "images_per_s": len(split.train) / max(extract_s, 1e-9),

@@ -50,7 +50,7 @@ def _masks(ex) -> list[np.ndarray | None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from defectloop.store import Registry, save_model
+    from defectloop.registry import Registry, save_model
     from defectloop.workers.train import train_model
 
     config = _model_config(args)
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = f" on {args.workers} Ray Train worker(s)" if args.workers else ""
     print(f"trained {config.kind} on {stats['n_train_images']} images of {len(stats['categories'])} categories "
           f"({len(stats['skipped'])} skipped){where} in {stats['fit_seconds']:.1f}s: normal bank "
-          f"{stats.get('normal_bank_size', 0)}, abnormal bank {len(model.abnormal_bank)}; saved to {out}")
+          f"{stats.get('normal_bank_size', 0)}, abnormal bank {stats.get('abnormal_bank_size', 0)}; saved to {out}")
     return 0
 
 
@@ -124,7 +124,7 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
 
         plots.mkdir(parents=True, exist_ok=True)
         score_histograms(plots / "score_histograms.png", cats, scores.numpy(), labels,
-                         {c: model.threshold(c) for c in set(cats)})
+                         {c: model.calibration.threshold(c) for c in set(cats)})
         for cat in sorted(set(cats)):
             idx = [i for i in np.argsort(-scores.numpy()) if cats[i] == cat][:8]
             size = model.config.image_size
@@ -147,7 +147,8 @@ def print_table(result: dict) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defectloop.models import load_model
-    from defectloop.store import Registry, open_store, resolve_model_dir
+    from defectloop.registry import Registry, resolve_model_dir
+    from defectloop.store import open_store
 
     model = load_model(resolve_model_dir(args.model))
     result = evaluate_model(model, args.data, _categories(args.categories), args.anomalies_per_class,
@@ -168,11 +169,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from defectloop.data import ImageError, load_image
     from defectloop.features import image_tensor
     from defectloop.models import load_model
-    from defectloop.store import resolve_model_dir
+    from defectloop.registry import resolve_model_dir
 
     model = load_model(resolve_model_dir(args.model))
     size = model.config.image_size
-    threshold = model.threshold(args.category)
     failed = 0
     if args.heatmaps:
         Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
@@ -183,15 +183,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"error {e}", file=sys.stderr)
             failed += 1
             continue
-        score, amap = model.score_images(img[None])
-        s = float(score[0])
-        decision = "unknown" if threshold is None else ("anomalous" if s > threshold else "normal")
-        print(f"{path}\t{s:.4f}\t{decision}")
+        (p,) = model.predict(img[None], [args.category])
+        print(f"{path}\t{p.score:.4f}\t{p.decision}")
         if args.heatmaps:
             from defectloop.plots import overlays
 
             overlays(Path(args.heatmaps) / f"{Path(path).stem}_heatmap.png",
-                     [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], amap.numpy(), [f"{s:.3f} {decision}"])
+                     [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None], [f"{p.score:.3f} {p.decision}"])
     return 1 if failed else 0
 
 
@@ -261,7 +259,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         print(f"project {ws.project_id} at {ws.url}: {len(loop.tasks)} tasks, {len(loop.labeled())} labeled "
               f"({kinds['mask']} with masks, {kinds['anomalous']} anomalous without, {kinds['normal']} normal)\n"
               f"model {loop.label} (project shows {loop.project.model_version()}), abnormal bank "
-              f"{len(loop.model.abnormal_bank)} entries; policy {ws.policy}, batch {ws.batch}")
+              f"{loop.abnormal_entries()} entries; policy {ws.policy}, batch {ws.batch}")
         return 0
     timing = loop.apply_feedback()
     inbox = EventInbox(args.inbox) if args.inbox else None
@@ -308,7 +306,7 @@ def _report_scorer(status: ScorerStatus | None) -> bool:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Registry operations: list, show, promote, rollback, gc."""
-    from defectloop.store import Registry
+    from defectloop.registry import Registry
 
     reg = Registry(args.registry)
     if args.action == "list":

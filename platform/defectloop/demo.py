@@ -41,9 +41,9 @@ from defectloop.labeling.project import LabelingProject, PoolImage
 from defectloop.labeling.scorer import ScorerClient
 from defectloop.labeling.server import label_studio
 from defectloop.metrics import evaluate, fmt
-from defectloop.models import AnomalyModel, ModelConfig, create_model
+from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model
 from defectloop.process import ManagedProcess, free_port
-from defectloop.store import Registry
+from defectloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     print(f"data: {data}\npool: {len(pool)} images, {n_bad} defective ({n_bad / max(1, len(pool)):.0%}); "
           f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
 
-    model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, steps=cfg.steps, image_size=cfg.image_size))
-    model.fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
+    model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, image_size=cfg.image_size, dmad=DMADConfig(steps=cfg.steps)))
+    Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
     test_feats = extract(model.embedder, test, model.config.image_size, progress="test features")
     defects = sorted({s.defect for s in pool + test if s.label}) or ["defect"]
 

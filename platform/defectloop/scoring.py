@@ -8,21 +8,19 @@ on the model it started with. Pure Python and torch: Ray Serve, the CLI and test
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from defectloop.models import AnomalyModel, load_model
-from defectloop.store import Registry, open_store, resolve_model_dir
+from defectloop.models import AnomalyModel, Prediction, load_model
+from defectloop.registry import Registry, resolve_model_dir
+from defectloop.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +36,9 @@ class Served:
 
 @dataclass(frozen=True)
 class Scored:
-    """The raw outcome of scoring one image."""
+    """One image's prediction, and the served model that made it."""
 
-    score: float
-    amap: np.ndarray  # S x S smoothed anomaly map at the model's input size
+    prediction: Prediction
     served: Served
 
 
@@ -129,43 +126,8 @@ class ModelHandle:
     def stop(self) -> None:
         self._stop.set()
 
-    def score(self, images: list[torch.Tensor]) -> list[Scored]:
+    def score(self, images: list[torch.Tensor], categories: Sequence[str | None]) -> list[Scored]:
         """Score preprocessed images (3 x S x S in [0, 1]) as one batch with the model in force."""
         served = self.served
         feats = served.model.embedder(torch.stack(images).to(self.device)).float().cpu()
-        scores, maps = served.model.score_features(feats)
-        return [Scored(float(s), m.numpy(), served) for s, m in zip(scores, maps, strict=True)]
-
-
-def decision(score: float, threshold: float | None) -> str:
-    return "unknown" if threshold is None else ("anomalous" if score > threshold else "normal")
-
-
-def resize_map(amap: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Anomaly map at the model's input size -> the original image size (bilinear)."""
-    if amap.shape == (height, width):
-        return amap
-    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
-
-
-def predicted_mask(amap: np.ndarray, pixel_threshold: float | None, width: int, height: int) -> np.ndarray:
-    """H x W bool defect mask: where the map, at the original size, exceeds the calibrated pixel threshold."""
-    if pixel_threshold is None:
-        return np.zeros((height, width), bool)
-    return resize_map(amap, width, height) > pixel_threshold
-
-
-def heatmap_png(amap: np.ndarray, threshold: float | None, width: int, height: int) -> bytes:
-    """The anomaly map as a colour PNG (jet) at the image size; the pixel threshold sits mid-scale."""
-    from matplotlib import colormaps
-
-    a = resize_map(amap, width, height)
-    top = 2 * threshold if threshold and threshold > 0 else max(float(a.max()), 1e-6)
-    rgb = (colormaps["jet"](np.clip(a / top, 0, 1))[..., :3] * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False, compress_level=1)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+        return [Scored(p, served) for p in served.model.predict_features(feats, categories)]

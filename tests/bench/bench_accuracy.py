@@ -26,7 +26,7 @@ from defectloop.data.images import load_image
 from defectloop.features import Extracted, PatchEmbedder, extract, image_tensor, load_backbone
 from defectloop.memory.coreset import KCenterGreedy, coverage_radius, farthest_points, random_projection
 from defectloop.metrics import evaluate, fmt
-from defectloop.models import ModelConfig, create_model
+from defectloop.models import CRADConfig, Fitter, ModelConfig, create_model
 from defectloop.precision import matmul_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,19 +81,19 @@ def main() -> None:
 
     modes = {"patchcore": ("patchcore", 0, {}), "dmad-unsup": ("dmad", 0, {}), "dmad-1": ("dmad", 1, {}),
              "dmad-5": ("dmad", 5, {}), "dmad-10": ("dmad", 10, {}), "crad": ("crad", 0, {}),
-             "crad-no-global": ("crad", 0, {"crad_global": False}), "crad-no-jitter": ("crad", 0, {"crad_jitter": 0.0}),
-             "crad-refine": ("crad", 0, {"crad_refine": True}), "crad-one-stats": ("crad", 0, {"crad_clusters": 1})}
+             "crad-no-global": ("crad", 0, {"use_global": False}), "crad-no-jitter": ("crad", 0, {"jitter": 0.0}),
+             "crad-refine": ("crad", 0, {"refine": True}), "crad-one-stats": ("crad", 0, {"clusters": 1})}
     fitted = {}
     for name in args.modes.split(","):
         kind, k, extra = modes[name]
         if kind == "crad" and args.crad_epochs:
-            extra = {**extra, "crad_epochs": args.crad_epochs}
+            extra = {**extra, "epochs": args.crad_epochs}
         split = load_split(args.data, anomalies_per_class=k, seed=args.seed)
         train_paths = {s.path for s in split.train}
         train = subset(every, lambda s, tp=train_paths: s.path in tp)
-        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone, **extra))
+        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone, crad=CRADConfig(**extra)))
         t = time.perf_counter()
-        stats = model.fit(train, progress=True)
+        stats = Fitter(model).fit(train, progress=True)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         scores, maps = model.score_features(test.features)
@@ -116,7 +116,7 @@ def main() -> None:
     step = max(1, len(test.samples) // 16)
     batch = torch.stack([image_tensor(load_image(s.path), 256) for s in test.samples[::step][:16]])
     runs = {"backbone": embedder.backbone, "backbone_as_loaded": load_backbone(args.backbone, fast=False),
-            **{n: fitted[n].score_images for n in fitted}}
+            **{n: (lambda b, m=fitted[n]: m.score_features(m.embedder(b))) for n in fitted}}
     best = dict.fromkeys(runs, float("inf"))
     with torch.no_grad():
         for fn in runs.values():

@@ -33,8 +33,8 @@ TOKEN = "bench-token"
 def train_registry(data: Path, per_category: int, out: Path) -> Path:
     from defectloop.data import load_split
     from defectloop.features import extract
-    from defectloop.models import ModelConfig, create_model
-    from defectloop.store import Registry
+    from defectloop.models import Fitter, ModelConfig, create_model
+    from defectloop.registry import Registry
 
     counts: Counter = Counter()
     train = []
@@ -43,7 +43,7 @@ def train_registry(data: Path, per_category: int, out: Path) -> Path:
             counts[s.category] += 1
             train.append(s)
     model = create_model(ModelConfig(kind="dmad"))
-    model.fit(extract(model.embedder, train, model.config.image_size, progress="bench: features"), progress=True)
+    Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="bench: features"), progress=True)
     Registry(out).register(model)
     return out
 

@@ -32,7 +32,7 @@ def test_a_failed_retraining_leaves_the_demo_on_the_served_version(served_regist
     import shutil
 
     from defectloop.demo import retrain_job
-    from defectloop.store import Registry
+    from defectloop.registry import Registry
 
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)

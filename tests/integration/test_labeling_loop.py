@@ -18,7 +18,8 @@ from defectloop.labeling.feedback import Feedback, Verdict
 from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import MOST_ANOMALOUS_TAB, LabelingProject, PoolImage
 from defectloop.labeling.sync import Sync
-from defectloop.store import Registry
+from defectloop.memory import Provenance
+from defectloop.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +88,10 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
     ls.annotations.update(id=ann.id, result=[brush(small)])
     edited = sync.run()
     assert edited.applied == 1 and edited.published == "v0001-b0002"
-    expected = feedback.cells(Verdict(str(ann.id), top, tasks_by_id[top]["data"]["image"], "disc", "mask", mask=small))
-    assert len(model.abnormal_bank) - before == len(expected) > 0  # replaced, not added
+    held = len(model.abnormal_bank) - before
+    image = feedback.load_image(Verdict(str(ann.id), top, tasks_by_id[top]["data"]["image"], "disc", "mask"))
+    assert held == model.confirm(Provenance("probe", "probe"), image, small) > 0  # replaced, not added
+    assert model.forget("probe")
 
     # Label Studio dies mid-loop: the sync reports and changes nothing; after a restart it resumes
     label_studio.kill()

@@ -17,9 +17,9 @@ from defectloop.cli import main
 from defectloop.data import load_split
 from defectloop.memory.coreset import coverage_radius
 from defectloop.metrics import auroc
-from defectloop.models import ModelConfig
-from defectloop.models.base import split_holdout
-from defectloop.store import Registry
+from defectloop.models import CRADConfig, DMADConfig, ModelConfig
+from defectloop.models.holdout import split_holdout
+from defectloop.registry import Registry
 from defectloop.workers.train import fit_distributed
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,9 @@ def local_ray():
     ray.shutdown()
 
 
-def config(**kw) -> ModelConfig:
-    return ModelConfig(**{**dict(kind="dmad", image_size=128, coreset_ratio=0.1, steps=120, batch_size=512,
-                                 synthetic_per_category=2, train_patches=20_000), **kw})
+def config(steps: int = 120, **kw) -> ModelConfig:
+    return ModelConfig(**{**dict(kind="dmad", image_size=128, coreset_ratio=0.1), **kw},
+                       dmad=DMADConfig(steps=steps, batch_size=512, synthetic_per_category=2, train_patches=20_000))
 
 
 def image_auroc(model, test) -> float:
@@ -45,7 +45,7 @@ def image_auroc(model, test) -> float:
 def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_features, confirmed_defects, tmp_path):
     train, test = tiny_features(2)
     split = load_split(tiny_data, anomalies_per_class=2)
-    confirmed = confirmed_defects(test, config().mask_coverage)  # annotators' defects, as in a retraining
+    confirmed = confirmed_defects(test, config().dmad.mask_coverage)  # annotators' defects, as in a retraining
     m1, s1 = fit_distributed(config(), split.train, 1, storage=str(tmp_path / "runs"), confirmed=confirmed)
     m2, s2 = fit_distributed(config(), split.train, 2, storage=str(tmp_path / "runs"), confirmed=confirmed)
     assert s1["real_abnormal_patches"] == s2["real_abnormal_patches"] > sum(len(c) for _, c in confirmed)
@@ -73,7 +73,7 @@ def test_one_and_two_workers_give_equivalent_models(local_ray, tiny_data, tiny_f
 def test_two_worker_crad_clusters_the_union_of_shards(local_ray, tiny_data, tmp_path):
     """Every worker computes the feature statistics from all shards' images, so they agree with one worker's."""
     split = load_split(tiny_data, anomalies_per_class=2)
-    cfg = ModelConfig(kind="crad", image_size=128, crad_epochs=6, crad_batch_size=8)
+    cfg = ModelConfig(kind="crad", image_size=128, crad=CRADConfig(epochs=6, batch_size=8))
     m1, s1 = fit_distributed(cfg, split.train, 1, storage=str(tmp_path / "runs"))
     m2, s2 = fit_distributed(cfg, split.train, 2, storage=str(tmp_path / "runs"))
     assert s2["workers"] == 2 and s2["crad_clusters"] == s1["crad_clusters"]

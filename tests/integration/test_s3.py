@@ -1,16 +1,20 @@
 """Model versions, banks and pools on a real S3 server (seaweedfs), through boto3."""
 
-import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from defectloop import store as store_mod
 from defectloop.cli import main
+from defectloop.labeling.workspace import pool_images
 from defectloop.memory import Provenance
+from defectloop.registry import Registry
 from defectloop.scoring import ModelHandle
-from defectloop.store import Registry, S3Config, StoreError, arrow_filesystem, list_images, open_store
+from defectloop.serve.fetch import read_uri
+from defectloop.store import S3Config, StoreError, open_store
+from defectloop.workers.train import arrow_filesystem
 
 pytestmark = pytest.mark.slow
 
@@ -103,11 +107,9 @@ def test_concurrent_writers(s3, model):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=write) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(write)
     assert not errors and sorted(results) == ["v0001", "v0002", "v0003"]
     reg = Registry(uri)
     assert reg.ids() == sorted(results) and reg.current() in results
@@ -143,9 +145,10 @@ def test_pool_listing_and_arrow_filesystem(s3, tiny_data):
     for p in files:
         pool.upload_file(p, f"disc/{p.parent.name}_{p.name}")
     pool.write("notes.txt", b"not an image")
-    listed = list_images(f"s3://{S3_BUCKET}/pool")
-    assert len(listed) == 3 and all(u.startswith(f"s3://{S3_BUCKET}/pool/disc/") for u in listed)
-    assert {store_mod.read_uri(u) for u in listed} == {f.read_bytes() for f in files}
+    listed = pool_images(f"s3://{S3_BUCKET}/pool")
+    assert len(listed) == 3 and all(p.uri.startswith(f"s3://{S3_BUCKET}/pool/disc/") for p in listed)
+    assert {p.category for p in listed} == {"disc"}
+    assert {read_uri(p.uri) for p in listed} == {f.read_bytes() for f in files}
 
     path, fs = arrow_filesystem(f"s3://{S3_BUCKET}/ray-runs")
     with fs.open_output_stream(f"{path}/probe/checkpoint.txt") as f:
@@ -160,7 +163,7 @@ def test_cached_copy_follows_rewrites(s3, model):
     reg = Registry(uri)
     v = reg.register(model)
     changed = reg.load()  # now in the local cache
-    changed.calibration = {k: {**c, "threshold": c["threshold"] + 1.0} for k, c in changed.calibration.items()}
+    changed.calibration = changed.calibration.shifted(1.0)
     reg.store.delete("")
     assert reg.ids() == [] and reg.register(changed) == v  # same URI, same version id, other bytes
     assert Registry(uri).load().calibration == changed.calibration != model.calibration

@@ -3,12 +3,13 @@
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from defectloop.memory import Provenance
-from defectloop.store import Registry
+from defectloop.registry import Registry
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": "Bearer integration-token"}  # the scorer fixture's token
@@ -44,17 +45,9 @@ def test_concurrent_requests_are_batched_correctly(scorer, images):
     """16 clients at once: every answer belongs to its own image (batching must not mix them up)."""
     data = images["good"][:8] + images["bad"][:8]
     alone = [score(scorer.url, d).json()["results"][0]["score"] for d in data]
-    out: dict[int, float] = {}
-
-    def one(i):
-        out[i] = score(scorer.url, data[i]).json()["results"][0]["score"]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(data))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [out[i] for i in range(len(data))] == pytest.approx(alone, abs=1e-3)
+    with ThreadPoolExecutor(len(data)) as pool:
+        together = list(pool.map(lambda d: score(scorer.url, d).json()["results"][0]["score"], data))
+    assert together == pytest.approx(alone, abs=1e-3)
 
 
 def test_hot_reload_under_load(scorer, scorer_registry, images, embedder):

@@ -4,7 +4,6 @@ import asyncio
 import base64
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,22 +13,23 @@ from PIL import Image
 from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle
-from defectloop.serve.api import ScoringContext, build_app
+from defectloop.serve.api import build_app
+from defectloop.serve.context import ScoringContext
 from defectloop.serve.settings import ServeSettings
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture()
-def ctx(served_registry, tmp_path):
-    root = tmp_path / "reg"
-    shutil.copytree(served_registry, root)
+def ctx(served_copy, tmp_path):
+    root = served_copy
     settings = ServeSettings.load(env={}, model=str(root), api_token=TOKEN, max_images=4, max_request_mb=1,
                                   max_megapixels=1, allowed_roots=[str(tmp_path / "pool")])
     handle = ModelHandle(root)
 
-    async def score_one(t):
-        return (await asyncio.to_thread(handle.score, [t]))[0]
+    async def score_one(item):
+        image, category = item
+        return (await asyncio.to_thread(handle.score, [image], [category]))[0]
 
     return ScoringContext(handle, score_one, settings, EventInbox(settings.inbox_dir()))
 

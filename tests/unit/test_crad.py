@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from defectloop.data import load_split
 from defectloop.features import extract
 from defectloop.metrics import auroc
-from defectloop.models import create_model, load_model
+from defectloop.models import AbnormalMemory, Fitter, create_model, load_model
 from defectloop.models.crad import ClusterStats, CRADHead, bilinear_weights, cluster_images
 
 
@@ -18,11 +18,9 @@ def features(tiny_features):
 
 
 @pytest.fixture(scope="module")
-def crad(features):
-    from defectloop.models import ModelConfig
-
-    model = create_model(ModelConfig(kind="crad", image_size=128, crad_epochs=12, crad_batch_size=8, crad_layers=2))
-    stats = model.fit(features[0])
+def crad(features, small_config):
+    model = create_model(small_config("crad", crad={"epochs": 12, "layers": 2}))
+    stats = Fitter(model).fit(features[0])
     return model, stats
 
 
@@ -106,6 +104,7 @@ def test_crad_save_load_bit_exact(crad, features, tmp_path):
     model, _ = crad
     model.save(tmp_path / "v")
     assert not (tmp_path / "v" / "normal_bank.safetensors").exists()
+    assert not (tmp_path / "v" / "abnormal_bank.safetensors").exists() and not isinstance(model, AbnormalMemory)
     loaded = load_model(tmp_path / "v")
     a, ma = model.score_features(features[1].features)
     b, mb = loaded.score_features(features[1].features)
@@ -117,20 +116,17 @@ def test_warm_fit_continues_from_the_learned_head(crad, features, tmp_path):
     model, stats = crad
     model.save(tmp_path / "v")
     warm = load_model(tmp_path / "v")
-    warm.config.crad_epochs = 2
+    warm.config.crad.epochs = 2
     kept = {k: warm.head_state()[k].clone() for k in ("head.stats.mean", "head.stats.std")}
-    history = warm.fit(features[0], warm=True)["crad_history"]
+    history = Fitter(warm).fit(features[0], warm=True)["crad_history"]
     assert history[0]["train_loss"] < 0.5 * stats["crad_history"][0]["train_loss"]
     assert all(torch.equal(warm.head_state()[k], v) for k, v in kept.items())
 
 
-@pytest.mark.parametrize(("switch", "value"), [("crad_global", False), ("crad_refine", True)])
-def test_ablations_switch_parts(features, switch, value):
-    from defectloop.models import ModelConfig
-
-    model = create_model(ModelConfig(kind="crad", image_size=128, crad_epochs=2, crad_batch_size=8,
-                                     crad_layers=1, **{switch: value}))
-    model.fit(features[0])
+@pytest.mark.parametrize(("switch", "value"), [("use_global", False), ("refine", True)])
+def test_ablations_switch_parts(features, small_config, switch, value):
+    model = create_model(small_config("crad", crad={"epochs": 2, "layers": 1, switch: value}))
+    Fitter(model).fit(features[0])
     assert model.score_features(features[1].features[:2])[0].isfinite().all()
 
 

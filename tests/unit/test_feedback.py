@@ -8,7 +8,8 @@ from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.feedback import Feedback, Verdict, read_annotation
 from defectloop.labeling.label_config import LabelConfig, build_label_config
 from defectloop.labeling.policies import Candidate, Diverse, make_policy, rank_scores
-from defectloop.store import Registry
+from defectloop.memory import Provenance
+from defectloop.registry import Registry
 
 CONFIG = LabelConfig.parse(build_label_config(["scratch", "blob"]))
 
@@ -82,7 +83,9 @@ def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
     smaller[ys.min():ys.min() + 16, xs.min():xs.min() + 16] = True
     edited = read_annotation(annotation(5, task, smaller), task, CONFIG)
     fb.apply(edited)  # edited: replaced by the new mask's entries, not added to the old ones
-    assert len(bank) - before == len(fb.cells(edited)) > 0
+    held = len(bank) - before
+    assert held == fb.model.confirm(Provenance("probe", "probe"), load_image(sample.path), smaller) > 0
+    assert fb.model.forget("probe") and len(bank) - before == held
     fb.apply(Verdict("5", 11, task["data"]["image"], sample.category, "deleted"))
     assert len(bank) == before and "ls:5" not in bank
     assert Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger == {}
@@ -129,3 +132,17 @@ def test_mask_of_the_wrong_size_is_refused(feedback):
     with pytest.raises(ValueError, match="mask size differs"):
         fb.apply(v)
     assert "ls:9" not in fb.model.abnormal_bank
+
+
+def test_a_model_without_abnormal_memory_keeps_the_label_only(feedback, tiny_features, small_config, tmp_path):
+    """PatchCore reads no abnormal bank: a confirmed mask is a label in the ledger, not a bank change."""
+    from defectloop.data import load_mask
+    from defectloop.models import AbnormalMemory, Fitter, create_model
+
+    _, task, sample = feedback
+    model = create_model(small_config("patchcore"))
+    Fitter(model).fit(tiny_features(2)[0])
+    assert not isinstance(model, AbnormalMemory) and not hasattr(model, "abnormal_bank")
+    fb = Feedback(model, tmp_path / "pc-ledger.json", lambda v: load_image(v.image))
+    assert not fb.apply(read_annotation(annotation(40, task, load_mask(sample.mask_path)), task, CONFIG))
+    assert fb.ledger["40"]["kind"] == "mask"

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from defectloop.features import mask_cells
 from defectloop.memory import Provenance
 from defectloop.metrics import auroc
-from defectloop.models import ANY_CATEGORY, create_model, load_model
-from defectloop.store import Registry
+from defectloop.models import ANY_CATEGORY, AbnormalMemory, Fitter, create_model, load_model
+from defectloop.registry import Registry
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +18,12 @@ def features(tiny_features):
 
 
 @pytest.fixture(scope="module")
-def fitted(features, tmp_path_factory):
-    from defectloop.models import ModelConfig
-
+def fitted(features, small_config):
     train, _ = features
     models = {}
     for kind in ("patchcore", "dmad"):
-        cfg = ModelConfig(kind=kind, image_size=128, coreset_ratio=0.1, steps=150, batch_size=512,
-                          synthetic_per_category=2, train_patches=20_000)
-        m = create_model(cfg)
-        m.fit(train)
+        m = create_model(small_config(kind, dmad={"steps": 150}))
+        Fitter(m).fit(train)
         models[kind] = m
     return models
 
@@ -51,8 +48,9 @@ def test_dmad_uses_real_and_synthetic_anomalies(fitted):
 def test_calibrated_thresholds_per_category(fitted):
     cal = fitted["dmad"].calibration
     assert set(cal) == {"tile", "disc", "mesh", ANY_CATEGORY}
-    assert all(v["n"] >= 1 for v in cal.values())
-    assert fitted["dmad"].threshold("unknown-category") == cal[ANY_CATEGORY]["threshold"]
+    assert all(e.n >= 1 for e in cal.entries.values())
+    assert cal.threshold("unknown-category") == cal.entries[ANY_CATEGORY].threshold
+    assert not cal.knows("unknown-category") and cal.knows("disc")
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])
@@ -72,9 +70,7 @@ def test_abnormal_bank_change_moves_scores_at_once(fitted, features):
     _, test = features
     i = next(k for k, s in enumerate(test.samples) if s.label == 1)
     before, _ = model.score_features(test.features[i:i + 1])
-    from defectloop.models.dmad import mask_cells
-
-    cells = mask_cells(test.features[i], test.masks[i], model.config.mask_coverage)
+    cells = mask_cells(test.features[i], test.masks[i], model.config.dmad.mask_coverage)
     prov = Provenance("ls-annotation-42", test.samples[i].image_id, test.samples[i].category, "scratch")
     model.abnormal_bank.add(prov, cells)
     after, _ = model.score_features(test.features[i:i + 1])
@@ -89,11 +85,14 @@ def test_retraining_uses_confirmed_defects(tiny_features, small_config, confirme
     """Confirmed defects from the pool are in the new version's bank, and DMAD's scorer trains on them."""
     train, test = tiny_features(0)
     model = create_model(small_config(kind))
-    confirmed = confirmed_defects(test, model.config.mask_coverage)
-    stats = model.fit(train, confirmed=confirmed)
+    confirmed = confirmed_defects(test, model.config.dmad.mask_coverage)
+    stats = Fitter(model).fit(train, confirmed=confirmed)
     assert len(confirmed) == 3 and stats["confirmed_annotations"] == 3
-    assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
+    # only a model that reads an abnormal bank keeps one (PatchCore would carry a bank it never reads)
+    assert isinstance(model, AbnormalMemory) == (kind == "dmad")
     if kind == "dmad":  # no masks in the training split: every real abnormal patch is a confirmed one
+        assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
+        assert [p for p, _ in model.confirmed()] == [p for p, _ in confirmed]
         assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed) > 0
 
 
@@ -102,7 +101,7 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
     """A warm refit (the retraining's default) keeps the bank's entries and adds only from new images;
     DMAD's scorer continues from its weights and input statistics; calibration stays on held-back images."""
     from defectloop.features import Extracted
-    from defectloop.models.base import split_holdout
+    from defectloop.models.holdout import split_holdout
 
     train, test = tiny_features(0)
     late = {s.image_id for s in train.samples if s.label == 0 and s.path.stem[-1] in "05"}  # come later
@@ -110,12 +109,12 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
     old = Extracted(train.features[first], [train.samples[i] for i in first], [train.masks[i] for i in first])
     model = create_model(small_config(kind))
     with pytest.raises(ValueError, match="warm fit"):
-        model.fit(old, warm=True)
-    model.fit(old)
+        Fitter(model).fit(old, warm=True)
+    Fitter(model).fit(old)
     before = model.normal_bank
     stats_before = {k: v.clone() for k, v in model.head_state().items() if k.split(".")[-1] in ("mean", "std", "scale")}
-    confirmed = confirmed_defects(test, model.config.mask_coverage)
-    stats = model.fit(train, warm=True, confirmed=confirmed)
+    confirmed = confirmed_defects(test, model.config.dmad.mask_coverage)
+    stats = Fitter(model).fit(train, warm=True, confirmed=confirmed)
     after = model.normal_bank
     # an image's side of the calibration split does not move when images are added
     held_old = {old.samples[i].image_id for i in split_holdout(old.samples, 0.1, 0)[1]}
@@ -130,7 +129,8 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
     assert held_new.isdisjoint(after.image_ids)  # calibration never on images the bank holds
     for k, v in stats_before.items():
         assert torch.equal(model.head_state()[k], v), k
-    assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
+    if isinstance(model, AbnormalMemory):
+        assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
     scores, _ = model.score_features(test.features)
     assert auroc(scores.numpy(), np.array([s.label for s in test.samples])) > 0.9
 
@@ -138,10 +138,10 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
 def test_same_config_and_data_give_the_same_model(features, small_config):
     """Fits are reproducible: the learned head's initial weights come from the config's seed."""
     train, test = features
-    a, b = (create_model(small_config("dmad", steps=20)) for _ in range(2))
+    a, b = (create_model(small_config("dmad", dmad={"steps": 20})) for _ in range(2))
     torch.manual_seed(123)  # the global RNG's state must not matter
-    a.fit(train)
-    b.fit(train)
+    Fitter(a).fit(train)
+    Fitter(b).fit(train)
     assert torch.equal(a.score_features(test.features)[0], b.score_features(test.features)[0])
 
 
@@ -156,7 +156,7 @@ def test_dmad_correction_is_the_mean_of_independent_heads(fitted, features, monk
     monkeypatch.setattr(dmad, "matmul_dtype", lambda: dtype)
     model, (_, test) = fitted["dmad"], features
     sc, heads = model.scorer, model.scorer.heads
-    assert len(heads) == model.config.heads == 3
+    assert len(heads) == model.config.dmad.heads == 3
     first = [h.mlp[0].weight for h in heads]
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
     f = test.features[:2]
@@ -201,7 +201,7 @@ def test_map_operator_is_upsampling_then_gaussian():
     """The two-GEMM anomaly map equals bilinear upsampling followed by a reflect-padded Gaussian."""
     from scipy.ndimage import gaussian_filter1d
 
-    from defectloop.models.base import map_operator
+    from defectloop.models.prediction import map_operator
 
     p = torch.rand(3, 32, 24, dtype=torch.float64)
     up = torch.nn.functional.interpolate(p[:, None], size=(256, 256), mode="bilinear", align_corners=False)[:, 0]
@@ -209,3 +209,38 @@ def test_map_operator_is_upsampling_then_gaussian():
                             4.0, axis=2, mode="mirror", truncate=4.0)
     ours = map_operator(32, 256, 4.0).double() @ p @ map_operator(24, 256, 4.0).double().T
     assert np.abs(ours.numpy() - ref).max() < 1e-5
+
+
+def test_versions_saved_with_flat_settings_still_load(fitted, features, tmp_path):
+    """config.json of versions written before the per-model sections (flat keys, an empty `extra`)."""
+    from defectloop.models import ModelConfig
+
+    model = fitted["dmad"]
+    model.save(tmp_path / "v")
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    flat = {**{k: v for k, v in cfg.items() if k not in ("dmad", "crad")}, **cfg["dmad"],
+            **{f"crad_{k}": v for k, v in cfg["crad"].items() if k not in ("use_global", "lr")},
+            "crad_global": cfg["crad"]["use_global"], "extra": {}}
+    (tmp_path / "v" / "config.json").write_text(json.dumps(flat))
+    loaded = load_model(tmp_path / "v")
+    assert loaded.config == model.config
+    _, test = features
+    assert torch.equal(loaded.score_features(test.features[:3])[0], model.score_features(test.features[:3])[0])
+    with pytest.raises(ValueError, match="unknown model config keys: typo, dmad.stepz"):
+        ModelConfig.from_dict({"typo": 1, "dmad": {"stepz": 3}})
+
+
+def test_sampler_and_index_are_injected(features, small_config, tmp_path):
+    """The coreset sampler and the banks' nearest-neighbour index are strategies chosen by the caller."""
+    from defectloop.memory import ExactIndex, IVFIndex, RandomSampler
+
+    train, _ = features
+    model = create_model(small_config("patchcore"), index=ExactIndex)
+    Fitter(model, sampler=RandomSampler).fit(train)
+    kcenter = create_model(small_config("patchcore"))
+    Fitter(kcenter).fit(train)
+    assert len(kcenter.normal_bank) == len(model.normal_bank) > 384  # above build_index's exact limit
+    assert not torch.equal(kcenter.normal_bank.features, model.normal_bank.features)
+    assert isinstance(model.normal_bank.index, ExactIndex) and isinstance(kcenter.normal_bank.index, IVFIndex)
+    model.save(tmp_path / "v")
+    assert isinstance(load_model(tmp_path / "v", index=ExactIndex).normal_bank.index, ExactIndex)

@@ -1,7 +1,6 @@
 """The served model: registry pointers, bank updates, swapping, predicted masks and heatmaps."""
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,13 @@ import torch
 from PIL import Image
 
 from defectloop.memory import Provenance
-from defectloop.scoring import ModelHandle, heatmap_png, predicted_mask
-from defectloop.store import Registry
+from defectloop.registry import Registry
+from defectloop.scoring import ModelHandle
 
 
 @pytest.fixture()
-def registry(served_registry, tmp_path):
-    root = tmp_path / "reg"
-    shutil.copytree(served_registry, root)
-    return Registry(root)
+def registry(served_copy):
+    return Registry(served_copy)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def test_handle_follows_versions_and_bank_updates(registry, test_images):
     assert handle.served.label == "v0001"
     assert not handle.refresh()
     sample, img = next((s, t) for s, t in test_images if s.label == 0)
-    before = handle.score([img])[0].score
+    before = handle.score([img], [sample.category])[0].prediction.score
 
     # an annotator confirms a defect that looks like this image: a new bank update, served at once
     model = registry.load()
@@ -44,7 +41,7 @@ def test_handle_follows_versions_and_bank_updates(registry, test_images):
     assert registry.publish_bank(model.abnormal_bank) == "v0001-b0001"
     old = handle.served
     assert handle.refresh() and handle.served.label == "v0001-b0001"
-    after = handle.score([img])[0].score
+    after = handle.score([img], [sample.category])[0].prediction.score
     assert after > before  # nearer a confirmed defect now
     assert old.model.abnormal_bank is not handle.served.model.abnormal_bank  # the old model was left intact
 
@@ -77,30 +74,30 @@ def test_mask_and_heatmap_at_image_size(registry, test_images):
     model = handle.served.model
     bad = [(s, t) for s, t in test_images if s.label == 1]
     good = [(s, t) for s, t in test_images if s.label == 0]
-    scored = handle.score([t for _, t in bad + good])
-    for (s, _), r in zip(bad + good, scored, strict=True):
-        m = predicted_mask(r.amap, model.pixel_threshold(s.category), 200, 150)
-        assert m.shape == (150, 200)
-    hits = [predicted_mask(r.amap, model.pixel_threshold(s.category), 128, 128).any()
-            for (s, _), r in zip(bad + good, scored, strict=True)]
+    scored = [r.prediction for r in handle.score([t for _, t in bad + good], [s.category for s, _ in bad + good])]
+    for (s, _), p in zip(bad + good, scored, strict=True):
+        assert p.mask(200, 150).shape == (150, 200)
+        assert p.pixel_threshold == model.calibration.pixel_threshold(s.category)
+        assert p.decision == ("anomalous" if p.score > p.threshold else "normal")
+    hits = [p.mask(128, 128).any() for p in scored]
     assert np.mean(hits[:len(bad)]) > np.mean(hits[len(bad):])
-    png = Image.open(io.BytesIO(heatmap_png(scored[0].amap, model.pixel_threshold(), 200, 150)))
+    png = Image.open(io.BytesIO(scored[0].heatmap_png(200, 150)))
     assert png.size == (200, 150) and png.mode == "RGB"
 
 
 def test_normalised_scores_put_the_threshold_at_half(registry):
-    model = registry.load()
+    cal = registry.load().calibration
     for cat in ("tile", "disc", None):
-        t = model.threshold(cat)
-        assert model.normalise(t, cat) == pytest.approx(0.5)
-        assert model.normalise(t * 0.5, cat) < 0.5 < model.normalise(t * 2, cat) < 1.0
-    assert all(v["pixel_threshold"] > 0 for v in model.calibration.values())
+        t = cal.threshold(cat)
+        assert cal.normalise(t, cat) == pytest.approx(0.5)
+        assert cal.normalise(t * 0.5, cat) < 0.5 < cal.normalise(t * 2, cat) < 1.0
+    assert all(e.pixel_threshold > 0 for e in cal.entries.values())
 
 
 def test_score_is_one_batch(registry, test_images):
     handle = ModelHandle(registry.location)
     imgs = [t for _, t in test_images[:5]]
-    batch = [r.score for r in handle.score(imgs)]
-    single = [handle.score([t])[0].score for t in imgs]
+    batch = [r.prediction.score for r in handle.score(imgs, [None] * len(imgs))]
+    single = [handle.score([t], [None])[0].prediction.score for t in imgs]
     assert batch == pytest.approx(single, abs=1e-4)
     assert torch.is_tensor(imgs[0])

@@ -1,16 +1,21 @@
 """Synthetic parts and defects with exact masks.
 
 Used by unit tests (which must generate their own images), by the demo's generated data set, and
-by DMAD's cold start, which fills the abnormal bank with synthetic defects painted on real
-normal images before any annotation exists.
+by DMAD's cold start (:class:`DefectAugmenter`), which fills the abnormal bank with synthetic
+defects painted on real normal images before any annotation exists.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from defectloop.data.images import ImageError, load_image
+from defectloop.data.mvtec import Sample
 
 DEFECT_KINDS = ("scratch", "blob", "crack")
 
@@ -99,6 +104,32 @@ def add_defect(image: np.ndarray, kind: str | None = None, rng: np.random.Genera
     painted = (1 - alpha) * out + alpha * np.clip(colour[None, None, :] + texture, 0, 1)
     out = np.where(mask[:, :, None], painted, out)
     return (np.clip(out, 0, 1) * 255).astype(np.uint8), mask
+
+
+class DefectAugmenter:
+    """Paints synthetic defects on a few normal images per category: abnormal examples before any
+    annotation exists. The images picked and the defects painted depend on the seed alone."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def paint(self, items: Sequence[tuple[int, Sample]], per_category: int
+              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(key, painted RGB image, exact bool mask) for up to ``per_category`` of the (key, sample)
+        pairs of each category; unreadable images are passed over."""
+        per_cat: dict[str, list[tuple[int, Sample]]] = {}
+        for key, s in items:
+            per_cat.setdefault(s.category, []).append((key, s))
+        rng = np.random.default_rng(self.seed)
+        for cat, chosen in sorted(per_cat.items()):
+            random.Random(f"{self.seed}/synthetic/{cat}").shuffle(chosen)
+            for key, s in chosen[:per_category]:
+                try:
+                    image = load_image(s.path)
+                except ImageError:
+                    continue
+                painted, mask = add_defect(image, rng=rng)
+                yield key, painted, mask
 
 
 def make_dataset(root: str | Path, categories: tuple[str, ...] = ("tile", "disc", "mesh"), n_train: int = 40,

@@ -65,6 +65,16 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
 
 
+def mask_cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Patch features (C x H x W) whose cell the mask covers at least ``threshold`` (area pooling).
+
+    Area pooling, not point sampling: bilinear sampling of the mask would see only the 2 x 2 centre
+    pixels of each 8 x 8 cell and miss thin defects."""
+    c, h, w = feats.shape
+    cov = F.adaptive_avg_pool2d(coverage[None, None], (h, w))[0, 0]
+    return feats.permute(1, 2, 0)[cov >= threshold]
+
+
 @dataclass
 class Extracted:
     """Patch features of a list of samples (those that could be read), in order."""

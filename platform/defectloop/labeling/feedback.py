@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
-from defectloop.features import image_tensor, mask_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
 from defectloop.memory import Provenance
-from defectloop.models import AnomalyModel
-from defectloop.models.dmad import mask_cells
+from defectloop.models import AbnormalMemory, AnomalyModel
 
 Kind = Literal["mask", "anomalous", "normal", "deleted", "empty"]
 
@@ -83,7 +80,8 @@ def read_annotation(annotation: dict, task: dict, config: LabelConfig, codec: Ma
 
 
 class Feedback:
-    """Applies verdicts to a model's abnormal bank and to the label ledger (a JSON file)."""
+    """Applies verdicts to the model (``confirm``/``forget``, where it has an abnormal memory) and to
+    the label ledger (a JSON file)."""
 
     def __init__(self, model: AnomalyModel, ledger: str | Path, load_image: Callable[[Verdict], np.ndarray]):
         self.model = model
@@ -95,16 +93,17 @@ class Feedback:
         return f"ls:{annotation_id}"
 
     def apply(self, verdict: Verdict) -> bool:
-        """Apply one verdict; returns whether the abnormal bank changed."""
-        bank = self.model.abnormal_bank
+        """Apply one verdict; returns whether the model's abnormal memory changed."""
+        model = self.model
         key = self.key(verdict.annotation_id)
         changed = False
-        if verdict.kind == "mask":
-            cells = self.cells(verdict)
-            bank.add(Provenance(key, verdict.image, verdict.category, "+".join(verdict.defects) or "defect"), cells)
-            changed = True
-        elif key in bank:  # deleted, or edited into a verdict without a mask
-            changed = bank.remove(key)
+        if isinstance(model, AbnormalMemory):
+            if verdict.kind == "mask":
+                prov = Provenance(key, verdict.image, verdict.category, "+".join(verdict.defects) or "defect")
+                model.confirm(prov, self.load_image(verdict), verdict.mask)
+                changed = True
+            else:  # deleted, or edited into a verdict without a mask
+                changed = model.forget(key)
         if verdict.kind in ("deleted", "empty"):
             self.ledger.pop(verdict.annotation_id, None)
         else:
@@ -123,17 +122,6 @@ class Feedback:
             kinds.setdefault(src, set()).add(e["kind"])
             category[src] = e["category"]
         return [{"source": src, "category": category[src]} for src in sorted(kinds) if kinds[src] == {"normal"}]
-
-    @torch.no_grad()
-    def cells(self, verdict: Verdict) -> torch.Tensor:
-        """Patch features of the image whose cells the mask covers (area pooling, as in training)."""
-        image = self.load_image(verdict)
-        if verdict.mask is None or image.shape[:2] != verdict.mask.shape:
-            raise ValueError(f"annotation {verdict.annotation_id}: mask size differs from the image "
-                             f"({None if verdict.mask is None else verdict.mask.shape} vs {image.shape[:2]})")
-        size = self.model.config.image_size
-        feats = self.model.embedder(image_tensor(image, size)[None])[0]
-        return mask_cells(feats, mask_tensor(verdict.mask, size), self.model.config.mask_coverage)
 
     def _save(self) -> None:
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.scorer import ScorerClient, ScorerStatus
 from defectloop.labeling.sync import Sync, SyncReport
-from defectloop.store import Registry
+from defectloop.models import AbnormalMemory
+from defectloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,11 @@ class LabelingLoop:
         self.selected: list[int] = []
 
     def _publish(self) -> str:
+        assert isinstance(self.model, AbnormalMemory)  # only such a model's memory changes
         return self.registry.publish_bank(self.model.abnormal_bank, self.version)
+
+    def abnormal_entries(self) -> int:
+        return len(self.model.abnormal_bank) if isinstance(self.model, AbnormalMemory) else 0
 
     @property
     def label(self) -> str:
@@ -69,9 +74,9 @@ class LabelingLoop:
 
     def select(self) -> list[int]:
         """The next batch by the policy, among tasks nobody has labeled, pushed as predictions in that order."""
-        _, norm, _ = self.predictor.scores(self.model)
+        norm = [p.normalised_score for p in self.predictor.predict(self.model)]
         done = self.labeled()
-        candidates = [Candidate(t, float(norm[i]), None if self.embeddings is None else self.embeddings[i],
+        candidates = [Candidate(t, norm[i], None if self.embeddings is None else self.embeddings[i],
                                 self.predictor.categories[i]) for i, t in enumerate(self.predictor.task_ids) if t not in done]
         self.selected = self.policy.select(candidates, self.batch)
         self.push()

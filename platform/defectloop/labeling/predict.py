@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import LabelConfig, prediction_regions
-from defectloop.models import AnomalyModel
-from defectloop.scoring import predicted_mask
+from defectloop.models import AnomalyModel, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +66,17 @@ class PoolPredictor:
             cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
                                                               "categories": self.categories, "n_tasks": len(tasks)}))
 
-    def scores(self, model: AnomalyModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(raw scores, normalised scores, anomaly maps) of every task, in ``task_ids`` order."""
-        raw, maps = model.score_features(self.features)
-        raw = raw.numpy()
-        norm = np.array([model.normalise(float(s), c) for s, c in zip(raw, self.categories, strict=True)])
-        return raw, norm, maps.numpy()
+    def predict(self, model: AnomalyModel) -> list[Prediction]:
+        """One Prediction per task, in ``task_ids`` order."""
+        return model.predict_features(self.features, self.categories) if self.task_ids else []
 
     def predictions(self, model: AnomalyModel, score_of: dict[int, float] | None = None) -> list[dict]:
         """Label Studio predictions ({task, result, score}); ``score_of`` overrides the score (policy order)."""
-        raw, norm, maps = self.scores(model)
         out = []
-        for i, task_id in enumerate(self.task_ids):
-            w, h = self.sizes[i]
-            cat = self.categories[i]
-            mask = predicted_mask(maps[i], model.pixel_threshold(cat), w, h)
-            threshold = model.threshold(cat)
+        for task_id, (w, h), p in zip(self.task_ids, self.sizes, self.predict(model), strict=True):
+            mask = p.mask(w, h)
             rle = self.codec.encode(mask) if mask.any() else None
-            score = float(norm[i]) if score_of is None or task_id not in score_of else score_of[task_id]
+            score = p.normalised_score if score_of is None or task_id not in score_of else score_of[task_id]
             out.append({"task": task_id, "score": score,
-                        "result": prediction_regions(self.config, task_id, score,
-                                                     threshold is not None and raw[i] > threshold, rle, w, h)})
+                        "result": prediction_regions(self.config, task_id, score, p.decision == "anomalous", rle, w, h)})
         return out

@@ -17,12 +17,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from defectloop.data.images import IMAGE_SUFFIXES
 from defectloop.labeling.inbox import EventInbox
 from defectloop.labeling.loop import LabelingLoop
 from defectloop.labeling.policies import make_policy
 from defectloop.labeling.project import LabelingProject, PoolImage
 from defectloop.labeling.scorer import ScorerClient
-from defectloop.store import Registry, list_images
+from defectloop.registry import Registry
+from defectloop.store import open_store
 
 
 @dataclass
@@ -57,12 +59,13 @@ class Workspace:
 
 
 def pool_images(pool: str) -> list[PoolImage]:
-    """Images of a pool folder or s3:// prefix; the category is the first folder below the pool."""
-    base = pool.rstrip("/")
+    """Images of a pool folder or s3:// prefix (paths or URIs); the category is the first folder below it."""
+    store = open_store(pool)
+    base = store.uri.rstrip("/")
     out = []
-    for uri in list_images(pool):
-        rel = uri[len(base) + 1:]
-        out.append(PoolImage(uri, rel.split("/", 1)[0] if "/" in rel else "default"))
+    for rel in store.keys(""):
+        if rel.lower().endswith(IMAGE_SUFFIXES):
+            out.append(PoolImage(f"{base}/{rel}", rel.split("/", 1)[0] if "/" in rel else "default"))
     return out
 
 

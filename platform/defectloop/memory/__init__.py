@@ -8,7 +8,7 @@ from defectloop.memory.coreset import (
     extend_farthest,
     target_size,
 )
-from defectloop.memory.nn_index import ExactIndex, IVFIndex, NNIndex, build_index, knn
+from defectloop.memory.nn_index import ExactIndex, IndexFactory, IVFIndex, NNIndex, build_index, knn
 
-__all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "KCenterGreedy", "NNIndex", "NormalBank",
+__all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "IndexFactory", "KCenterGreedy", "NNIndex", "NormalBank",
            "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "target_size"]

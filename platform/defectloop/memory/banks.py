@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from defectloop.memory.nn_index import NNIndex, build_index
+from defectloop.memory.nn_index import IndexFactory, NNIndex, build_index
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -27,10 +27,12 @@ def _write_json(path: Path, data: object) -> None:
 class NormalBank:
     """Coreset of normal patch features, each tagged with the image it came from."""
 
-    def __init__(self, features: torch.Tensor, image_ids: list[str], owners: torch.Tensor):
+    def __init__(self, features: torch.Tensor, image_ids: list[str], owners: torch.Tensor,
+                 index: IndexFactory = build_index):
         self.features = features.float().contiguous()
         self.image_ids = image_ids  # distinct source images
         self.owners = owners.long()  # per entry: index into image_ids
+        self.index_factory = index
         self._index: NNIndex | None = None
 
     def __len__(self) -> int:
@@ -39,7 +41,7 @@ class NormalBank:
     @property
     def index(self) -> NNIndex:
         if self._index is None:
-            self._index = build_index(self.features)
+            self._index = self.index_factory(self.features)
         return self._index
 
     def save(self, folder: Path, name: str = "normal_bank") -> None:
@@ -47,10 +49,10 @@ class NormalBank:
         _write_json(folder / f"{name}.json", {"image_ids": self.image_ids})
 
     @classmethod
-    def load(cls, folder: Path, name: str = "normal_bank") -> NormalBank:
+    def load(cls, folder: Path, name: str = "normal_bank", index: IndexFactory = build_index) -> NormalBank:
         t = load_file(str(folder / f"{name}.safetensors"))
         meta = json.loads((folder / f"{name}.json").read_text())
-        return cls(t["features"], meta["image_ids"], t["owners"])
+        return cls(t["features"], meta["image_ids"], t["owners"], index)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ class AbnormalBank:
     serving model can tell a new bank apart from the one it has loaded.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, index: IndexFactory = build_index):
         self.dim = dim
+        self.index_factory = index
         self._groups: dict[str, tuple[Provenance, torch.Tensor]] = {}
         self.version = 0
         self._cache: tuple[torch.Tensor, torch.Tensor, list[Provenance]] | None = None
@@ -114,7 +117,7 @@ class AbnormalBank:
     def index(self) -> NNIndex:
         """Nearest-entry search over the current entries (rebuilt after any change)."""
         if self._index is None:
-            self._index = build_index(self.tensors()[0])
+            self._index = self.index_factory(self.tensors()[0])
         return self._index
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, list[Provenance]]:
@@ -136,10 +139,10 @@ class AbnormalBank:
                                              "groups": [asdict(p) for p in provs]})
 
     @classmethod
-    def load(cls, folder: Path, name: str = "abnormal_bank") -> AbnormalBank:
+    def load(cls, folder: Path, name: str = "abnormal_bank", index: IndexFactory = build_index) -> AbnormalBank:
         meta = json.loads((folder / f"{name}.json").read_text())
         t = load_file(str(folder / f"{name}.safetensors"))
-        bank = cls(meta["dim"])
+        bank = cls(meta["dim"], index)
         for i, p in enumerate(meta["groups"]):
             bank._groups[p["annotation_id"]] = (Provenance(**p), t["features"][t["group"] == i].clone())
         bank.version = meta["version"]

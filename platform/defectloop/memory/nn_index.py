@@ -13,6 +13,7 @@ the distances; the distance returned to the chosen entry is then recomputed in f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,6 +25,10 @@ class NNIndex(Protocol):
     """Strategy: distance to, and row of, the nearest bank entry for each query."""
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+#: strategy: builds the nearest-neighbour index a bank searches with (``build_index`` by default)
+IndexFactory = Callable[[torch.Tensor], NNIndex]
 
 
 def sq_dists(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Anomaly models: PatchCore baseline, DMAD and CRAD, behind one interface (see base.AnomalyModel)."""
+"""Anomaly models: PatchCore baseline, DMAD and CRAD, behind one interface.
+
+The public face: ``create_model``/``load_model``, ``AnomalyModel.predict`` (one ``Prediction`` per
+image), ``Calibration``, ``Fitter`` (training), and the ``AbnormalMemory`` capability
+(``confirm``/``forget``) of models that score with an abnormal bank. Code outside ``models/``
+imports from here, never from the modules inside.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,22 @@ from pathlib import Path
 
 import torch
 
-from defectloop.models.base import ANY_CATEGORY, AnomalyModel, ModelConfig
+from defectloop.memory import IndexFactory, build_index
+from defectloop.models.abnormal_memory import AbnormalMemory, Confirmed
+from defectloop.models.base import AnomalyModel
+from defectloop.models.calibration import ANY_CATEGORY, Calibration
+from defectloop.models.config import CRADConfig, DMADConfig, ModelConfig
 from defectloop.models.crad import CRAD
 from defectloop.models.dmad import DMAD
+from defectloop.models.fitter import Fitter
 from defectloop.models.patchcore import PatchCore
+from defectloop.models.prediction import Prediction
 
 MODEL_TYPES: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "dmad": DMAD, "crad": CRAD}
 
 
-def create_model(config: ModelConfig) -> AnomalyModel:
+def create_model(config: ModelConfig, index: IndexFactory = build_index) -> AnomalyModel:
+    """A new, unfitted model; ``index`` builds its banks' nearest-neighbour indexes (a strategy)."""
     try:
         cls = MODEL_TYPES[config.kind]
     except KeyError as e:
@@ -24,18 +37,18 @@ def create_model(config: ModelConfig) -> AnomalyModel:
     # give the same model (initialised from the global RNG, the DMAD scorer varied by 5 points of AUROC)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return cls(config)
+        return cls(config, index)
 
 
-def load_model(folder: str | Path) -> AnomalyModel:
+def load_model(folder: str | Path, index: IndexFactory = build_index) -> AnomalyModel:
     """Load a saved model version directory."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"not a model version directory (no config.json): {folder}")
-    model = create_model(ModelConfig.from_dict(json.loads((folder / "config.json").read_text())))
+    model = create_model(ModelConfig.from_dict(json.loads((folder / "config.json").read_text())), index)
     model.load_state(folder)
     return model.eval()
 
 
-__all__ = ["ANY_CATEGORY", "CRAD", "DMAD", "MODEL_TYPES", "AnomalyModel", "ModelConfig", "PatchCore", "create_model",
-           "load_model"]
+__all__ = ["ANY_CATEGORY", "CRAD", "DMAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig", "Calibration",
+           "Confirmed", "DMADConfig", "Fitter", "ModelConfig", "PatchCore", "Prediction", "create_model", "load_model"]

@@ -19,30 +19,21 @@ Implements the method as DESIGN.md section 4 corrects it:
 
 from __future__ import annotations
 
-import logging
 import math
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from defectloop.collective import LOCAL, Collective
-from defectloop.data.images import ImageError, load_image
-from defectloop.data.synthetic import add_defect
-from defectloop.features import Extracted, image_tensor
-from defectloop.memory import Provenance, knn
-from defectloop.models.base import AnomalyModel, Confirmed
+from defectloop.memory import IndexFactory, build_index
+from defectloop.models.abnormal_memory import AbnormalMemory
+from defectloop.models.base import AnomalyModel
+from defectloop.models.config import ModelConfig
 from defectloop.precision import matmul_dtype
-
-log = logging.getLogger(__name__)
 
 #: distance (in units of the typical normal distance) standing for "no abnormal entry to compare"
 NO_ABNORMAL = 10.0
-MARGIN = 0.5
 
 
 @dataclass
@@ -145,53 +136,26 @@ class DMADScorer(nn.Module):
         return total / len(self.heads)
 
 
-def nearest_normal(q: torch.Tensor, bank_feats: torch.Tensor, bank_owner: torch.Tensor,
-                   query_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest normal entry from another image than the query's (exact; used for training).
+class DMAD(AbnormalMemory, AnomalyModel):
+    """The scoring module: both banks and the scorer (fitting: models/dmad_training.py)."""
 
-    A bank made of the query's own image alone leaves nothing else: then its nearest entry.
-    """
-    d, idx = knn(q, bank_feats, 1, exclude=(query_owner, bank_owner))
-    d, idx = d[:, 0], idx[:, 0]
-    alone = ~torch.isfinite(d)
-    if alone.any():
-        d_own, idx_own = knn(q[alone], bank_feats, 1)
-        d[alone], idx[alone] = d_own[:, 0], idx_own[:, 0]
-    return d, idx
-
-
-def nearest_abnormal(q: torch.Tensor, feats: torch.Tensor, no_abnormal: float, owner: torch.Tensor,
-                     query_owner: torch.Tensor) -> torch.Tensor:
-    """Distance to the nearest abnormal entry of another image (``no_abnormal`` when there is none; training)."""
-    if feats.shape[0] == 0:
-        return torch.full((q.shape[0],), no_abnormal)
-    d = knn(q, feats, 1, exclude=(query_owner, owner))[0][:, 0]
-    return torch.where(torch.isfinite(d), d, torch.full_like(d, no_abnormal))
-
-
-def mask_cells(feats: torch.Tensor, coverage: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Patch features (C x H x W) whose cell is covered by the mask at least ``threshold`` (area pooling)."""
-    c, h, w = feats.shape
-    cov = F.adaptive_avg_pool2d(coverage[None, None], (h, w))[0, 0]
-    return feats.permute(1, 2, 0)[cov >= threshold]
-
-
-class DMAD(AnomalyModel):
     kind = "dmad"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.scorer = DMADScorer(self.dim, config.hidden, config.heads)
+    def __init__(self, config: ModelConfig, index: IndexFactory = build_index):
+        super().__init__(config, index)
+        self.init_abnormal_memory()
+        self.scorer = DMADScorer(self.dim, config.dmad.hidden, config.dmad.heads)
 
     # ----- enhancement ---------------------------------------------------------------------
-    def _no_abnormal(self) -> float:
+    def no_abnormal(self) -> float:
+        """The distance that stands for "no abnormal entry to compare"."""
         return NO_ABNORMAL * float(self.scorer.scale)
 
     def enhance(self, q: torch.Tensor) -> Enhanced:
         """Enhancement of test patches against the current banks (no exclusions)."""
         bank, abnormal = self.normal_bank, self.abnormal_bank
         d_n, idx = bank.index.search(q)
-        d_a = abnormal.index.search(q)[0] if len(abnormal) else torch.full_like(d_n, self._no_abnormal())
+        d_a = abnormal.index.search(q)[0] if len(abnormal) else torch.full_like(d_n, self.no_abnormal())
         return Enhanced(q, q - bank.features[idx], d_n, d_a)
 
     @torch.no_grad()
@@ -199,138 +163,3 @@ class DMAD(AnomalyModel):
         b, c, h, w = feats.shape
         e = self.enhance(feats.permute(0, 2, 3, 1).reshape(-1, c))
         return self.scorer(e).view(b, h, w)
-
-    # ----- training ------------------------------------------------------------------------
-    def _synthetic_anomalies(self, train: Extracted, fit_idx: list[int], per_category: int) -> list[tuple[int, torch.Tensor]]:
-        """Paint synthetic defects on a few normal training images per category; (image, patches)."""
-        per_cat: dict[str, list[int]] = {}
-        for i in fit_idx:
-            per_cat.setdefault(train.samples[i].category, []).append(i)
-        out = []
-        rng = np.random.default_rng(self.config.seed)
-        for cat, idx in sorted(per_cat.items()):
-            random.Random(f"{self.config.seed}/synthetic/{cat}").shuffle(idx)
-            for i in idx[:per_category]:
-                try:
-                    image = load_image(train.samples[i].path)
-                except ImageError:
-                    continue
-                painted, mask = add_defect(image, rng=rng)
-                size = self.config.image_size
-                f = self.embedder(image_tensor(painted, size)[None])[0]
-                cov = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(size, size),
-                                    mode="area")[0, 0]
-                cells = mask_cells(f, cov, self.config.mask_coverage)
-                if len(cells):
-                    out.append((i, cells))
-        return out
-
-    def fit_head(self, train: Extracted, fit_idx: list[int], progress: bool = False, comm: Collective = LOCAL,
-                 confirmed: Confirmed = (), warm: bool = False) -> dict:
-        """Rebuild the abnormal bank and train the scorer (``warm``: from its weights and statistics)."""
-        cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed + comm.rank)
-        ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
-        bank = self.normal_bank
-        bank_owner = torch.tensor([ids.get(x, -1) for x in bank.image_ids])[bank.owners]
-
-        # abnormal bank: real annotated masks, then synthetic defects (cold start and extra negatives);
-        # each worker finds those of its shard, and every worker gets the same bank
-        found: list[tuple[Provenance, torch.Tensor]] = []
-        real_q, real_owner = [], []
-        for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True)):
-            if s.label == 1 and m is not None:
-                cells = mask_cells(train.features[i], m, cfg.mask_coverage)
-                if len(cells):
-                    found.append((Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells))
-                    real_q.append(cells)
-                    real_owner.append(torch.full((len(cells),), i))
-        syn_q, syn_owner = [], []
-        per_category = math.ceil(cfg.synthetic_per_category / comm.world)
-        for i, cells in self._synthetic_anomalies(train, fit_idx, per_category):
-            s = train.samples[i]
-            found.append((Provenance(f"synthetic:{s.image_id}", s.image_id, s.category, "synthetic", "synthetic"), cells))
-            syn_q.append(cells)
-            syn_owner.append(torch.full((len(cells),), i))
-        # annotators' confirmed defects (on pool images, outside the training set): in every worker's
-        # bank, and real anomalies to train on, shared out among the workers; each pool image gets
-        # an owner of its own so that leave-one-image-out also holds for them
-        for prov, _ in confirmed:
-            ids.setdefault(prov.image_id, len(train.samples) + len(ids))
-        for prov, cells in list(confirmed)[comm.rank::comm.world]:
-            real_q.append(cells)
-            real_owner.append(torch.full((len(cells),), ids[prov.image_id]))
-        self.abnormal_bank = type(self.abnormal_bank)(self.dim)
-        for part in comm.all_gather(found):
-            for prov, cells in part:
-                self.abnormal_bank.add(prov, cells)
-        for prov, cells in confirmed:
-            self.abnormal_bank.add(prov, cells)
-        ab_feats, ab_group, ab_provs = self.abnormal_bank.tensors()
-        ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
-
-        # normal patch pool from the fitted images (this worker's share)
-        feats = train.features[fit_idx]
-        n_img, c, h, w = feats.shape
-        n_pool = min(cfg.train_patches // comm.world, n_img * h * w)
-        flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
-        q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
-        own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
-        near_n = nearest_normal(q_n, bank.features, bank_owner, own_n)
-        if not warm:  # feature statistics and distance scale: the same on every worker
-            keep = n_pool if comm.world == 1 else 4096
-            parts = comm.all_gather((q_n[:keep], near_n[0][:keep]))
-            sample, dists = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            self.scorer.mean.copy_(sample.mean(0))
-            self.scorer.std.copy_(sample.std(0).clamp_min(1e-6))
-            self.scorer.scale.fill_(float(dists.median().clamp_min(1e-6)))
-
-        def enhanced(q: torch.Tensor, owner: torch.Tensor,
-                     near: tuple[torch.Tensor, torch.Tensor] | None = None) -> Enhanced:
-            d_n, idx = near or nearest_normal(q, bank.features, bank_owner, owner)
-            d_a = nearest_abnormal(q, ab_feats, self._no_abnormal(), ab_owner, owner)
-            return Enhanced(q, q - bank.features[idx], d_n, d_a)
-
-        e_n = enhanced(q_n, own_n, near_n)  # the scale needed the normal pool's search already
-        # pseudo-anomalies: noise along the feature spread, 1-3 typical normal distances long
-        noise = torch.randn(q_n.shape, generator=g) * self.scorer.std
-        length = self.scorer.scale * (1 + 2 * torch.rand(n_pool, 1, generator=g))
-        e_p = enhanced(q_n + noise / noise.norm(dim=1, keepdim=True) * length, own_n)
-        e_r = enhanced(torch.cat(real_q), torch.cat(real_owner)) if real_q else None
-        e_s = enhanced(torch.cat(syn_q), torch.cat(syn_owner)) if syn_q else None
-
-        scorer = comm.wrap(self.scorer)
-        opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-        self.scorer.train()
-        bs = max(2, cfg.batch_size // comm.world)
-        bar = tqdm(range(cfg.steps), desc="dmad scorer", disable=not progress, leave=False)
-        loss_val = float("nan")
-        for _ in bar:
-            # one forward over [normal | pseudo | real | synthetic] for each head in turn, each with its
-            # own batch (DDP wants one forward per backward)
-            groups = []
-            for _head in self.scorer.heads:
-                i = torch.randint(n_pool, (bs,), generator=g)
-                groups += [(e_n.take(i), 1.0, -1.0), (e_p.take(i), 1.0, 1.0)]
-                for e, weight in ((e_r, cfg.real_weight), (e_s, cfg.synthetic_weight)):
-                    if e is not None:
-                        groups.append((e.take(torch.randint(len(e.q), (bs // 2,), generator=g)), weight, 1.0))
-            out = scorer(Enhanced.cat([e for e, _, _ in groups]), per_head=True)
-            t = self.scorer.threshold
-            loss, start = out.new_zeros(()), 0
-            for e, weight, sign in groups:  # sign -1: should score below the threshold, +1: above
-                o = out[start:start + len(e.q)]
-                start += len(e.q)
-                loss = loss + weight * F.relu(MARGIN - sign * (o - t)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_val = loss.item()
-            bar.set_postfix(loss=f"{loss_val:.3f}")
-        self.scorer.eval()
-        return {"abnormal_bank_size": len(self.abnormal_bank),
-                "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
-                "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
-                "final_loss": comm.all_sum(loss_val) / comm.world}

@@ -8,6 +8,8 @@ from defectloop.models.base import AnomalyModel
 
 
 class PatchCore(AnomalyModel):
+    """No learned parts and no abnormal memory: the normal bank alone."""
+
     kind = "patchcore"
 
     @torch.no_grad()

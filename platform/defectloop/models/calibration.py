@@ -1,0 +1,113 @@
+"""Per-category decision thresholds, learned from held-back normal images only (never test data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+#: the key of the thresholds used for images of a category the model has not seen
+ANY_CATEGORY = "*"
+
+Decision = Literal["normal", "anomalous", "unknown"]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One category's calibration: where scores and map values turn anomalous, and the normal spread."""
+
+    threshold: float  # on the image score
+    pixel_threshold: float  # on the smoothed anomaly map: cuts it into the predicted defect mask
+    normal_mean: float
+    normal_std: float
+    n: int  # held-back normal images it was set from
+
+
+class Calibration:
+    """Thresholds per category, with the all-category one (``*``) for categories never seen.
+
+    ``threshold`` decides on the image score; ``pixel_threshold`` cuts the smoothed anomaly map
+    into a predicted defect mask, set by the same rule on the maps' peaks so that a normal image
+    shows an (empty) mask as often as it is called anomalous.
+    """
+
+    def __init__(self, entries: dict[str, Threshold] | None = None):
+        self.entries: dict[str, Threshold] = dict(entries or {})
+
+    @classmethod
+    def fit(cls, categories: Sequence[str], scores: torch.Tensor, map_peaks: torch.Tensor,
+            quantile: float) -> Calibration:
+        """The ``quantile`` of held-back normal scores (and map peaks) per category and over all."""
+        groups: dict[str, list[int]] = {ANY_CATEGORY: list(range(len(categories)))}
+        for i, cat in enumerate(categories):
+            groups.setdefault(cat, []).append(i)
+        entries = {}
+        for cat, idx in groups.items():
+            v, pk = scores[idx].float(), map_peaks[idx].float()
+            entries[cat] = Threshold(float(v.quantile(quantile)), float(pk.quantile(quantile)), float(v.mean()),
+                                     float(v.std()) if len(v) > 1 else 0.0, len(v))
+        return cls(entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Calibration) and self.entries == other.entries
+
+    def categories(self) -> list[str]:
+        """The categories with thresholds of their own."""
+        return sorted(c for c in self.entries if c != ANY_CATEGORY)
+
+    def knows(self, category: str | None) -> bool:
+        return category is not None and category in self.entries and category != ANY_CATEGORY
+
+    def get(self, category: str | None) -> Threshold | None:
+        """The category's thresholds, or the all-category ones for an unseen or unnamed category."""
+        return self.entries.get(category or ANY_CATEGORY) or self.entries.get(ANY_CATEGORY)
+
+    def threshold(self, category: str | None = None) -> float | None:
+        entry = self.get(category)
+        return entry.threshold if entry else None
+
+    def pixel_threshold(self, category: str | None = None) -> float | None:
+        entry = self.get(category)
+        return entry.pixel_threshold if entry else None
+
+    def decide(self, score: float, category: str | None = None) -> Decision:
+        """The one place a score meets its threshold."""
+        t = self.threshold(category)
+        return "unknown" if t is None else ("anomalous" if score > t else "normal")
+
+    def normalise(self, score: float, category: str | None = None) -> float:
+        """Score in (0, 1) with the category's threshold at 0.5 (a logistic over normal-score spread).
+
+        Comparable across categories, which raw scores are not: what a labeling queue sorts by.
+        """
+        entry = self.get(category)
+        if not entry:
+            return float(score)
+        scale = max(entry.normal_std, 0.1 * abs(entry.threshold), 1e-6)
+        return float(1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, (score - entry.threshold) / scale)))))
+
+    def shifted(self, by: float) -> Calibration:
+        """Every threshold moved by ``by`` (tests and what-if checks)."""
+        return Calibration({c: Threshold(e.threshold + by, e.pixel_threshold, e.normal_mean, e.normal_std, e.n)
+                            for c, e in self.entries.items()})
+
+    # ----- persistence ---------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({c: asdict(e) for c, e in self.entries.items()}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        raw = json.loads(path.read_text())
+        # versions calibrated before the pixel threshold existed cut maps at the image threshold
+        return cls({c: Threshold(**{"pixel_threshold": e["threshold"], **e}) for c, e in raw.items()})

@@ -1,0 +1,108 @@
+"""Model settings: what every model shares, and one nested section per learned head.
+
+Saved as ``config.json`` in each version. Versions written before the sections existed kept every
+setting at the top level (``steps``, ``crad_epochs``, an ``extra`` bag): :meth:`ModelConfig.from_dict`
+moves those keys into their section, so old versions still load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class DMADConfig:
+    """The DMAD scorer: abnormal patches, heads, training (see models/dmad.py)."""
+
+    mask_coverage: float = 0.25  # a patch is abnormal when this fraction of its cell is defective
+    hidden: int = 256
+    heads: int = 3  # correction heads averaged (one head's ranking swings with its seed)
+    steps: int = 1500
+    batch_size: int = 1024
+    lr: float = 1e-3
+    real_weight: float = 5.0
+    synthetic_weight: float = 1.0
+    synthetic_per_category: int = 8
+    train_patches: int = 100_000
+
+
+@dataclass
+class CRADConfig:
+    """The CRAD head: grids, fusion network, training (see models/crad.py and docs/crad.md)."""
+
+    epochs: int = 40
+    patience: int = 8  # epochs without a better held-back loss before stopping
+    batch_size: int = 16
+    lr: float = 1e-3  # the network; the grids take grid_lr
+    grid_lr: float = 0.1
+    weight_decay: float = 0.01
+    layers: int = 2  # 4 cost 1.5x the fit time for no better pixel AUROC (docs/crad.md)
+    width: int = 0  # fusion channels; 0 = the backbone's patch dimension
+    expansion: int = 2
+    local_res: int = 16
+    global_res: int = 4
+    use_global: bool = True
+    refine: bool = False  # the similarity blend; off: it cost 10 points of pixel AUROC (docs/crad.md)
+    jitter: float = 0.05
+    clusters: int = 0  # feature statistics per cluster of images: 0 = chosen by silhouette, 1 = one set
+    bf16: bool = True  # bfloat16 autocast while training the head
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model; saved as config.json in each version."""
+
+    kind: str = "dmad"
+    backbone: str = "tf_efficientnet_lite0"
+    backbone_checkpoint: str | None = None
+    image_size: int = 256
+    seed: int = 0
+    coreset_ratio: float = 0.05  # fraction of normal patches kept in the normal bank
+    coreset_max: int = 100_000
+    holdout_fraction: float = 0.1  # normal training images held back for threshold calibration
+    threshold_quantile: float = 0.99
+    smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
+    dmad: DMADConfig = field(default_factory=DMADConfig)
+    crad: CRADConfig = field(default_factory=CRADConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """From config.json or a user's settings file; unknown keys are an error that names them."""
+        data = _sectioned(dict(data))
+        sections = {"dmad": DMADConfig, "crad": CRADConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        for name, section in sections.items():
+            part = data.get(name) or {}
+            if isinstance(part, dict):
+                names = {f.name for f in fields(section)}
+                unknown += sorted(f"{name}.{k}" for k in set(part) - names)
+                data[name] = section(**{k: v for k, v in part.items() if k in names})
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+#: top-level keys of versions saved before the sections, and where they live now
+_LEGACY_DMAD = {f.name for f in fields(DMADConfig)}
+_LEGACY_CRAD = {"crad_global": "use_global"}
+
+
+def _sectioned(data: dict[str, Any]) -> dict[str, Any]:
+    """Move flat (pre-section) keys into their section; an empty legacy ``extra`` bag is dropped."""
+    if data.get("extra") == {}:
+        del data["extra"]
+    dmad, crad = dict(data.get("dmad") or {}), dict(data.get("crad") or {})
+    for key in list(data):
+        if key in _LEGACY_DMAD:
+            dmad[key] = data.pop(key)
+        elif key.startswith("crad_"):
+            crad[_LEGACY_CRAD.get(key, key.removeprefix("crad_"))] = data.pop(key)
+    if "lr" in dmad and "lr" not in crad and crad:  # one learning rate served both heads
+        crad["lr"] = dmad["lr"]
+    data["dmad"], data["crad"] = dmad, crad
+    return data

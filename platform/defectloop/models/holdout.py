@@ -1,0 +1,32 @@
+"""Which normal training images are held back (calibration, model selection) and which are fitted."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+
+def split_holdout(samples: Sequence, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (fit, held-back) normal samples.
+
+    An image is held back when a seeded hash of its id falls below ``fraction``, so its side never
+    changes when images are added: a warm retraining must not calibrate on images whose patches
+    its bank already holds. Per category with two images or more, at least one is held back and
+    at least one fitted (the lowest and highest hash).
+    """
+    by_cat: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.label == 0:
+            by_cat.setdefault(s.category, []).append(i)
+    fit, held = [], []
+    for _, idx in sorted(by_cat.items()):
+        u = {i: int(hashlib.sha256(f"{seed}/holdout/{samples[i].image_id}".encode()).hexdigest()[:12], 16) / 16**12
+             for i in idx}
+        out = {i for i in idx if u[i] < fraction}
+        if fraction > 0 and len(idx) > 1 and not out:
+            out = {min(idx, key=u.__getitem__)}
+        elif len(out) == len(idx):
+            out.discard(max(idx, key=u.__getitem__))
+        held += sorted(out)
+        fit += [i for i in idx if i not in out]
+    return sorted(fit), sorted(held)

@@ -1,0 +1,59 @@
+"""Request and response bodies of the scoring API (pydantic: validation and the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ImageRef(BaseModel):
+    uri: str = Field(description="s3://bucket/key, or a local path below the service's allowed_roots")
+    category: str | None = Field(None, description="product category: selects the calibrated threshold")
+    name: str | None = None
+
+
+class ScoreRequest(BaseModel):
+    images: list[ImageRef] = Field(min_length=1)
+
+
+class Mask(BaseModel):
+    format: Literal["rle"] = "rle"
+    rle: list[int] = Field(description="Label Studio brush RLE over the image's H x W x 4 RGBA array")
+    width: int
+    height: int
+    pixels: int = Field(description="number of pixels predicted defective")
+
+
+class ImageScore(BaseModel):
+    name: str
+    category: str | None
+    score: float = Field(description="anomaly score (higher = more anomalous): the mean of the most "
+                                     "anomalous 32 px window (at 256 px) of the smoothed map")
+    normalised_score: float = Field(description="score mapped to (0, 1) with the category threshold at 0.5")
+    threshold: float | None
+    decision: Literal["normal", "anomalous", "unknown"]
+    model_version: str
+    width: int
+    height: int
+    heatmap_png: str | None = Field(None, description="base64 PNG, jet colours, pixel threshold at mid-scale")
+    mask: Mask | None = None
+
+
+class ScoreResponse(BaseModel):
+    model_version: str
+    results: list[ImageScore]
+
+
+class ModelInfo(BaseModel):
+    model_version: str
+    kind: str
+    backbone: str
+    image_size: int
+    categories: list[str]
+    normal_bank_size: int
+    abnormal_bank_size: int
+    abnormal_annotations: int
+    thresholds: dict[str, float]
+    loaded_at: float
+    reload_error: str | None
