@@ -18,7 +18,7 @@ from defectloop.models import AbnormalMemory
 from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
 from defectloop.serve.fetch import read_uri
 from defectloop.serve.ml_backend import build_router
-from defectloop.serve.schemas import ImageRef, ModelInfo, ScoreRequest, ScoreResponse
+from defectloop.serve.schemas import BanksInfo, ImageRef, ModelInfo, ScoreRequest, ScoreResponse
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ def build_app(ctx: ScoringContext) -> FastAPI:
     @app.get("/v1/health", summary="Liveness and the model version in force (no auth)")
     def health() -> dict:
         try:
-            label = ctx.handle.served.label
+            served = ctx.handle.served
         except Exception as e:  # no loadable model at all
             raise HTTPException(503, f"no model loaded: {e}") from e
-        return {"status": "ok", "model_version": label, "reload_error": ctx.handle.last_error}
+        return {"status": "ok", "model_version": served.version, "bank_version": served.bank,
+                "reload_error": ctx.handle.last_error}
 
     @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, summary="The model being served")
     def model_info() -> ModelInfo:
@@ -85,13 +86,25 @@ def build_app(ctx: ScoringContext) -> FastAPI:
         m = served.model
         abnormal = m.abnormal_bank if isinstance(m, AbnormalMemory) else None
         return ModelInfo(
-            model_version=served.label, kind=m.kind, backbone=m.config.backbone, image_size=m.config.image_size,
+            model_version=served.version, bank_version=served.bank, kind=m.kind, backbone=m.config.backbone, image_size=m.config.image_size,
             categories=m.calibration.categories(),
             normal_bank_size=len(m.normal_bank) if m.normal_bank is not None else 0,
             abnormal_bank_size=len(abnormal) if abnormal is not None else 0,
             abnormal_annotations=len(abnormal.annotations) if abnormal is not None else 0,
             thresholds={c: e.threshold for c, e in m.calibration.entries.items()}, loaded_at=served.loaded_at,
             reload_error=ctx.handle.last_error)
+
+    @app.get("/v1/banks", response_model=BanksInfo, dependencies=auth,
+             summary="The served banks per category, and the live loop (pending, quarantined, retraining)")
+    async def banks() -> BanksInfo:
+        served = ctx.handle.served
+        loop = await ctx.loop_status() if ctx.loop_status is not None else None
+        quarantine = (loop or {}).get("quarantined", [])
+        return BanksInfo(model_version=served.version, bank_version=served.bank,
+                         categories=served.model.memory_by_category(),
+                         pending_events=None if loop is None else loop.get("pending_events"),
+                         quarantined=len(quarantine), quarantine=quarantine,
+                         retraining=None if loop is None else loop.get("retraining"), loop=loop)
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=auth, openapi_extra=SCORE_BODY,
               summary="Score images: multipart files (field `files`, repeated) or JSON storage URIs")

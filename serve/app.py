@@ -21,11 +21,13 @@ import threading
 
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
 from defectloop.serve.api import build_app
 from defectloop.serve.context import ScoringContext
+from defectloop.serve.loop import LoopService
 from defectloop.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,15 @@ MAX_ONGOING = 128
 @serve.deployment(max_ongoing_requests=MAX_ONGOING, health_check_period_s=10, graceful_shutdown_timeout_s=20)
 @serve.ingress()
 class Scorer:
-    def __init__(self, **settings):
+    def __init__(self, loop: DeploymentHandle | None = None, **settings):
         self.settings = ServeSettings.load(**settings)
+        self.loop = loop  # the live loop's deployment, when the application runs one
         torch.set_num_threads(self.settings.threads or os.cpu_count() or 1)
         self.handle = ModelHandle(self.settings.model, self.settings.version, self.settings.torch_device())
         log.info("scorer: serving %s on %s", self.handle.served.label, self.handle.device)  # load now: fail at start, not per request
         self.handle.watch(self.settings.poll_s)
-        self.ctx = ScoringContext(self.handle, self.score_one, self.settings, EventInbox(self.settings.inbox_dir()))
+        self.ctx = ScoringContext(self.handle, self.score_one, self.settings, EventInbox(self.settings.inbox_dir()),
+                                  loop_status=self.loop_status if loop is not None else None)
         self._apply_batching()
 
     def _apply_batching(self) -> None:
@@ -69,6 +73,9 @@ class Scorer:
         # in a thread: the replica's event loop keeps accepting requests (the next batch) meanwhile
         return await asyncio.to_thread(self.handle.score, [t for t, _ in items], [c for _, c in items])
 
+    async def loop_status(self) -> dict:
+        return await self.loop.status.remote()
+
     def check_health(self) -> None:
         if self.handle._served is None:
             raise RuntimeError("no model loaded")
@@ -78,8 +85,18 @@ class Scorer:
 
 
 def build(args: dict) -> serve.Application:
-    """Application builder for ``serve deploy``: ``args`` are settings (see ``ServeSettings``)."""
-    return Scorer.bind(**(args or {}))
+    """Application builder for ``serve deploy``: ``args`` are settings (see ``ServeSettings``); with a
+    ``loop_state`` the live labeling loop runs beside the scorer."""
+    return application(args or {})
+
+
+def application(args: dict, replicas: int = 1, gpus: float = 0.0) -> serve.Application:
+    """The scorer, plus the live loop when the settings name a labeling setup (``loop_state``)."""
+    settings = ServeSettings.load(**args)
+    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})
+    if not settings.loop_state:
+        return scorer.bind(**args)
+    return scorer.bind(loop=LoopService.options(ray_actor_options={"num_cpus": 0.5}).bind(**args), **args)
 
 
 app = Scorer.bind()
@@ -99,8 +116,7 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        deployment = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})
-        serve.run(deployment.bind(**dataclasses.asdict(settings)), name="defectloop", route_prefix="/")
+        serve.run(application(dataclasses.asdict(settings), replicas, gpus), name="defectloop", route_prefix="/")
         print(f"defectloop scorer on http://{host}:{port}  (docs: http://{host}:{port}/docs; "
               f"Label Studio ML backend URL: http://{host}:{port}/ls); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):

@@ -34,6 +34,7 @@ class ScoringContext:
     settings: ServeSettings
     inbox: EventInbox
     codec: MaskCodec = BrushRLE()
+    loop_status: Callable[[], Awaitable[dict]] | None = None  # the live loop's, when one runs
 
 
 def require_token(request: Request) -> None:
@@ -78,7 +79,8 @@ async def score_arrays(ctx: ScoringContext, items: list[tuple[str, str | None, n
             p = s.prediction
             h, w = img.shape[:2]
             res = ImageScore(name=name, category=category, score=p.score, normalised_score=p.normalised_score,
-                             threshold=p.threshold, decision=p.decision, model_version=s.served.label, width=w, height=h)
+                             threshold=p.threshold, decision=p.decision, model_version=s.served.version,
+                             bank_version=s.served.bank, width=w, height=h)
             if heatmap:
                 res.heatmap_png = b64(p.heatmap_png(w, h))
             if mask:
@@ -88,7 +90,8 @@ async def score_arrays(ctx: ScoringContext, items: list[tuple[str, str | None, n
         return out
 
     results = await asyncio.to_thread(build)
-    return ScoreResponse(model_version=results[0].model_version, results=results)
+    return ScoreResponse(model_version=results[0].model_version, bank_version=results[0].bank_version,
+                         results=results)
 
 
 def b64(data: bytes) -> str:

@@ -11,14 +11,15 @@ inbox, the rest ignored; nothing slow happens inside the request).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from pydantic import BaseModel
 
 from defectloop.labeling.client import StudioClient, StudioError
-from defectloop.labeling.inbox import FEEDBACK_ACTIONS
+from defectloop.labeling.events import FEEDBACK_ACTIONS, InvalidEvent, parse_event
 from defectloop.labeling.label_config import LabelConfig, prediction_regions
 from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
 
@@ -54,7 +55,7 @@ def build_router(ctx: ScoringContext) -> APIRouter:
     @router.get("/health", summary="Label Studio health check (no auth; must answer within 1 s)")
     def health() -> dict:
         served = ctx.handle._served  # never load a model inside a 1 s health check
-        return {"status": "UP", "model_class": "defectloop", "model_version": served.label if served else None}
+        return {"status": "UP", "model_class": "defectloop", "model_version": served.version if served else None}
 
     @router.post("/setup", dependencies=auth, summary="Project connected: returns the model version")
     def setup(body: dict[str, Any] = Body(...)) -> dict:
@@ -66,7 +67,7 @@ def build_router(ctx: ScoringContext) -> APIRouter:
                 raise HTTPException(400, f"label config not usable by defectloop: {e}") from e
         projects[str(body.get("project"))] = {"schema": schema, "hostname": body.get("hostname"),
                                               "access_token": body.get("access_token")}
-        return {"model_version": ctx.handle.served.label}
+        return {"model_version": ctx.handle.served.version}
 
     @router.post("/predict", dependencies=auth, summary="One prediction per task, in order")
     async def predict(req: PredictRequest) -> dict:
@@ -79,7 +80,7 @@ def build_router(ctx: ScoringContext) -> APIRouter:
             raise HTTPException(400, str(e)) from e
         if len(req.tasks) > 4 * ctx.settings.max_images:
             raise HTTPException(413, f"{len(req.tasks)} tasks in one request; the limit is {4 * ctx.settings.max_images}")
-        label = ctx.handle.served.label
+        label = ctx.handle.served.version
 
         def load(task: dict) -> tuple[str, str | None, Any] | str:
             data = task.get("data") or {}
@@ -114,12 +115,27 @@ def build_router(ctx: ScoringContext) -> APIRouter:
 
     @router.post("/webhook", dependencies=auth, status_code=201,
                  summary="Label Studio events: annotation changes and START_TRAINING are queued, others ignored")
-    def webhook(body: Any = Body(...)) -> dict:
+    async def webhook(request: Request) -> dict:
+        limit = int(ctx.settings.max_event_mb * 2**20)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"webhook event over the {ctx.settings.max_event_mb:g} MB limit")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise HTTPException(413, f"webhook event over the {ctx.settings.max_event_mb:g} MB limit")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise HTTPException(400, f"a webhook payload is JSON: {e}") from e
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise HTTPException(400, "a webhook payload is a JSON object with an `action`")
         if body["action"] not in FEEDBACK_ACTIONS:
             return {"status": "ignored", "action": body["action"]}
-        return {"status": "queued", "event_id": ctx.inbox.put(body)}
+        try:
+            parse_event(body)
+        except InvalidEvent as e:
+            raise HTTPException(422, f"malformed {body['action']} event: {e}") from e
+        return {"status": "queued", "event_id": await asyncio.to_thread(ctx.inbox.put, body)}
 
     @router.post("/train", dependencies=auth, summary="Legacy 'Start training': queued like START_TRAINING")
     def train(body: dict[str, Any] = Body(default_factory=dict)) -> dict:
@@ -129,6 +145,6 @@ def build_router(ctx: ScoringContext) -> APIRouter:
     @router.get("/versions", dependencies=auth, summary="Model versions in the registry")
     def versions() -> dict:
         reg = ctx.handle.registry
-        return {"versions": [reg.label(v) for v in reg.ids()] if reg else [ctx.handle.served.label]}
+        return {"versions": reg.ids() if reg else [ctx.handle.served.version]}
 
     return router

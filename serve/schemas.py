@@ -33,7 +33,8 @@ class ImageScore(BaseModel):
     normalised_score: float = Field(description="score mapped to (0, 1) with the category threshold at 0.5")
     threshold: float | None
     decision: Literal["normal", "anomalous", "unknown"]
-    model_version: str
+    model_version: str = Field(description="the model version that scored it (e.g. v0003)")
+    bank_version: str = Field(description="the abnormal-bank update in force (b0000: the bank it was trained with)")
     width: int
     height: int
     heatmap_png: str | None = Field(None, description="base64 PNG, jet colours, pixel threshold at mid-scale")
@@ -42,11 +43,13 @@ class ImageScore(BaseModel):
 
 class ScoreResponse(BaseModel):
     model_version: str
+    bank_version: str
     results: list[ImageScore]
 
 
 class ModelInfo(BaseModel):
     model_version: str
+    bank_version: str
     kind: str
     backbone: str
     image_size: int
@@ -57,3 +60,19 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, float]
     loaded_at: float
     reload_error: str | None
+
+
+class CategoryMemory(BaseModel):
+    normal: int = Field(description="normal-bank entries of the category")
+    abnormal: int = Field(description="abnormal-bank entries (confirmed and synthetic defects)")
+
+
+class BanksInfo(BaseModel):
+    model_version: str
+    bank_version: str = Field(description="the abnormal-bank update served (b0000: the bank it was trained with)")
+    categories: dict[str, CategoryMemory]
+    pending_events: int | None = Field(None, description="webhook events not applied yet (null: no live loop)")
+    quarantined: int = Field(0, description="annotations and events that could not be applied")
+    quarantine: list[dict] = Field(default_factory=list, description="what was quarantined, and why")
+    retraining: dict | None = Field(None, description="the last retraining: state, trigger, reason, scores")
+    loop: dict | None = Field(None, description="the live loop's status as of its last turn")

@@ -30,6 +30,7 @@ class ServeSettings:
     max_images: int = 64  # per request
     max_request_mb: float = 200.0
     max_megapixels: float = 50.0  # per image: decompression-bomb guard
+    max_event_mb: float = 16.0  # per Label Studio webhook event (a brush mask of a 20 MP image is a few MB)
     max_batch_size: int = 16  # images per model forward (@serve.batch)
     batch_wait_s: float = 0.01
     poll_s: float = 2.0  # how often the registry is checked for a new version / bank
@@ -39,6 +40,12 @@ class ServeSettings:
     label_studio_url: str | None = None
     label_studio_token: str | None = None
     allowed_roots: list[str] = field(default_factory=list)  # local folders JSON requests may name
+    # the live labeling loop, run beside the scorer when ``loop_state`` is set (see labeling/live.py)
+    loop_state: str | None = None  # the labeling setup's folder (`defectloop label init --state` / `up`)
+    retrain_after: int = 20  # new confirmed masks that start a retraining
+    reconcile_s: float = 120.0  # how often the polling sync looks for what the webhooks missed
+    hold_back: float = 0.2  # share of confirmed labels a retraining leaves out, to be judged on
+    ray_dashboard: str | None = None  # submit retrainings there (Ray Jobs API); else child processes
 
     @classmethod
     def load(cls, file: str | Path | None = None, env: dict[str, str] | None = None, **overrides) -> ServeSettings:

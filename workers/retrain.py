@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from defectloop.data import Sample
-from defectloop.models import AbnormalMemory, ModelConfig
+from defectloop.models import AbnormalMemory, ModelConfig, held_back
 from defectloop.registry import Registry
 from defectloop.store import CACHE_DIR, is_s3, open_store
 from defectloop.workers.train import train_model
@@ -32,12 +32,15 @@ from defectloop.workers.train import train_model
 log = logging.getLogger("defectloop.retrain")
 
 
-def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[Sample]:
-    """Pool images annotators confirmed normal, as normal training samples (S3 ones downloaded once).
+def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back: float = 0.0) -> list[Sample]:
+    """Pool images annotators confirmed normal, as normal training samples (S3 ones downloaded once),
+    less those held back (``held_back``) to judge the new version.
 
     One that cannot be read any more is skipped with a warning: it is one image among many."""
     out = []
     for entry in reg.normals():
+        if held_back(entry.get("image") or entry["source"], hold_back):
+            continue
         src = entry["source"]
         path = Path(src)
         try:
@@ -57,17 +60,26 @@ def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool") -> list[S
 
 def retrain(registry: str, data: str, categories: list[str] | None = None, anomalies_per_class: int = 0,
             workers: int = 0, gpus_per_worker: float = 0.0, ray_address: str | None = None,
-            storage: str | None = None, full: bool = False) -> str:
-    """Fit a new version (warm from the current one unless ``full``) and register it; returns its id."""
+            storage: str | None = None, full: bool = False, hold_back: float = 0.0, promote: bool = True,
+            settings: list[str] | None = None) -> str:
+    """Fit a new version (warm from the current one unless ``full``) and register it; returns its id.
+
+    ``hold_back``: the share of confirmed labels (by a hash of their image) left out, so that the
+    new version can be judged on them before it is served; ``promote``: make it current at once
+    (else whoever judges it promotes it); ``settings``: ``key=value`` changes to the current config."""
     reg = Registry(registry)
     current = reg.current()
     if current:
         config = ModelConfig.from_dict(json.loads(reg.store.read_text(f"versions/{current}/config.json")))
         served = reg.load(current)
-        labels = served.confirmed() if isinstance(served, AbnormalMemory) else []
+        labels = [(p, f) for p, f in served.confirmed() if not held_back(p.image_id, hold_back)] \
+            if isinstance(served, AbnormalMemory) else []
     else:
         config, labels = ModelConfig(), []
-    normals = [s for s in confirmed_normals(reg) if not categories or s.category in categories]
+    if settings:
+        config = config.with_settings(settings)
+        full = True  # other settings make another model: nothing to continue from
+    normals = [s for s in confirmed_normals(reg, hold_back=hold_back) if not categories or s.category in categories]
     base = f"{registry.rstrip('/')}/versions/{current}" if current and not full else None
     log.info("retraining %s from %s (%s, training on %d confirmed annotations and %d images confirmed normal)",
              config.kind, data, f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
@@ -75,8 +87,9 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
                                storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base)
     stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals))
-    version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)})
-    log.info("registered %s (%s) in %s", version, reg.label(version), registry)
+    stats.update(held_back_share=hold_back)
+    version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)}, make_current=promote)
+    log.info("registered %s in %s%s", version, registry, "" if promote else " (not current: to be judged)")
     return version
 
 
@@ -91,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address")
     p.add_argument("--storage", help="Ray Train storage path (default: <registry>/runs)")
     p.add_argument("--full", action="store_true", help="fit every part anew instead of warm from the current version")
+    p.add_argument("--hold-back", type=float, default=0.0,
+                   help="share of confirmed labels (by image) left out of training, to judge the new version on")
+    p.add_argument("--no-promote", action="store_true", help="register the new version without making it current")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model setting for this retraining (e.g. dmad.steps=3000); fits anew")
     return p
 
 
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     cats = [c for c in (args.categories or "").split(",") if c] or None
     try:
         version = retrain(args.registry, args.data, cats, args.anomalies_per_class, args.workers,
-                          args.gpus_per_worker, args.ray_address, args.storage, args.full)
+                          args.gpus_per_worker, args.ray_address, args.storage, args.full, args.hold_back,
+                          promote=not args.no_promote, settings=args.set)
     except Exception as e:
         log.error("retraining failed, the registry is unchanged: %s", e)
         return 1

@@ -260,6 +260,7 @@ def cmd_label(args: argparse.Namespace) -> int:
               f"({kinds['mask']} with masks, {kinds['anomalous']} anomalous without, {kinds['normal']} normal)\n"
               f"model {loop.label} (project shows {loop.project.model_version()}), abnormal bank "
               f"{loop.abnormal_entries()} entries; policy {ws.policy}, batch {ws.batch}")
+        _print_live_status(Path(args.state), loop)
         return 0
     timing = loop.apply_feedback()
     inbox = EventInbox(args.inbox) if args.inbox else None
@@ -296,12 +297,46 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0 if scorer_ok else 1
 
 
+def _print_live_status(state: Path, loop) -> None:
+    """What the live loop (when one runs) and the sync have set aside, and the last retraining."""
+    live = json.loads((state / "live.json").read_text())["status"] if (state / "live.json").is_file() else {}
+    quarantined = live.get("quarantined") or [{"annotation": aid, **q} for aid, q in loop.sync.quarantined.items()]
+    if live:
+        print(f"live loop: {live.get('pending_events', 0)} event(s) pending, serving {live.get('bank_label')}")
+    print(f"quarantined: {len(quarantined)}")
+    for q in quarantined:
+        what = f"annotation {q['annotation']} (task {q.get('task')})" if "annotation" in q else f"event {q.get('event')}"
+        print(f"  {what}: {q.get('reason')}")
+    retraining = live.get("retraining") or {}
+    if retraining.get("job"):
+        print(f"last retraining {retraining['job']} ({retraining.get('trigger')}): {retraining['state']}: "
+              f"{retraining.get('reason')}")
+
+
 def _report_scorer(status: ScorerStatus | None) -> bool:
     """Print whether the scorer serves the loop's label; False when it does not (the exit status says so)."""
     if status is None:
         return True
     print(status, file=sys.stdout if status.ok else sys.stderr)
     return status.ok
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole stack on embedded defaults: local Ray, Label Studio, the store, the Serve application."""
+    from defectloop.stack import StackConfig, run
+
+    config_file = args.config or os.environ.get("DEFECTLOOP_CONFIG")
+    return run(StackConfig(Path(args.state), Path(args.data) if args.data else None, args.ray_address, args.port,
+                           policy=args.policy, batch=args.batch, retrain_after=args.retrain_after,
+                           reconcile_s=args.reconcile_s, replicas=args.replicas,
+                           model=json.loads(Path(config_file).read_text()) if config_file else None,
+                           label_studio_url=args.label_studio_url))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from defectloop.stack import down
+
+    return down(Path(args.state))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -435,6 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--registry", required=True, help="registry folder or s3://bucket/prefix")
     m.add_argument("--keep", type=int, default=5, help="gc: versions to keep (newest first)")
     m.set_defaults(func=cmd_models)
+
+    up = sub.add_parser("up", help="start the whole stack: local Ray, Label Studio, scorer and live loop (foreground)")
+    up.add_argument("--data", help="MVTec layout (*/train/good trains, */test/** is the pool) or a folder of images "
+                                   "(default: a generated data set)")
+    up.add_argument("--state", default="defectloop-stack", help="folder for the registry, Label Studio and the loop")
+    up.add_argument("--ray-address", help="run on this Ray cluster instead of a local one")
+    up.add_argument("--port", type=int, default=0, help="the scorer's HTTP port (default: a free one)")
+    up.add_argument("--policy", default="per-category", choices=list(POLICIES))
+    up.add_argument("--batch", type=int, default=20, help="tasks the ranking puts first")
+    up.add_argument("--retrain-after", type=int, default=20, help="new confirmed masks that start a retraining")
+    up.add_argument("--reconcile-s", type=float, default=120.0, help="seconds between polling syncs")
+    up.add_argument("--replicas", type=int, default=1, help="scorer replicas")
+    up.add_argument("--config", help="JSON settings of the first model (default: $DEFECTLOOP_CONFIG, else the defaults)")
+    up.add_argument("--label-studio-url", help="use this Label Studio (token in LABEL_STUDIO_API_KEY) instead of "
+                                               "starting one; the data must be below its LOCAL_FILES_DOCUMENT_ROOT")
+    up.set_defaults(func=cmd_up)
+
+    dn = sub.add_parser("down", help="stop the stack that `up` started")
+    dn.add_argument("--state", default="defectloop-stack")
+    dn.set_defaults(func=cmd_down)
 
     d = sub.add_parser("demo", help="the labeling loop end to end on one machine (no arguments needed)")
     d.add_argument("--data", help="MVTec-layout pool instead of generated data")

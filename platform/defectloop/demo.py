@@ -1,16 +1,16 @@
-"""The main job: the whole labeling loop on one machine, with a simulated annotator.
+"""The main job: the labeling loop end to end on one machine, as a client of the stack.
 
 Generates a multi-category data set with synthetic defects (or reads ``--data`` in MVTec layout),
-holds a test split back, makes a pool of the rest and half the normal training images at the given
-defect rate (see ``split_pool``), trains an unsupervised DMAD model on the other normals, starts a
-local Label Studio and the Ray Serve scorer (connected as the project's ML backend), imports the
-pool and predicts. Then, per round: the selection policy picks
-B tasks, a simulated annotator labels them through the Label Studio API exactly as a person's
-annotations arrive (masks from ground truth), the sync turns them into abnormal-bank entries (a new
-served label, hot-loaded by the scorer), the pool is re-predicted, and every few rounds the model is
-retrained (warm, by the retraining job in a child process). The same runs with the random policy
-for comparison. Prints a table per round and writes a learning curve (PNG) and, on request, the
-rounds as JSON.
+holds a test split back, and lays the rest out as the stack's data folder: the training normals,
+and a pool of test images and half the training normals at the given defect rate (see
+``split_pool``). It trains the first model once, then, for the chosen policy and for random (the
+baseline), starts the stack (``defectloop up``: local Ray, the scorer and the live loop) on one
+shared Label Studio. Per round, a simulated annotator labels the first B open tasks of the ranked
+tab through the Label Studio API, as a person's annotations arrive (masks from ground truth); the
+live loop does the rest: bank, re-ranking, and every few rounds the retraining that the annotator
+starts with Label Studio's "Start training". Each round is measured on the held-out split with the
+model the scorer serves. Prints a table per round and writes a learning curve (PNG) and the rounds
+as JSON.
 """
 
 from __future__ import annotations
@@ -18,32 +18,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
+import httpx
 import numpy as np
 
 from defectloop.data import Sample, load_mask, load_split
 from defectloop.features import Extracted, extract
 from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
-from defectloop.labeling.loop import LabelingLoop
-from defectloop.labeling.policies import make_policy
-from defectloop.labeling.project import LabelingProject, PoolImage
-from defectloop.labeling.scorer import ScorerClient
+from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.server import label_studio
 from defectloop.metrics import evaluate, fmt
 from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model
-from defectloop.process import ManagedProcess, free_port
 from defectloop.registry import Registry
+from defectloop.stack import Stack, StackConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +94,30 @@ def split_pool(data: Path, defect_rate: float, test_fraction: float, pool_normal
     return train, pool, test
 
 
-def training_folder(train: list[Sample], folder: Path) -> Path:
-    """The training normals as an MVTec-layout folder of links, for the retraining job: it trains on
-    these and on what annotators confirmed, never on unlabeled pool images. Links keep each image's
-    id (category/train/good/name), so a warm retraining knows which images its bank has seen."""
+def stack_folder(train: list[Sample], pool: list[Sample], folder: Path) -> dict[str, Sample]:
+    """The stack's data folder, of links: ``<cat>/train/good`` the training normals, ``<cat>/test/...``
+    the pool (with its masks under ``ground_truth``). Returns each pool image's path in it -> sample.
+
+    The retraining trains on ``train/good`` and on what annotators confirmed, never on unlabeled
+    pool images; links keep each training image's id (category/train/good/name), so a warm
+    retraining knows which images its bank has seen."""
     shutil.rmtree(folder, ignore_errors=True)
+    truth = {}
     for s in train:
         link = folder / s.category / "train" / "good" / s.path.name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(s.path.resolve())
-    return folder
+    for s in pool:
+        split = s.path.parts[-3]  # pool normals come from train/good and test/good: names may repeat
+        rel = Path(s.category) / "test" / s.defect / f"{split}-{s.path.name}"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).symlink_to(s.path.resolve())
+        if s.mask_path is not None:
+            mask = folder / s.category / "ground_truth" / s.defect / f"{rel.stem}_mask.png"
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            mask.symlink_to(s.mask_path.resolve())
+        truth[rel.as_posix()] = s
+    return truth
 
 
 def brush_result(mask: np.ndarray, label: str, config: LabelConfig) -> dict:
@@ -123,14 +131,19 @@ def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sam
     config, found = project.config, 0
     for t in task_ids:
         s = truth[t]
-        verdict = {"type": "choices", "from_name": config.choices, "to_name": config.image,
-                   "value": {"choices": [ANOMALOUS if s.label else NORMAL]}}
-        result = [verdict]
+        result = [{"type": "choices", "from_name": config.choices, "to_name": config.image,
+                   "value": {"choices": [ANOMALOUS if s.label else NORMAL]}}]
         if s.label and s.mask_path is not None and config.brush:
             result.append(brush_result(load_mask(s.mask_path), config.defect_label(s.defect), config))
         project.ls.annotations.create(id=t, result=result)
         found += s.label
     return found
+
+
+def ranked_open_tasks(project: LabelingProject, labeled: set[int], n: int) -> list[int]:
+    """The first ``n`` open tasks of the ranked tab: what the annotator sees at the top."""
+    scores = {p.task: p.score or 0.0 for p in project.ls.predictions.list(project=project.id)}
+    return sorted((t for t in scores if t not in labeled), key=lambda t: (-scores[t], t))[:n]
 
 
 def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
@@ -141,102 +154,145 @@ def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
     return result["mean"]
 
 
-def retrain_job(registry: Path, data: Path) -> bool:
-    """The retraining job in a child process, as a Ray job runs it: its memory returns to the system
-    when it ends, and a failure (out of memory included) leaves the loop on the served version."""
-    rc = subprocess.run([sys.executable, "-m", "defectloop.workers.retrain", "--registry", str(registry),
-                         "--data", str(data)], check=False).returncode
-    if rc:
-        why = " (killed: out of memory?)" if rc == -signal.SIGKILL else ""
-        print(f"  the retraining failed with exit status {rc}{why}; the loop keeps the served version", flush=True)
-    return rc == 0
+class StackClient:
+    """What the demo asks of a running stack, over its HTTP API."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        self.http = httpx.Client(base_url=info["serve_url"], timeout=60,
+                                 headers={"Authorization": f"Bearer {info['api_token']}"})
+
+    def banks(self) -> dict:
+        r = self.http.get("/v1/banks")
+        r.raise_for_status()
+        return r.json()
+
+    def wait_applied(self, labeled: int, timeout: float = 600) -> dict:
+        """Until the loop has applied ``labeled`` tasks' labels and the scorer serves its bank."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            b = self.banks()
+            loop = b.get("loop") or {}
+            served = b["model_version"] if b["bank_version"] == "b0000" else f"{b['model_version']}-{b['bank_version']}"
+            if loop.get("labeled_tasks", 0) >= labeled and b["pending_events"] == 0 and loop.get("bank_label") == served:
+                return b
+            time.sleep(0.2)
+        raise TimeoutError(f"the live loop did not apply {labeled} labels within {timeout:.0f} s: {self.banks()}")
+
+    def retrain(self, project: LabelingProject, timeout: float = 1800) -> dict:
+        """Label Studio's "Start training" (its ML backend's /train), then wait for the retraining to be judged."""
+        before = (self.banks().get("retraining") or {}).get("job")
+        backend = next(iter(project.ls.ml.list(project=project.id)))
+        project.ls.ml.train(id=backend.id)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.banks().get("retraining") or {}
+            if r.get("job") not in (None, before) and r.get("state") in ("promoted", "kept", "failed"):
+                if r["state"] == "promoted":
+                    wanted = r["candidate"]
+                    while self.banks()["model_version"] != wanted and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                return r
+            time.sleep(1.0)
+        raise TimeoutError(f"the retraining was not judged within {timeout:.0f} s: {self.banks().get('retraining')}")
+
+
+def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: dict[str, Sample], model_dir: Path,
+               ls_url: str, ls_token: str, test_feats: Extracted, keep: bool) -> tuple[list[dict], Stack]:
+    """One policy's rounds on a stack of its own (its registry seeded with the first model)."""
+    state = cfg.out / f"stack-{policy}"
+    shutil.rmtree(state, ignore_errors=True)
+    shutil.copytree(model_dir, state / "registry")
+    stack = Stack(StackConfig(state=state, data=stack_data, policy=policy, batch=cfg.batch, retrain_after=0,
+                              reconcile_s=60.0, label_studio_url=ls_url, label_studio_token=ls_token,
+                              title=f"defectloop demo: {policy}", document_root=cfg.out))
+    rounds: list[dict] = []
+    try:
+        info = stack.up()
+        client = StackClient(info)
+        project = LabelingProject(ls_url, ls_token, info["project_id"])
+        truth = {t.id: truth_by_path[t.meta["path"]] for t in project.ls.tasks.list(project=project.id, fields="all")}
+        registry = Registry(state / "registry")
+        m = held_out_metrics(registry.load(), test_feats)
+        label = registry.label()
+        rounds.append({"round": 0, "policy": policy, "shown": 0, "anomalies_found": 0, "image_auroc": m["image_auroc"],
+                       "pixel_auroc": m["pixel_auroc"], "model_version": label})
+        print(f"\n{policy}: round 0, {label}: image AUROC {fmt(m['image_auroc'])}, pixel AUROC {fmt(m['pixel_auroc'])}",
+              flush=True)
+        print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
+        labeled: set[int] = set()
+        for r in range(1, cfg.rounds + 1):
+            shown = ranked_open_tasks(project, labeled, cfg.batch)
+            if not shown:
+                print("the pool is fully labeled")
+                break
+            t0 = time.perf_counter()
+            found = annotate(project, shown, truth)
+            labeled.update(shown)
+            client.wait_applied(len(labeled))
+            feedback_s = time.perf_counter() - t0
+            outcome = None
+            if cfg.retrain_every and r % cfg.retrain_every == 0:
+                outcome = client.retrain(project)
+                print(f"  retraining: {outcome['state']}: {outcome['reason']}", flush=True)
+            m = held_out_metrics(registry.load(), test_feats)
+            label = registry.label()
+            rounds.append({"round": r, "policy": policy, "shown": len(shown), "anomalies_found": found,
+                           "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "feedback_s": feedback_s,
+                           "model_version": label, **({"retraining": outcome} if outcome else {})})
+            print(f"{r:>6d}{len(shown):>7d}{found:>7d}{fmt(m['image_auroc']):>13s}{fmt(m['pixel_auroc']):>13s}"
+                  f"{feedback_s:>12.1f}  {label}", flush=True)
+    finally:
+        if not keep:
+            stack.down()
+    return rounds, stack
 
 
 def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     from defectloop.data.synthetic import make_dataset
     from defectloop.plots import learning_curve
 
+    cfg.out = cfg.out.resolve()
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = (cfg.data or make_dataset(cfg.out / "data", n_train=cfg.n_train, n_test_good=cfg.n_test_good,
                                      n_test_bad=cfg.n_test_bad, size=cfg.image_size, seed=cfg.seed)).resolve()
     train, pool, test = split_pool(data, cfg.defect_rate, cfg.test_fraction, cfg.pool_normals, cfg.seed)
-    train_data = training_folder(train, cfg.out / "training-data")
+    stack_data = cfg.out / "stack-data"
+    truth_by_path = stack_folder(train, pool, stack_data)
     n_bad = sum(s.label for s in pool)
     print(f"data: {data}\npool: {len(pool)} images, {n_bad} defective ({n_bad / max(1, len(pool)):.0%}); "
           f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
 
     model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, image_size=cfg.image_size, dmad=DMADConfig(steps=cfg.steps)))
     Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
+    model_dir = cfg.out / "first-model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    Registry(model_dir).register(model)
     test_feats = extract(model.embedder, test, model.config.image_size, progress="test features")
-    defects = sorted({s.defect for s in pool + test if s.label}) or ["defect"]
 
-    ls = label_studio(cfg.out / "label-studio", data.parent)  # the pool's folder must be below the root, not it
+    ls = label_studio(cfg.out / "label-studio", cfg.out)  # the stacks' pools are below cfg.out
     print("starting Label Studio (the first start migrates its database: about a minute)...", flush=True)
     ls.start().wait_ready("/health", 600)
     print(f"Label Studio: {ls.url}  login {ls.user} / {ls.password}", flush=True)
-    scorer: ManagedProcess | None = None
     rounds: list[dict] = []
+    last: Stack | None = None
     try:
-        for policy_name in dict.fromkeys([cfg.policy, cfg.baseline]):
-            reg_root = cfg.out / f"registry-{policy_name}"
-            shutil.rmtree(reg_root, ignore_errors=True)
-            registry = Registry(reg_root)
-            registry.register(model)
-            project = LabelingProject.create(ls.url, ls.token, f"defectloop demo: {policy_name}",
-                                             [PoolImage(str(s.path), s.category) for s in pool], defects, document_root=data.parent)
-            if scorer is None:  # the scorer serves the main policy's registry, as the project's ML backend
-                port = free_port()
-                scorer = ManagedProcess("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry",
-                                                   str(reg_root), "--port", str(port), "--no-auth"],
-                                        {**os.environ, "DEFECTLOOP_POLL_S": "1"},
-                                        f"http://127.0.0.1:{port}", cfg.out / "scorer.log")
-                print("starting the Ray Serve scorer...", flush=True)
-                scorer.start().wait_ready("/v1/health", 300)
-                project.connect_scorer(scorer.url)
-                print(f"scorer: {scorer.url}/docs (Label Studio ML backend: {scorer.url}/ls)", flush=True)
-                client = ScorerClient(scorer.url)
-            else:
-                client = None  # the scorer serves the first policy's registry only
-            loop = LabelingLoop(project, registry, cfg.out / f"state-{policy_name}", make_policy(policy_name, cfg.seed),
-                                cfg.batch, scorer=client)
-            by_uri = {f"/data/local-files/?d={quote(str(s.path.resolve().relative_to(data.parent)))}": s for s in pool}
-            truth = {t["id"]: by_uri[t["data"]["image"]] for t in loop.tasks}
-            m = held_out_metrics(loop.model, test_feats)
-            rounds.append({"round": 0, "policy": policy_name, "shown": 0, "anomalies_found": 0,
-                           "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "model_version": loop.label})
-            print(f"\n{policy_name}: round 0, {loop.label}: image AUROC {fmt(m['image_auroc'])}, "
-                  f"pixel AUROC {fmt(m['pixel_auroc'])}", flush=True)
-            print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
-            for r in range(1, cfg.rounds + 1):
-                selected = loop.select()
-                if not selected:
-                    print("the pool is fully labeled")
-                    break
-                found = annotate(project, selected, truth)
-                timing = loop.apply_feedback()
-                served = timing.scorer
-                if cfg.retrain_every and r % cfg.retrain_every == 0 and retrain_job(reg_root, train_data):
-                    served = loop.reload()
-                if served is not None and not served.ok:
-                    print(f"  {served}", flush=True)
-                m = held_out_metrics(loop.model, test_feats)
-                rounds.append({"round": r, "policy": policy_name, "shown": len(selected), "anomalies_found": found,
-                               "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
-                               "feedback_s": timing.seconds, "model_version": loop.label})
-                print(f"{r:>6d}{len(selected):>7d}{found:>7d}{fmt(m['image_auroc']):>13s}{fmt(m['pixel_auroc']):>13s}"
-                      f"{timing.seconds:>12.1f}  {loop.label}", flush=True)
+        policies = list(dict.fromkeys([cfg.policy, cfg.baseline]))
+        for i, policy in enumerate(policies):
+            keep = cfg.keep_running and i == len(policies) - 1
+            done, last = run_policy(cfg, policy, stack_data, truth_by_path, model_dir, ls.url, ls.token, test_feats, keep)
+            rounds += done
         png = learning_curve(cfg.out / "learning_curve.png", rounds)
         print(f"\nlearning curve: {png}")
         if json_out:
             Path(json_out).write_text(json.dumps({"rounds": rounds}, indent=1))
-        if cfg.keep_running:
-            print(f"Label Studio ({ls.url}, {ls.user} / {ls.password}) and the scorer stay up; Ctrl-C to stop", flush=True)
+        if cfg.keep_running and last is not None:
+            print(f"Label Studio ({ls.url}, {ls.user} / {ls.password}) and the {cfg.baseline} stack stay up "
+                  f"({last.info.get('serve_url')}); Ctrl-C to stop", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
     finally:
-        if scorer is not None:
-            scorer.stop()
+        if cfg.keep_running and last is not None:
+            last.down()
         ls.stop(30)
     return {"rounds": rounds}
-
-

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,6 +116,30 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _exit)
+
+
+def ray_head(temp_dir: str | Path, num_cpus: int | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
+    """``ray start --head --block`` on 127.0.0.1 with every port of its own (not started yet; ``.address``).
+
+    Its own ports: another Ray on the machine (a test's, a user's) holds the defaults, and a dashboard
+    agent that cannot bind leaves the Jobs API with "No available agent to submit job". Token auth is
+    off: this is a cluster of one machine, for this process's own use. ``temp_dir`` must be short
+    (Ray's socket paths are limited to ~100 characters).
+    """
+    port, dashboard = free_port(), free_port()
+    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
+    exe = Path(sys.executable).with_name("ray")
+    run_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    run_env.pop("RAY_ADDRESS", None)
+    cpus = [f"--num-cpus={num_cpus}"] if num_cpus else []
+    head = ManagedProcess("ray-head", [str(exe), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                                       f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                                       f"--temp-dir={temp_dir}", *cpus, *agents, "--block"],
+                          run_env, f"http://127.0.0.1:{dashboard}", Path(temp_dir) / "head.log")
+    head.address = f"127.0.0.1:{port}"
+    return head
 
 
 def free_port() -> int:

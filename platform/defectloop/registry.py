@@ -35,6 +35,9 @@ from defectloop.store import LocalStore, S3Config, cache_path, is_s3, local_copy
 
 log = logging.getLogger(__name__)
 
+#: the bank_version of a version served with the abnormal bank it was trained with
+TRAINED_BANK = "b0000"
+
 
 def save_model(model: AnomalyModel, location: str | os.PathLike, files: dict[str, str] | None = None) -> str:
     """Write a model version folder (``--out``) to a local path or S3; config.json goes last."""
@@ -211,15 +214,23 @@ class Registry:
         model = load_model(path)
         bank = self.bank(path.name)
         if bank and isinstance(model, AbnormalMemory):
-            model.abnormal_bank = AbnormalBank.load(
-                local_copy(self.store, f"banks/{path.name}/{bank}", "abnormal_bank.json"), index=model.index_factory)
+            model.abnormal_bank = self.load_bank(path.name, bank, model)
         return model
+
+    def load_bank(self, version: str, bank: str, model: AbnormalMemory) -> AbnormalBank:
+        """One abnormal-bank update of a version, for ``model`` (its index strategy)."""
+        folder = local_copy(self.store, f"banks/{version}/{bank}", "abnormal_bank.json")
+        return AbnormalBank.load(folder, index=model.index_factory)
 
     # ----- abnormal-bank updates ------------------------------------------------------------
     def bank(self, version: str | None = None) -> str | None:
         """Id of the bank update in force for a version (None: the bank it was trained with)."""
         version = version or self.current()
         return (self.store.read_text(f"banks/{version}/CURRENT") or "").strip() or None
+
+    def bank_version(self, version: str | None = None) -> str:
+        """The bank in force as served: an update's id, or ``TRAINED_BANK``."""
+        return self.bank(version) or TRAINED_BANK
 
     def publish_bank(self, bank: AbnormalBank, version: str | None = None) -> str:
         """Save an updated abnormal bank for a version and put it in force; returns the new label."""

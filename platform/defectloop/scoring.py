@@ -3,7 +3,7 @@
 :class:`ModelHandle` keeps the model a service answers with. It follows a registry (the current
 version and that version's abnormal-bank updates) or holds one version directory; ``refresh``
 loads a newer one beside the old and swaps a single reference, so a request in flight finishes
-on the model it started with. Pure Python and torch: Ray Serve, the CLI and tests share it.
+on the model it started with. A new bank of the served version swaps the bank alone. Pure Python and torch: Ray Serve, the CLI and tests share it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from defectloop.models import AnomalyModel, Prediction, load_model
-from defectloop.registry import Registry, resolve_model_dir
+from defectloop.models import AbnormalMemory, AnomalyModel, Prediction, load_model
+from defectloop.registry import TRAINED_BANK, Registry, resolve_model_dir
 from defectloop.store import open_store
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Served:
-    """One loaded model and the label it answers under (``v0003`` or ``v0003-b0002``)."""
+    """One loaded model: its version and the abnormal-bank update in force (``TRAINED_BANK``: none)."""
 
     model: AnomalyModel
-    label: str
+    version: str
+    bank: str
     loaded_at: float
+
+    @property
+    def label(self) -> str:
+        """What it is called in one word: ``v0003``, or ``v0003-b0002`` with a bank update."""
+        return self.version if self.bank == TRAINED_BANK else f"{self.version}-{self.bank}"
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,15 @@ class ModelHandle:
             self._registry = Registry(self.location)
         return self._registry
 
-    def wanted(self) -> str:
-        """The label that should be served now (cheap: reads two small pointer files)."""
+    def wanted(self) -> tuple[str, str]:
+        """(version, bank) that should be served now (cheap: reads two small pointer files)."""
         reg = self.registry
         if reg is None:
             if not open_store(self.location).exists("config.json"):
                 raise FileNotFoundError(f"{self.location} is neither a registry nor a model version directory")
-            return Path(self.location.rstrip("/")).name
-        return reg.label(self.version)
+            return Path(self.location.rstrip("/")).name, TRAINED_BANK
+        version = reg.resolve(self.version)
+        return version, reg.bank_version(version)
 
     @property
     def served(self) -> Served:
@@ -83,23 +90,20 @@ class ModelHandle:
     def refresh(self) -> bool:
         """Load the wanted model if it differs from the served one; True when it was swapped in.
 
-        A failure (a half-copied version, a corrupt bank) keeps the current model and is logged.
+        A new bank of the served version swaps the bank alone (backbone and head stay loaded). A
+        failure (a half-copied version, a corrupt bank) keeps the current model and is logged.
         """
         with self._lock:
             try:
-                label = self.wanted()
-                if self._served is not None and self._served.label == label:
+                version, bank = self.wanted()
+                previous = self._served
+                if previous is not None and (previous.version, previous.bank) == (version, bank):
                     return False
                 t0 = time.perf_counter()
-                reg = self.registry
-                model = reg.load(self.version) if reg is not None else load_model(resolve_model_dir(self.location))
-                model.eval()
-                model.embedder.to(self.device)
-                previous = self._served
-                self._served = Served(model, label, time.time())
+                self._served = Served(self._load(version, bank, previous), version, bank, time.time())
                 self.last_error = None
-                log.info("serving %s (was %s), loaded in %.1fs", label, previous.label if previous else "nothing",
-                         time.perf_counter() - t0)
+                log.info("serving %s (was %s), loaded in %.2fs", self._served.label,
+                         previous.label if previous else "nothing", time.perf_counter() - t0)
                 return True
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -107,6 +111,19 @@ class ModelHandle:
                     raise
                 log.error("keeping %s: could not load the new model: %s", self._served.label, self.last_error)
                 return False
+
+    def _load(self, version: str, bank: str, previous: Served | None) -> AnomalyModel:
+        reg = self.registry
+        if reg is None:
+            model = load_model(resolve_model_dir(self.location))
+        elif (previous is not None and previous.version == version and bank != TRAINED_BANK
+              and isinstance(previous.model, AbnormalMemory)):
+            return previous.model.with_abnormal_bank(reg.load_bank(version, bank, previous.model))
+        else:
+            model = reg.load(version)
+        model.eval()
+        model.embedder.to(self.device)
+        return model
 
     def watch(self, poll_s: float) -> None:
         """Poll the registry in a daemon thread and swap in new versions/banks as they appear."""

@@ -55,10 +55,11 @@ def in_process(registry: Path, payloads: list[bytes], batch: int = 16) -> float:
 
     handle = ModelHandle(registry)
     size = handle.served.model.config.image_size
-    handle.score([image_tensor(load_image(payloads[0]), size)] * batch)  # warm-up
+    handle.score([image_tensor(load_image(payloads[0]), size)] * batch, [None] * batch)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(payloads), batch):
-        handle.score([image_tensor(load_image(p), size) for p in payloads[i:i + batch]])
+        chunk = payloads[i:i + batch]
+        handle.score([image_tensor(load_image(p), size) for p in chunk], [None] * len(chunk))
     return len(payloads) / (time.perf_counter() - t0)
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from defectloop.labeling.server import label_studio as label_studio_process
 from defectloop.process import ManagedProcess, free_port
+from defectloop.process import ray_head as ray_head_process
 
 SCORER_TOKEN = "integration-token"
 S3_KEY, S3_SECRET, S3_BUCKET = "defectloop-it", "defectloop-it-secret", "defectloop"
@@ -135,19 +136,48 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A Ray head as `ray start --head` runs it, with its own temp dir and ports."""
-    temp = tmp_path_factory.mktemp("ray-head")
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # every agent port of its own: another Ray of this session (tests' local Ray) holds the defaults
-    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "ray-client-server-port")]
-    exe = Path(sys.executable).with_name("ray")
-    server = ManagedProcess("ray-head", [str(exe), "start", "--head", "--port=0", "--num-cpus=2",
-                                         f"--dashboard-port={port}", "--dashboard-host=127.0.0.1",
-                                         f"--temp-dir={temp}", *agents, "--block"],
-                            env, f"http://127.0.0.1:{port}", temp / "head.log")
+    server = ray_head_process(tmp_path_factory.mktemp("ray-head"), num_cpus=2)
     server.start().wait_ready("/api/version", 120)
     yield server
     server.stop(60)
+
+
+STACK_TOKEN = "stack-token"
+#: a small first model, as the unit tests train (the stack's defaults are the product's)
+SMALL_MODEL = {"image_size": 128, "coreset_ratio": 0.1,
+               "dmad": {"steps": 120, "batch_size": 512, "synthetic_per_category": 2, "train_patches": 20_000}}
+
+
+@pytest.fixture(scope="session")
+def stack(label_studio, tmp_path_factory):
+    """`defectloop up` on generated data below Label Studio's document root, attached to the
+    session's Label Studio: local Ray, the scorer and the live loop; stopped by SIGTERM at the end."""
+    import json
+
+    from defectloop.data.synthetic import make_dataset
+
+    base = tmp_path_factory.mktemp("stack")
+    data = make_dataset(base / "data", n_train=16, n_test_good=5, n_test_bad=6, size=128, seed=3)
+    (base / "model.json").write_text(json.dumps(SMALL_MODEL))
+    state = label_studio.root / "stack-state"  # its pool must be below Label Studio's document root
+    env = {**os.environ, "DEFECTLOOP_API_TOKEN": STACK_TOKEN, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.root),
+           "DEFECTLOOP_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    server = ManagedProcess("stack", [sys.executable, "-m", "defectloop.cli", "up", "--data", str(data), "--state",
+                                      str(state), "--config", str(base / "model.json"), "--reconcile-s", "5",
+                                      "--retrain-after", "1000", "--label-studio-url", label_studio.url],
+                            env, "", base / "stack.log")
+    server.start()
+    deadline = time.monotonic() + 300
+    while not (state / "stack.json").is_file():
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server.stop(60)
+            raise RuntimeError(f"`defectloop up` did not write {state}/stack.json within 300 s:\n{server.tail()}")
+        time.sleep(0.5)
+    info = json.loads((state / "stack.json").read_text())
+    server.url, server.info, server.state, server.data = info["serve_url"], info, state, data
+    yield server
+    code = server.stop(120)
+    assert code == 0, f"`defectloop up` did not stop cleanly ({code}):\n{server.tail()}"
+    assert not (state / "stack.json").exists()

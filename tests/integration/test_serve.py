@@ -65,7 +65,9 @@ def test_hot_reload_under_load(scorer, scorer_registry, images, embedder):
                 if r.status_code != 200:
                     errors.append(f"{r.status_code} {r.text[:200]}")
                 else:
-                    seen[r.json()["model_version"]] += 1
+                    body = r.json()
+                    bank = body["bank_version"]
+                    seen[body["model_version"] if bank == "b0000" else f"{body['model_version']}-{bank}"] += 1
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for t in threads:

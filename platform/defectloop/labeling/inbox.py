@@ -1,7 +1,8 @@
 """A durable spool of Label Studio events, so that a webhook request only has to enqueue.
 
 Each event is one JSON file, written under a temporary name and renamed into ``pending/``;
-whoever applies the feedback moves it to ``done/``. Events survive a restart of the service, and
+whoever applies the feedback moves it to ``done/`` (or to ``rejected/``, with the reason, when it
+cannot be applied at all). Events survive a restart of the service, and
 because the feedback is idempotent (keyed by annotation id) an event delivered twice is harmless.
 """
 
@@ -13,19 +14,15 @@ import time
 import uuid
 from pathlib import Path
 
-#: Label Studio actions that change what the model should learn; everything else is ignored
-FEEDBACK_ACTIONS = frozenset({
-    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-    "ANNOTATION_DELETED", "START_TRAINING"})
-
 
 class EventInbox:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.pending_dir = self.folder / "pending"
         self.done_dir = self.folder / "done"
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
-        self.done_dir.mkdir(parents=True, exist_ok=True)
+        self.rejected_dir = self.folder / "rejected"
+        for d in (self.pending_dir, self.done_dir, self.rejected_dir):
+            d.mkdir(parents=True, exist_ok=True)
 
     def put(self, event: dict) -> str:
         """Store an event; returns its id (time-ordered)."""
@@ -49,3 +46,14 @@ class EventInbox:
         src = self.pending_dir / f"{event_id}.json"
         if src.exists():
             os.replace(src, self.done_dir / src.name)
+
+    def reject(self, event_id: str, reason: str) -> None:
+        """Set an event aside with the reason it cannot be applied (listed by ``rejected``)."""
+        src = self.pending_dir / f"{event_id}.json"
+        if src.exists():
+            (self.rejected_dir / f"{event_id}.reason").write_text(reason)
+            os.replace(src, self.rejected_dir / src.name)
+
+    def rejected(self) -> list[dict]:
+        """Events set aside: {"event", "reason"}, oldest first."""
+        return [{"event": p.stem, "reason": p.read_text()} for p in sorted(self.rejected_dir.glob("*.reason"))]

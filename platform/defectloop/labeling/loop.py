@@ -19,6 +19,7 @@ from pathlib import Path
 
 from defectloop.data import load_image
 from defectloop.labeling.client import StudioClient
+from defectloop.labeling.events import LabelEvent
 from defectloop.labeling.feedback import Feedback
 from defectloop.labeling.policies import Candidate, SelectionPolicy, rank_scores
 from defectloop.labeling.predict import PoolPredictor
@@ -57,6 +58,7 @@ class LabelingLoop:
                                  lambda v: load_image(self.studio.fetch(v.image, v.task_id)))
         self.sync = Sync(project, self.feedback, self.state_dir / "cursor.json", publish=self._publish)
         self.selected: list[int] = []
+        self._pending = 0  # annotations applied since the last commit
 
     def _publish(self) -> str:
         assert isinstance(self.model, AbnormalMemory)  # only such a model's memory changes
@@ -85,20 +87,42 @@ class LabelingLoop:
     def push(self) -> None:
         """Predictions for the pool under the current label; the selection sorts first."""
         order = {} if self.policy.name == "top" else rank_scores(self.selected)
-        self.project.push_predictions(self.predictor.predictions(self.model, order or None), self.label)
+        self.project.push_predictions(self.predictor.predictions(self.model, order or None), self.version)
 
     def apply_feedback(self) -> FeedbackTiming:
-        """Sync annotations into the bank; on a change, publish it (scorer hot-reload) and re-predict.
-
-        The images confirmed normal go to the registry too, where the next retraining reads them."""
+        """Reconcile with Label Studio: every annotation the loop has not applied yet goes into the
+        model; on a change, publish the bank (scorer hot-swap) and re-rank."""
         t0 = time.perf_counter()
         report = self.sync.run()
-        if report.applied:  # for the next retraining: the pool images confirmed normal so far
-            self.registry.publish_normals(self.feedback.normal_images())
-        if report.published:
-            self.push()
+        self._after(report.applied, report.published)
         status = self.check_scorer() if report.published else None
         return FeedbackTiming(report, time.perf_counter() - t0, status)
+
+    def apply(self, event: LabelEvent) -> int:
+        """Apply one webhook event's annotations or deletions (``commit`` publishes); returns how many
+        annotations it changed. A task the event names by id alone is read from Label Studio."""
+        applied = 0
+        for aid in event.deleted:
+            applied += self.sync.forget(aid)
+        for ann, task in event.annotations:
+            if "data" not in task:
+                task = {**task, "data": dict(self.project.ls.tasks.get(id=task["id"]).data)}
+            applied += self.sync.apply(ann, task)
+        self._pending += applied
+        return applied
+
+    def commit(self) -> str | None:
+        """After ``apply``: publish the bank if it changed, save the cursor, re-rank; the published label."""
+        published = self.sync.commit()
+        self._after(self._pending, published)
+        self._pending = 0
+        return published
+
+    def _after(self, applied: int, published: str | None) -> None:
+        if applied:  # for the next retraining: the pool images confirmed normal so far
+            self.registry.publish_normals(self.feedback.normal_images())
+        if published:
+            self.select()
 
     def check_scorer(self) -> ScorerStatus | None:
         """Wait (up to ``scorer_wait_s``) until the scorer serves the loop's label; None without a scorer."""

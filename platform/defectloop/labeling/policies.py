@@ -116,6 +116,7 @@ def make_policy(name: str, seed: int = 0) -> SelectionPolicy:
 
 
 def rank_scores(order: Sequence[int]) -> dict[int, float]:
-    """Prediction scores in (0.5, 1] that sort the selected tasks in policy order (first = 1.0)."""
+    """Prediction scores in (0.5, 1] that sort the selected tasks in policy order (first = 1.0); the
+    others are pushed below 0.5 (``PoolPredictor.predictions``)."""
     n = len(order)
     return {task: 1.0 - 0.5 * i / max(n, 1) for i, task in enumerate(order)}

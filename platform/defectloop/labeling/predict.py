@@ -71,12 +71,14 @@ class PoolPredictor:
         return model.predict_features(self.features, self.categories) if self.task_ids else []
 
     def predictions(self, model: AnomalyModel, score_of: dict[int, float] | None = None) -> list[dict]:
-        """Label Studio predictions ({task, result, score}); ``score_of`` overrides the score (policy order)."""
+        """Label Studio predictions ({task, result, score}). ``score_of`` (a policy's selection, scores in
+        (0.5, 1]) puts those tasks first; every other task then gets half its normalised score, so it
+        sorts below the selection and in the model's order: the ranked tab is the policy's order."""
         out = []
         for task_id, (w, h), p in zip(self.task_ids, self.sizes, self.predict(model), strict=True):
             mask = p.mask(w, h)
             rle = self.codec.encode(mask) if mask.any() else None
-            score = p.normalised_score if score_of is None or task_id not in score_of else score_of[task_id]
+            score = p.normalised_score if score_of is None else score_of.get(task_id, 0.5 * p.normalised_score)
             out.append({"task": task_id, "score": score,
                         "result": prediction_regions(self.config, task_id, score, p.decision == "anomalous", rle, w, h)})
         return out

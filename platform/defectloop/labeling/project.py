@@ -11,6 +11,8 @@ the scores when sorting and filtering.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -29,6 +31,14 @@ MOST_ANOMALOUS_TAB = "Most anomalous first"
 class PoolImage:
     uri: str  # local path below Label Studio's LOCAL_FILES_DOCUMENT_ROOT, or s3://bucket/key
     category: str
+    path: str | None = None  # relative to the pool's root: kept in the task's meta, out of the annotator's view
+
+
+def _digest(prediction: dict, model_version: str) -> str:
+    """What a prediction says, for "has it changed?": its regions, its score to 4 places, its version."""
+    body = json.dumps([prediction["result"], round(float(prediction["score"] or 0.0), 4), model_version],
+                      sort_keys=True, default=str)
+    return hashlib.sha1(body.encode()).hexdigest()
 
 
 def _studio(url: str, token: str):
@@ -41,6 +51,7 @@ class LabelingProject:
     def __init__(self, url: str, token: str, project_id: int):
         self.url, self.token, self.id = url, token, project_id
         self.ls = _studio(url, token)
+        self._predictions: dict[int, tuple[int, str]] | None = None  # task -> (prediction id, digest)
         self.config = LabelConfig.parse(self.ls.projects.get(id=project_id).label_config)
 
     @classmethod
@@ -62,6 +73,7 @@ class LabelingProject:
                 aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
                 aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
             tasks = [{"image": img.uri, "category": img.category, "source": img.uri} for img in pool]
+            metas = [img.path for img in pool]
         else:
             if document_root is None:
                 raise ValueError("local images need Label Studio's LOCAL_FILES_DOCUMENT_ROOT (document_root)")
@@ -78,8 +90,10 @@ class LabelingProject:
                                            use_blob_urls=True)
             tasks = [{"image": f"/data/local-files/?d={quote(str(p.relative_to(root)))}", "category": img.category,
                       "source": str(p)} for p, img in zip(paths, pool, strict=True)]
-        for i in range(0, len(tasks), 1000):
-            ls.projects.import_tasks(id=project.id, request=tasks[i:i + 1000])
+            metas = [img.path for img in pool]
+        items = [{"data": t, "meta": {"path": m}} if m else t for t, m in zip(tasks, metas, strict=True)]
+        for i in range(0, len(items), 1000):
+            ls.projects.import_tasks(id=project.id, request=items[i:i + 1000])
         ls.views.create(project=project.id, data={"title": MOST_ANOMALOUS_TAB, "ordering": ["-tasks:predictions_score"]})
         log.info("created Label Studio project %d with %d tasks", project.id, len(tasks))
         return cls(url, token, project.id)
@@ -90,15 +104,59 @@ class LabelingProject:
             yield {"id": t.id, "data": dict(t.data), "annotations": [a if isinstance(a, dict) else a.dict()
                                                                        for a in (t.annotations or [])]}
 
-    def push_predictions(self, predictions: Sequence[dict], model_version: str) -> None:
-        """Import predictions ({task, result, score}) under ``model_version`` and make it the project's."""
+    def push_predictions(self, predictions: Sequence[dict], model_version: str) -> int:
+        """Make each task's one prediction ({task, result, score}) the given one, under ``model_version``,
+        which becomes the project's; returns how many predictions were written.
+
+        Unchanged predictions are not written again, a changed one is updated in place, and a task's
+        superseded predictions (older versions, duplicates) are deleted: annotators see one current
+        prediction per task, and re-ranking after a bank update costs only what changed.
+        """
         from label_studio_sdk import PredictionRequest
 
-        batch = [PredictionRequest(task=p["task"], result=p["result"], score=p["score"], model_version=model_version)
-                 for p in predictions]
-        for i in range(0, len(batch), 500):
-            self.ls.projects.import_predictions(id=self.id, request=batch[i:i + 500])
-        self.ls.projects.update(id=self.id, model_version=model_version)
+        current = self._current_predictions()
+        new, digests, written = [], {}, 0
+        for p in predictions:
+            digest = _digest(p, model_version)
+            have = current.get(p["task"])
+            if have is None:
+                new.append(PredictionRequest(task=p["task"], result=p["result"], score=p["score"],
+                                             model_version=model_version))
+                digests[p["task"]] = digest
+            elif have[1] != digest:
+                self.ls.predictions.update(id=have[0], result=p["result"], score=p["score"], model_version=model_version)
+                current[p["task"]] = (have[0], digest)
+                written += 1
+        for i in range(0, len(new), 500):
+            self.ls.projects.import_predictions(id=self.id, request=new[i:i + 500])
+        if new:  # the ids of imported predictions: read back once (what they say is what we sent)
+            self._predictions = None
+            for task, (pred_id, _) in self._current_predictions().items():
+                if task in digests:
+                    self._predictions[task] = (pred_id, digests[task])
+        if self.model_version() != model_version:
+            self.ls.projects.update(id=self.id, model_version=model_version)
+        return written + len(new)
+
+    def _current_predictions(self) -> dict[int, tuple[int, str]]:
+        """task -> (prediction id, digest) of its one prediction; duplicates deleted (newest kept)."""
+        if self._predictions is None:
+            by_task: dict[int, list] = {}
+            for pred in self.ls.predictions.list(project=self.id):
+                by_task.setdefault(pred.task, []).append(pred)
+            self._predictions = {}
+            for task, preds in by_task.items():
+                preds.sort(key=lambda x: x.id)
+                for old in preds[:-1]:
+                    self.ls.predictions.delete(id=old.id)
+                keep = preds[-1]
+                self._predictions[task] = (keep.id, _digest({"result": keep.result, "score": keep.score},
+                                                           keep.model_version or ""))
+        return self._predictions
+
+    def forget_predictions(self) -> None:
+        """Re-read the project's predictions at the next push (someone else may have written some)."""
+        self._predictions = None
 
     def connect_scorer(self, scorer_url: str, token: str | None = None) -> int:
         """Connect the scorer as the project's ML backend (``<scorer>/ls``) and let its webhook in.

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from defectloop.registry import TRAINED_BANK
+
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +46,16 @@ class ScorerClient:
         self.http = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {token}"} if token else {})
 
     def served_label(self) -> str:
-        """The model label the scorer serves now."""
+        """The label the scorer serves now: its version, plus ``-bNNNN`` with a bank update in force."""
         try:
             r = self.http.get(f"{self.url}/v1/model")
         except httpx.HTTPError as e:
             raise ScorerUnavailable(f"{self.url} unreachable: {type(e).__name__}: {e}") from e
         if r.status_code != 200:
             raise ScorerUnavailable(f"{self.url}/v1/model: HTTP {r.status_code}: {r.text[:200]}")
-        return r.json()["model_version"]
+        body = r.json()
+        version, bank = body["model_version"], body.get("bank_version", TRAINED_BANK)
+        return version if bank == TRAINED_BANK else f"{version}-{bank}"
 
     def wait_for(self, label: str, timeout_s: float = 120.0, poll_s: float = 0.5) -> ScorerStatus:
         """Poll until the scorer serves ``label``: backoff up to 5 s between tries, then report."""

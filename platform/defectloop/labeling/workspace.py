@@ -38,6 +38,7 @@ class Workspace:
     retrain_after: int = 20  # confirmed anomalies since the last retraining that trigger the next one
     anomalies_at_last_retrain: int = 0
     scorer: str | None = None  # the scorer service's URL, connected as the project's ML backend
+    data: str | None = None  # training data (MVTec layout) a retraining fits on
 
     @staticmethod
     def path(state: str | Path) -> Path:
@@ -84,10 +85,12 @@ def init(state: str | Path, url: str, token: str, registry: str, pool: str, titl
 
 
 def open_loop(state: str | Path, token: str, ws: Workspace | None = None, scorer_token: str | None = None,
-              scorer_wait_s: float = 120.0) -> LabelingLoop:
+              scorer_wait_s: float = 120.0, watch_scorer: bool = True) -> LabelingLoop:
+    """The loop of a labeling setup. ``watch_scorer``: after each publish, wait until the scorer
+    serves it (the CLI's rounds); the live loop runs inside the scorer's application and does not."""
     ws = ws or Workspace.load(state)
     project = LabelingProject(ws.url, token, ws.project_id)
-    scorer = ScorerClient(ws.scorer, scorer_token) if ws.scorer else None
+    scorer = ScorerClient(ws.scorer, scorer_token) if ws.scorer and watch_scorer else None
     return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True,
                         scorer=scorer, scorer_wait_s=scorer_wait_s)
 

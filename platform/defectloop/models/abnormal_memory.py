@@ -8,6 +8,7 @@ confirmed for them is a label for the ledger and the next retraining, not a bank
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,14 @@ class AbnormalMemory:
         self.abnormal_bank.add(provenance, cells)
         return len(cells)
 
+    def with_abnormal_bank(self, bank: AbnormalBank) -> AbnormalMemory:
+        """A twin of this model that reads ``bank``: it shares the backbone, the normal bank and the
+        head (nothing is copied or reloaded), so swapping banks costs only the bank itself, and
+        requests in flight on this model keep their bank."""
+        twin = copy.copy(self)  # a shallow copy: the module's submodules and tensors are shared
+        twin.abnormal_bank = bank
+        return twin
+
     def forget(self, annotation_id: str) -> bool:
         """Remove an annotation's entries; returns whether there were any."""
         return self.abnormal_bank.remove(annotation_id)
@@ -58,6 +67,13 @@ class AbnormalMemory:
         feats, group, provs = self.abnormal_bank.tensors()
         return [(p, feats[group == i]) for i, p in enumerate(provs)
                 if p.source == "annotation" and not p.annotation_id.startswith("train:")]
+
+    def memory_by_category(self) -> dict[str, dict[str, int]]:
+        out = super().memory_by_category()  # type: ignore[misc]
+        feats, group, provs = self.abnormal_bank.tensors()
+        for i, n in enumerate(torch.bincount(group, minlength=len(provs)).tolist()):
+            out.setdefault(provs[i].category or "?", {"normal": 0, "abnormal": 0})["abnormal"] += n
+        return out
 
     def save_memory(self, folder: Path) -> None:
         self.abnormal_bank.save(folder)

@@ -68,6 +68,18 @@ class AnomalyModel(nn.Module):
         """Images (B x 3 x S x S in [0, 1], S = ``config.image_size``) -> one Prediction each."""
         return self.predict_features(self.embedder(images).float(), categories)
 
+    def memory_by_category(self) -> dict[str, dict[str, int]]:
+        """Bank entries per category: {category: {"normal": n, "abnormal": m}} (image ids start with
+        their category)."""
+        out: dict[str, dict[str, int]] = {}
+        bank = self.normal_bank
+        if bank is not None:
+            per_image = torch.bincount(bank.owners, minlength=len(bank.image_ids)).tolist()
+            for image_id, n in zip(bank.image_ids, per_image, strict=True):
+                entry = out.setdefault(image_id.split("/", 1)[0], {"normal": 0, "abnormal": 0})
+                entry["normal"] += n
+        return out
+
     # ----- persistence ---------------------------------------------------------------------
     def head_state(self) -> dict[str, torch.Tensor]:
         """Learned tensors saved in weights.safetensors (backbone excluded: it is frozen)."""

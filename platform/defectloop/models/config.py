@@ -7,6 +7,7 @@ moves those keys into their section, so old versions still load.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -68,6 +69,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_settings(self, settings: list[str]) -> ModelConfig:
+        """A copy with ``key=value`` settings applied (``dmad.steps=3000``; values read as JSON when they parse)."""
+        data = self.to_dict()
+        for item in settings:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"setting {item!r}: expected key=value")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            section, _, name = key.rpartition(".")
+            (data.setdefault(section, {}) if section else data)[name] = value
+        return ModelConfig.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

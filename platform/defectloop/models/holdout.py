@@ -1,9 +1,23 @@
-"""Which normal training images are held back (calibration, model selection) and which are fitted."""
+"""What is held back from fitting: normal training images (calibration, model selection), and
+confirmed labels (the check a retrained version must pass before it is served).
+
+Both sides are decided by a seeded hash of an id, so an image keeps its side as data grows.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+
+
+def hash_unit(key: str, salt: str) -> float:
+    """A stable number in [0, 1) for ``key``."""
+    return int(hashlib.sha256(f"{salt}/{key}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def held_back(key: str, fraction: float) -> bool:
+    """Whether a confirmed label (keyed by its image) is kept out of retraining, to judge the result."""
+    return hash_unit(key, "labels") < fraction
 
 
 def split_holdout(samples: Sequence, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -20,8 +34,7 @@ def split_holdout(samples: Sequence, fraction: float, seed: int) -> tuple[list[i
             by_cat.setdefault(s.category, []).append(i)
     fit, held = [], []
     for _, idx in sorted(by_cat.items()):
-        u = {i: int(hashlib.sha256(f"{seed}/holdout/{samples[i].image_id}".encode()).hexdigest()[:12], 16) / 16**12
-             for i in idx}
+        u = {i: hash_unit(samples[i].image_id, f"{seed}/holdout") for i in idx}
         out = {i for i in idx if u[i] < fraction}
         if fraction > 0 and len(idx) > 1 and not out:
             out = {min(idx, key=u.__getitem__)}
