@@ -235,6 +235,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     """Label Studio side of the loop: init, sync, round, status."""
     from defectloop.labeling import workspace as wsp
     from defectloop.labeling.inbox import EventInbox
+    from defectloop.labeling.live import LiveLoop
 
     token = args.token or os.environ.get("LABEL_STUDIO_API_KEY")
     if not token:
@@ -262,39 +263,44 @@ def cmd_label(args: argparse.Namespace) -> int:
               f"{loop.abnormal_entries()} entries; policy {ws.policy}, batch {ws.batch}")
         _print_live_status(Path(args.state), loop)
         return 0
-    timing = loop.apply_feedback()
-    inbox = EventInbox(args.inbox) if args.inbox else None
-    if inbox is not None:
-        for event_id, event in inbox.pending():  # the sync has read Label Studio itself: the hints are served
-            if event.get("action") != "START_TRAINING":
-                inbox.done(event_id)
-    print(f"sync: {timing.sync.applied} annotation change(s), {timing.sync.annotations} annotations in all; "
-          f"model {loop.label}; {timing.seconds:.1f}s")
+    # one turn of the live loop, the same code the service runs: webhook events, the polling sync, a
+    # retraining when one is due (waited for here, and served only if it is not worse)
+    live = LiveLoop(loop, EventInbox(args.inbox or Path(args.state) / "inbox"), _retrain_runner(args, ws),
+                    ws.retrain_after)
+    events = live.step()
+    timing = live.reconcile()
+    print(f"sync: {events} webhook event(s), {timing.sync.applied} annotation change(s), {timing.sync.annotations} "
+          f"annotations in all; model {loop.label}; {timing.seconds:.1f}s")
     scorer_ok = _report_scorer(timing.scorer)
-    reason = wsp.retrain_due(ws, loop, inbox)
-    if reason:
-        print(f"retraining: {reason}")
-        if args.ray_address:
-            from defectloop.workers.jobs import submit_retrain
-
-            print(f"submitted {submit_retrain(ws.registry, args.data, args.workers, address=args.ray_address)}")
-        elif args.data:
-            from defectloop.workers.retrain import retrain
-
-            print(f"registered {retrain(ws.registry, args.data, workers=args.workers)}; re-predicting")
-            scorer_ok = _report_scorer(loop.reload()) and scorer_ok
-        else:
-            print("  (pass --data POOL to retrain here, or --ray-address to submit a Ray job)")
-        ws.anomalies_at_last_retrain = loop.confirmed_anomalies()
-        ws.save(args.state)
-        if inbox is not None:
-            for event_id, e in inbox.pending():
-                if e.get("action") == "START_TRAINING":
-                    inbox.done(event_id)
+    live.follow_retraining()
+    r = live.retraining
+    if r.state == "running":
+        print(f"retraining {r.job}: {r.trigger}", flush=True)
+        while r.state == "running":
+            time.sleep(1.0)
+            live.follow_retraining()
+        print(f"retraining {r.state}: {r.reason}")
+        if r.state == "promoted":
+            scorer_ok = _report_scorer(loop.check_scorer()) and scorer_ok
+    elif live.runner is None and live.retrain_due():
+        print(f"retraining due ({live.retrain_due()}): pass --data DIR to retrain here, or --ray-address too for a Ray job")
+    live.save()
     if args.action == "round":
         selected = loop.select()
         print(f"next {len(selected)} task(s) by '{ws.policy}': {', '.join(map(str, selected))}")
     return 0 if scorer_ok else 1
+
+
+def _retrain_runner(args: argparse.Namespace, ws):
+    """How `label sync` retrains: a Ray job (--ray-address), a child process (--data), or not at all."""
+    from defectloop.workers.jobs import ProcessRunner, RayJobRunner
+
+    if not args.data:
+        return None
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    if args.ray_address:
+        return RayJobRunner(ws.registry, args.data, args.ray_address, hold_back=args.hold_back, extra=extra)
+    return ProcessRunner(ws.registry, args.data, Path(args.state) / "retrain-logs", args.hold_back, extra)
 
 
 def _print_live_status(state: Path, loop) -> None:
@@ -455,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--batch", type=int, default=20)
     lb.add_argument("--retrain-after", type=int, default=20, help="confirmed anomalies that trigger a retraining")
     lb.add_argument("--inbox", help="the scorer's event inbox (webhooks), e.g. <registry>/inbox")
-    lb.add_argument("--data", help="pool in MVTec layout for an in-process retraining")
+    lb.add_argument("--data", help="training data (MVTec layout) to retrain on: in a child process, or as a Ray job "
+                                   "with --ray-address")
+    lb.add_argument("--hold-back", type=float, default=0.2,
+                    help="share of confirmed labels a retraining leaves out, to judge its version on")
     lb.add_argument("--workers", type=int, default=0, help="Ray Train workers for the retraining")
-    lb.add_argument("--ray-address", help="submit the retraining as a Ray job to this dashboard address")
+    lb.add_argument("--ray-address", help="submit the retraining as a Ray job to this dashboard address (with --data)")
     lb.add_argument("--scorer", help="init: the scorer's URL, connected as the project's ML backend (with its webhook)")
     lb.add_argument("--scorer-token", help="the scorer's API token (default $DEFECTLOOP_API_TOKEN)")
     lb.add_argument("--scorer-wait", type=float, default=120.0,

@@ -5,12 +5,12 @@
 Starts the whole stack (its own Label Studio, local Ray, the scorer and the live loop) on a pool of
 about ``--pool`` generated images (or ``--data`` in MVTec layout), then, in one run:
 
-- serving alone: ``--clients`` clients score single images for ``--window`` seconds (p50/p99);
-- ``--annotations`` masks submitted through the Label Studio API, one after another, while the
-  same clients keep scoring: seconds from the annotation to the bank in ``/v1/banks`` and to the
-  affected predictions in Label Studio (p50/p95), how many predictions were written per
-  annotation, and how many of those had not changed (must be 0); the scoring p99 during the bank
-  swaps against the p99 alone, and failed requests.
+- ``--annotations`` masks submitted through the Label Studio API, one after another, on a quiet
+  machine: seconds from the annotation to the bank in ``/v1/banks`` and to the affected
+  predictions in Label Studio (p50/p95), how many predictions were written per annotation, and
+  how many of those had not changed (must be 0);
+- serving: ``--clients`` clients score single images for ``--window`` seconds alone, then while
+  ``--swaps`` more annotations make bank swaps: p50/p99 and failed requests in both windows.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--annotations", type=int, default=20)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--window", type=float, default=20.0, help="seconds of scoring alone")
+    ap.add_argument("--swaps", type=int, default=3, help="annotations (bank swaps) under the scoring load")
     args = ap.parse_args()
     from label_studio_sdk import LabelStudio
 
@@ -119,42 +120,56 @@ def main() -> None:
             return httpx.get(f"{info['serve_url']}/v1/banks", headers=headers, timeout=30).json()
 
         tasks = [t for t in ls.tasks.list(project=project, fields="all")]
-        defective = [t for t in tasks if "/test/good/" not in t.data["source"]]
+        defective = [t for t in tasks if Path(t.meta["path"]).parent.name != "good"]
         print(f"pool: {len(tasks)} tasks, {len(defective)} defective", flush=True)
         payloads = [Path(t.data["source"]).read_bytes() for t in tasks[:32]]
         while banks()["loop"].get("pending_events") is None:  # the loop's first turn (reconcile) done
             time.sleep(1)
 
-        load = Load(info["serve_url"], info["api_token"], payloads, args.clients)
-        load.start()
-        time.sleep(args.window)
-        load.window = "swaps"
         to_bank, to_preds, written, unchanged_written = [], [], [], []
-        for t in defective[:args.annotations]:
+        done: set[int] = set()
+
+        def annotate(t) -> tuple[float, float, int, int]:
+            """(s to the bank, s to the predictions, predictions written, of those unchanged)."""
             before = {p.task: (p.id, p.updated_at, digest(p)) for p in ls.predictions.list(project=project)}
             version = banks()["bank_version"]
-            src = Path(t.data["source"])
-            mask = load_mask(src.parents[2] / "ground_truth" / src.parent.name / f"{src.stem}_mask.png")
+            rel = Path(t.meta["path"])  # <category>/test/<defect>/<name>, relative to the data folder
+            mask = load_mask(data / rel.parts[0] / "ground_truth" / rel.parent.name / f"{rel.stem}_mask.png")
             h, w = mask.shape
             result = [{"type": "brushlabels", "from_name": "defect", "to_name": "image", "original_width": w,
                        "original_height": h, "value": {"format": "rle", "rle": BrushRLE().encode(mask),
-                                                       "brushlabels": [src.parent.name]}}]
+                                                       "brushlabels": [rel.parent.name]}}]
             start = time.perf_counter()
             ls.annotations.create(id=t.id, result=result)
             while banks()["bank_version"] == version and time.perf_counter() - start < 120:
                 time.sleep(0.05)
-            to_bank.append(time.perf_counter() - start)
-            changed: dict = {}
-            while time.perf_counter() - start < 60:  # the re-ranking pushes after the publish
-                now = {p.task: (p.id, p.updated_at, digest(p)) for p in ls.predictions.list(project=project)}
-                changed = {k: v for k, v in now.items() if k in before and v[1] != before[k][1]}
-                if changed and banks()["loop"].get("pending_events") == 0:
+            bank_s = time.perf_counter() - start
+            labeled = len(done) + 1
+            while time.perf_counter() - start < 300:  # the turn that applied it ends once the re-ranking is written
+                loop = banks()["loop"]
+                if loop.get("labeled_tasks", 0) >= labeled and loop.get("pending_events") == 0:
                     break
-                time.sleep(0.5)
-            to_preds.append(time.perf_counter() - start)
-            written.append(len(changed))
-            unchanged_written.append(sum(1 for k, v in changed.items() if v[2] == before[k][2]))
-            time.sleep(1.0)
+                time.sleep(0.2)
+            done.add(t.id)
+            preds_s = time.perf_counter() - start
+            now = {p.task: (p.id, p.updated_at, digest(p)) for p in ls.predictions.list(project=project)}
+            changed = {k: v for k, v in now.items() if k in before and v[1] != before[k][1]}
+            return bank_s, preds_s, len(changed), sum(1 for k, v in changed.items() if v[2] == before[k][2])
+
+        for t in defective[:args.annotations]:
+            b, p, n, u = annotate(t)
+            to_bank.append(b)
+            to_preds.append(p)
+            written.append(n)
+            unchanged_written.append(u)
+            print(f"annotation {len(to_bank)}: bank {b:.2f} s, predictions {p:.1f} s, {n} written ({u} unchanged)",
+                  flush=True)
+        load = Load(info["serve_url"], info["api_token"], payloads, args.clients)
+        load.start()
+        time.sleep(args.window)
+        load.window = "swaps"
+        for t in defective[args.annotations:args.annotations + args.swaps]:
+            annotate(t)
         load.window = "after"
         time.sleep(2)
         load.finish()

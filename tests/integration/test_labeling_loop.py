@@ -145,13 +145,17 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
     inbox = EventInbox(tmp_path / "inbox")
     inbox.put({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
     inbox.put({"action": "START_TRAINING"})
-    assert main(["label", "sync", "--state", str(state), "--inbox", str(inbox.folder), "--data", str(tiny_data)]) == 0
+    assert main(["label", "sync", "--state", str(state), "--inbox", str(inbox.folder), "--data", str(tiny_data),
+                 "--hold-back", "0"]) == 0
     out = capsys.readouterr().out
-    assert "2 annotation change(s)" in out and "START_TRAINING" in out and "registered v0002" in out
+    assert "1 webhook event(s), 2 annotation change(s)" in out and "START_TRAINING" in out
+    assert "retraining promoted" in out and "v0002 is served because its job succeeded" in out
     reg = Registry(root)
-    assert inbox.pending() == [] and reg.current() == "v0002"
+    assert inbox.pending() == [] and len(inbox.rejected()) == 1  # the event without a task: set aside, with why
+    assert reg.current() == "v0002"
     # the retraining learned from both: the confirmed mask, and the image confirmed normal (from the pool)
-    assert reg.normals() == [{"source": normal.data["source"], "category": normal.data["category"]}]
+    assert reg.normals() == [{"source": normal.data["source"], "category": normal.data["category"],
+                              "image": normal.data["image"]}]
     assert normal.data["source"].startswith(str(pool)) and Path(normal.data["source"]).is_file()
     fit = json.loads(reg.store.read_text("versions/v0002/fit.json"))
     assert fit["carried_annotations"] == 1 and fit["confirmed_normals"] == 1

@@ -144,7 +144,7 @@ def test_edit_delete_and_a_duplicate_webhook(stack, ls, tasks):
     assert entries_of(stack, ann.id) == (0, 0)
 
 
-def test_a_truncated_rle_is_quarantined_and_the_next_annotation_applies(stack, ls, tasks):
+def test_a_truncated_rle_is_quarantined_and_the_next_annotation_applies(stack, ls, tasks, capsys):
     bad_task, good_task = defective(tasks, 2, skip=2)
     mask = mask_of(bad_task)
     rle = BrushRLE().encode(mask)
@@ -158,6 +158,11 @@ def test_a_truncated_rle_is_quarantined_and_the_next_annotation_applies(stack, l
     ls.annotations.create(id=good_task.id, result=brush(mask_of(good_task), "blob"))
     wait_for(stack, "the next annotation in the bank", lambda b: b["categories"][cat]["abnormal"] > before)
     assert any(q.get("annotation") == str(broken.id) for q in banks(stack)["quarantine"])  # still listed
+    from defectloop.cli import main
+
+    assert main(["label", "status", "--state", str(stack.state / "label"), "--token", stack.info["label_studio_token"]]) == 0
+    out = capsys.readouterr().out
+    assert f"annotation {broken.id} (task {bad_task.id}): ValueError: brush RLE" in out
 
 
 def test_nothing_lost_or_doubled_through_a_loop_kill_and_a_label_studio_restart(stack, ls, tasks, label_studio):

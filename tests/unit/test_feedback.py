@@ -116,7 +116,8 @@ def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_p
     fb.apply(read_annotation(annotation(32, tasks[1], choice="normal"), tasks[1], CONFIG))
     fb.apply(read_annotation(annotation(33, tasks[1], choice="anomalous"), tasks[1], CONFIG))  # disputed: left out
     fb.apply(read_annotation(annotation(34, tasks[2], choice="normal"), tasks[2], CONFIG))
-    assert fb.normal_images() == sorted([{"source": str(s.path), "category": s.category} for s in (goods[0], goods[2])],
+    assert fb.normal_images() == sorted([{"source": str(s.path), "category": s.category, "image": t["data"]["image"]}
+                                         for s, t in ((goods[0], tasks[0]), (goods[2], tasks[2]))],
                                         key=lambda e: e["source"])
     reg = Registry(tmp_path / "reg")
     assert reg.normals() == [] and confirmed_normals(reg) == []

@@ -112,16 +112,17 @@ class Feedback:
         return changed
 
     def normal_images(self) -> list[dict]:
-        """Images annotators confirmed normal: {"source", "category"}, once each, for the retraining.
+        """Images annotators confirmed normal: {"source", "category", "image"}, once each, for the
+        retraining (``image``, the task's image URL, is what decides whether a label is held back).
 
         An image that has any other verdict too (another annotator saw a defect) is left out."""
         kinds: dict[str, set[str]] = {}
-        category: dict[str, str] = {}
+        entry: dict[str, dict] = {}
         for e in self.ledger.values():
             src = e.get("source") or e["image"]  # ledgers written before tasks carried their source
             kinds.setdefault(src, set()).add(e["kind"])
-            category[src] = e["category"]
-        return [{"source": src, "category": category[src]} for src in sorted(kinds) if kinds[src] == {"normal"}]
+            entry[src] = {"source": src, "category": e["category"], "image": e["image"]}
+        return [entry[src] for src in sorted(kinds) if kinds[src] == {"normal"}]
 
     def _save(self) -> None:
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from defectloop.labeling.events import InvalidEvent, parse_event
 from defectloop.labeling.inbox import EventInbox
-from defectloop.labeling.loop import LabelingLoop
+from defectloop.labeling.loop import FeedbackTiming, LabelingLoop
 from defectloop.metrics import auroc
 from defectloop.models import AbnormalMemory, held_back
 
@@ -107,12 +107,13 @@ class LiveLoop:
                     log.info("%d event(s): bank published as %s", len(handled), published)
             return len(handled)
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> FeedbackTiming:
         """The polling sync: whatever the webhooks missed (service or Label Studio down, lost events)."""
         with self._lock:
             self.loop.project.forget_predictions()  # Label Studio may have written some itself
-            self.loop.apply_feedback()
+            timing = self.loop.apply_feedback()
             self.last_reconcile = time.monotonic()
+            return timing
 
     # ----- retraining -----------------------------------------------------------------------
     def confirmed_masks(self) -> int:

@@ -135,6 +135,3 @@ class LabelingLoop:
         self.feedback.model = self.model
         self.push()
         return self.check_scorer()
-
-    def confirmed_anomalies(self) -> int:
-        return sum(1 for e in self.feedback.ledger.values() if e["kind"] in ("mask", "anomalous"))

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from defectloop.data.images import IMAGE_SUFFIXES
-from defectloop.labeling.inbox import EventInbox
 from defectloop.labeling.loop import LabelingLoop
 from defectloop.labeling.policies import make_policy
 from defectloop.labeling.project import LabelingProject, PoolImage
@@ -35,8 +34,7 @@ class Workspace:
     pool: str
     policy: str = "per-category"
     batch: int = 20
-    retrain_after: int = 20  # confirmed anomalies since the last retraining that trigger the next one
-    anomalies_at_last_retrain: int = 0
+    retrain_after: int = 20  # new confirmed masks that start a retraining (labeling/live.py)
     scorer: str | None = None  # the scorer service's URL, connected as the project's ML backend
     data: str | None = None  # training data (MVTec layout) a retraining fits on
 
@@ -49,7 +47,8 @@ class Workspace:
         p = cls.path(state)
         if not p.is_file():
             raise FileNotFoundError(f"{state} holds no labeling setup: run `defectloop label init` first")
-        return cls(**json.loads(p.read_text()))
+        known = {f.name for f in fields(cls)}  # setups written by older versions carry keys since dropped
+        return cls(**{k: v for k, v in json.loads(p.read_text()).items() if k in known})
 
     def save(self, state: str | Path) -> None:
         p = self.path(state)
@@ -93,13 +92,3 @@ def open_loop(state: str | Path, token: str, ws: Workspace | None = None, scorer
     scorer = ScorerClient(ws.scorer, scorer_token) if ws.scorer and watch_scorer else None
     return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True,
                         scorer=scorer, scorer_wait_s=scorer_wait_s)
-
-
-def retrain_due(ws: Workspace, loop: LabelingLoop, inbox: EventInbox | None) -> str | None:
-    """Why a retraining is due now (None: it is not): enough new confirmed anomalies, or START_TRAINING."""
-    if inbox is not None and any(e.get("action") == "START_TRAINING" for _, e in inbox.pending()):
-        return "Label Studio asked (START_TRAINING)"
-    new = loop.confirmed_anomalies() - ws.anomalies_at_last_retrain
-    if ws.retrain_after and new >= ws.retrain_after:
-        return f"{new} new confirmed anomalies (threshold {ws.retrain_after})"
-    return None
