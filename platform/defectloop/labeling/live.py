@@ -78,6 +78,7 @@ class LiveLoop:
         self.last_reconcile = 0.0
         self.started_at = time.time()
         self.last_status: dict = {}  # as of the end of the last turn: what other threads read
+        self._saved: dict = {}  # what live.json holds
         self._lock = threading.Lock()
 
     # ----- events ---------------------------------------------------------------------------
@@ -244,12 +245,16 @@ class LiveLoop:
                 "labeled_tasks": len(self.loop.labeled()), "pid": os.getpid(), "started_at": self.started_at}
 
     def save(self) -> None:
-        """Keep the retraining's state across restarts, and the status others read."""
+        """Keep the retraining's state across restarts, and the status others read (written only
+        when it changed: the loop turns four times a second)."""
         self.last_status = self.status()
+        state = {"retraining": asdict(self.retraining), "train_requested": self.train_requested, "status": self.last_status}
+        if state == self._saved:
+            return
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"retraining": asdict(self.retraining), "train_requested": self.train_requested,
-                                   "status": self.last_status}, indent=1))
+        tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_path)
+        self._saved = state
 
     def run(self, stop: threading.Event, poll_s: float = 0.25) -> None:
         """Until ``stop``: events as they arrive, the reconciliation now and then, retrainings."""

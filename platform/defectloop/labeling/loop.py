@@ -76,7 +76,7 @@ class LabelingLoop:
 
     def select(self) -> list[int]:
         """The next batch by the policy, among tasks nobody has labeled, pushed as predictions in that order."""
-        norm = [p.normalised_score for p in self.predictor.predict(self.model)]
+        norm = self.predictor.normalised_scores(self.model)
         done = self.labeled()
         candidates = [Candidate(t, norm[i], None if self.embeddings is None else self.embeddings[i],
                                 self.predictor.categories[i]) for i, t in enumerate(self.predictor.task_ids) if t not in done]

@@ -1,8 +1,9 @@
 """Predictions for a whole pool, cheap to redo after every bank update.
 
 The backbone is frozen, so each pool image is embedded once (features kept in memory, or on disk
-when large); after a bank update or a new version only the scorer runs again, which is what keeps
-one labeling round's re-prediction of a 1000-image pool in seconds rather than minutes.
+when large). A new model version scores the pool's features again (seconds, not the minutes of
+embedding); a bank update re-scores only the images it moved (``AnomalyModel.pool_scores``), and
+only those get a new mask: an annotation costs what it changed, not the pool.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,18 @@ from safetensors.torch import load_file, save_file
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import LabelConfig, prediction_regions
-from defectloop.models import AnomalyModel, Prediction
+from defectloop.models import AnomalyModel, PatchScores
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a task's prediction says, kept between bank updates (not the map: 256 KB an image)."""
+
+    normalised_score: float
+    anomalous: bool
+    rle: list[int] | None  # the predicted mask, encoded; None when it is empty
 
 
 class PoolPredictor:
@@ -31,6 +42,8 @@ class PoolPredictor:
                  config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None, cache: Path | None = None):
         self.config = config
         self.codec = codec or BrushRLE()
+        self._scores: PatchScores | None = None  # the pool's patch scores under the last model asked for
+        self._outcomes: list[Outcome] = []  # per task, under that model
         if cache is not None and cache.is_file():  # embedded by an earlier run: same tasks, same backbone
             saved = load_file(str(cache))
             meta = json.loads(cache.with_suffix(".json").read_text())
@@ -66,19 +79,41 @@ class PoolPredictor:
             cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
                                                               "categories": self.categories, "n_tasks": len(tasks)}))
 
-    def predict(self, model: AnomalyModel) -> list[Prediction]:
-        """One Prediction per task, in ``task_ids`` order."""
-        return model.predict_features(self.features, self.categories) if self.task_ids else []
+    def refresh(self, model: AnomalyModel) -> int:
+        """Bring every task's outcome up to date with ``model``: all of them for another model, else
+        only the images its memory change moved. Returns how many were scored again."""
+        if not self.task_ids:
+            return 0
+        if self._scores is None or self._scores.model is not model:
+            self._scores = model.pool_scores(self.features)
+            moved = list(range(len(self.task_ids)))
+            self._outcomes = [Outcome(0.0, False, None)] * len(moved)
+        else:
+            moved = self._scores.refresh().tolist()
+        for start in range(0, len(moved), 64):
+            idx = moved[start:start + 64]
+            preds = model.predict_patches(self._scores.of(torch.tensor(idx)), [self.categories[i] for i in idx])
+            for i, p in zip(idx, preds, strict=True):
+                mask = p.mask(*self.sizes[i])
+                self._outcomes[i] = Outcome(p.normalised_score, p.decision == "anomalous",
+                                            self.codec.encode(mask) if mask.any() else None)
+        if moved:
+            log.info("pool: %d of %d images scored again", len(moved), len(self.task_ids))
+        return len(moved)
+
+    def normalised_scores(self, model: AnomalyModel) -> list[float]:
+        """Each task's normalised score under ``model``, in ``task_ids`` order."""
+        self.refresh(model)
+        return [o.normalised_score for o in self._outcomes]
 
     def predictions(self, model: AnomalyModel, score_of: dict[int, float] | None = None) -> list[dict]:
         """Label Studio predictions ({task, result, score}). ``score_of`` (a policy's selection, scores in
         (0.5, 1]) puts those tasks first; every other task then gets half its normalised score, so it
         sorts below the selection and in the model's order: the ranked tab is the policy's order."""
+        self.refresh(model)
         out = []
-        for task_id, (w, h), p in zip(self.task_ids, self.sizes, self.predict(model), strict=True):
-            mask = p.mask(w, h)
-            rle = self.codec.encode(mask) if mask.any() else None
-            score = p.normalised_score if score_of is None else score_of.get(task_id, 0.5 * p.normalised_score)
+        for task_id, (w, h), o in zip(self.task_ids, self.sizes, self._outcomes, strict=True):
+            score = o.normalised_score if score_of is None else score_of.get(task_id, 0.5 * o.normalised_score)
             out.append({"task": task_id, "score": score,
-                        "result": prediction_regions(self.config, task_id, score, p.decision == "anomalous", rle, w, h)})
+                        "result": prediction_regions(self.config, task_id, score, o.anomalous, o.rle, w, h)})
         return out

@@ -92,6 +92,11 @@ class AbnormalBank:
     def annotations(self) -> list[Provenance]:
         return [p for p, _ in self._groups.values()]
 
+    def entries(self) -> dict[str, torch.Tensor]:
+        """Annotation id -> its features. A tensor is replaced, never changed in place, on an edit:
+        comparing them by identity tells which annotations changed since an earlier call."""
+        return {name: f for name, (_, f) in self._groups.items()}
+
     def add(self, provenance: Provenance, features: torch.Tensor) -> None:
         """Add (or replace) the entries of one annotation; an empty tensor removes them."""
         if features.ndim != 2 or features.shape[1] != self.dim:

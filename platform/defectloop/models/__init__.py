@@ -22,6 +22,7 @@ from defectloop.models.crad import CRAD
 from defectloop.models.dmad import DMAD
 from defectloop.models.fitter import Fitter
 from defectloop.models.holdout import held_back
+from defectloop.models.patch_scores import PatchScores
 from defectloop.models.patchcore import PatchCore
 from defectloop.models.prediction import Prediction
 
@@ -52,4 +53,4 @@ def load_model(folder: str | Path, index: IndexFactory = build_index) -> Anomaly
 
 
 __all__ = ["ANY_CATEGORY", "CRAD", "DMAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig", "Calibration",
-           "Confirmed", "DMADConfig", "Fitter", "ModelConfig", "PatchCore", "Prediction", "create_model", "held_back", "load_model"]
+           "Confirmed", "DMADConfig", "Fitter", "ModelConfig", "PatchCore", "PatchScores", "Prediction", "create_model", "held_back", "load_model"]

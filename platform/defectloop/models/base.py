@@ -19,6 +19,7 @@ from defectloop.features import PatchEmbedder, load_backbone
 from defectloop.memory import IndexFactory, NormalBank, build_index
 from defectloop.models.calibration import Calibration
 from defectloop.models.config import ModelConfig
+from defectloop.models.patch_scores import PatchScores
 from defectloop.models.prediction import PostProcessor, Prediction
 
 
@@ -62,6 +63,15 @@ class AnomalyModel(nn.Module):
         """One Prediction per image of patch features (B x C x H x W)."""
         scores, maps = self.score_features(feats)
         return self.post.predictions(scores, maps, categories, self.calibration)
+
+    def pool_scores(self, feats: torch.Tensor) -> PatchScores:
+        """The patch scores of a pool's features (B x C x H x W), kept current as the memory changes."""
+        return PatchScores(self, feats)
+
+    def predict_patches(self, patch_scores: torch.Tensor, categories: Sequence[str | None]) -> list[Prediction]:
+        """One Prediction per image of patch scores (B x H x W), e.g. from ``pool_scores``."""
+        maps = self.post.maps(patch_scores)
+        return self.post.predictions(self.post.image_scores(maps), maps, categories, self.calibration)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, categories: Sequence[str | None]) -> list[Prediction]:

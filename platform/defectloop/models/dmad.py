@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectloop.memory import IndexFactory, build_index
+from defectloop.memory import AbnormalBank, IndexFactory, build_index
 from defectloop.models.abnormal_memory import AbnormalMemory
 from defectloop.models.base import AnomalyModel
 from defectloop.models.config import ModelConfig
+from defectloop.models.patch_scores import PatchScores
 from defectloop.precision import matmul_dtype
 
 #: distance (in units of the typical normal distance) standing for "no abnormal entry to compare"
@@ -100,19 +101,29 @@ class DMADScorer(nn.Module):
     def forward(self, e: Enhanced, per_head: bool = False) -> torch.Tensor:
         """Patch scores; ``per_head`` (training) splits the rows evenly among the heads, in order,
         so that each head scores its own batch, instead of averaging the heads over all rows."""
-        log_dn, log_da = torch.log1p(e.d_n / self.scale), torch.log1p(e.d_a / self.scale)
+        if not per_head:
+            log_dn, base = self.normal_terms(e)
+            return base + self.abnormal_term(log_dn, e.d_a)
+        log_dn = torch.log1p(e.d_n / self.scale)
+        q, r_n = (e.q - self.mean) / self.std, e.r_n / self.std
+        n = len(self.heads)
+        chunks = zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n), strict=True)
+        correction = torch.cat([head(qi, ri, li) for head, qi, ri, li in chunks])
+        return log_dn + correction + self.abnormal_term(log_dn, e.d_a)
+
+    def normal_terms(self, e: Enhanced) -> tuple[torch.Tensor, torch.Tensor]:
+        """(l_n, l_n + the heads' mean correction): the part of the score the abnormal bank does not move."""
+        log_dn = torch.log1p(e.d_n / self.scale)
         # the correction sees the patch and its normal evidence only: abnormal-bank entries act
         # through relu(l_n - l_a) alone, so annotators' new masks (never seen in training) cannot
         # push the MLP out of its training distribution (measured: confirmed masks from the pool
         # took held-out image AUROC from 87.9 to 77.8 when the MLP also read the abnormal residual)
         q, r_n = (e.q - self.mean) / self.std, e.r_n / self.std
-        if per_head:
-            n = len(self.heads)
-            chunks = zip(self.heads, q.chunk(n), r_n.chunk(n), log_dn.chunk(n), strict=True)
-            correction = torch.cat([head(qi, ri, li) for head, qi, ri, li in chunks])
-        else:
-            correction = self.mean_correction(q, r_n, log_dn)
-        return log_dn + F.relu(log_dn - log_da) + correction
+        return log_dn, log_dn + self.mean_correction(q, r_n, log_dn)
+
+    def abnormal_term(self, log_dn: torch.Tensor, d_a: torch.Tensor) -> torch.Tensor:
+        """relu(l_n - l_a): how much nearer the patch is to a confirmed defect than to any normal patch."""
+        return F.relu(log_dn - torch.log1p(d_a / self.scale))
 
     def mean_correction(self, q: torch.Tensor, r_n: torch.Tensor, log_dn: torch.Tensor) -> torch.Tensor:
         """The heads' mean correction, in the matmul type (scoring).
@@ -151,15 +162,99 @@ class DMAD(AbnormalMemory, AnomalyModel):
         """The distance that stands for "no abnormal entry to compare"."""
         return NO_ABNORMAL * float(self.scorer.scale)
 
-    def enhance(self, q: torch.Tensor) -> Enhanced:
-        """Enhancement of test patches against the current banks (no exclusions)."""
-        bank, abnormal = self.normal_bank, self.abnormal_bank
+    def nearest_abnormal(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to the nearest abnormal entry and its row in the bank's tensors (``no_abnormal()``
+        and -1 while the bank is empty)."""
+        if len(self.abnormal_bank):
+            return self.abnormal_bank.index.search(q)
+        return torch.full((len(q),), self.no_abnormal()), torch.full((len(q),), -1, dtype=torch.long)
+
+    def enhance(self, q: torch.Tensor, d_a: torch.Tensor | None = None) -> Enhanced:
+        """Enhancement of test patches against the current banks (no exclusions); ``d_a`` when known."""
+        bank = self.normal_bank
         d_n, idx = bank.index.search(q)
-        d_a = abnormal.index.search(q)[0] if len(abnormal) else torch.full_like(d_n, self.no_abnormal())
-        return Enhanced(q, q - bank.features[idx], d_n, d_a)
+        return Enhanced(q, q - bank.features[idx], d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a)
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape
         e = self.enhance(feats.permute(0, 2, 3, 1).reshape(-1, c))
         return self.scorer(e).view(b, h, w)
+
+    def pool_scores(self, feats: torch.Tensor) -> DMADPatchScores:
+        return DMADPatchScores(self, feats)
+
+
+class DMADPatchScores(PatchScores):
+    """A pool's patch scores under DMAD, following its abnormal bank at the cost of what changed.
+
+    A patch scores ``base + relu(l_n - l_a)`` (DMADScorer): base (l_n and the heads' correction)
+    depends on the patch, the normal bank and the head, fixed for a model; only d_a, the distance
+    to the nearest abnormal entry, moves with the abnormal bank. So d_a is kept per patch with the
+    annotation of that entry: added entries cost one search of the pool's patches against those
+    entries alone, removed ones a search of the whole bank for the patches that pointed at them.
+    Distances to added entries are exact, so they may be nearer than the served bank's index finds
+    (an IVF above a few hundred entries): never farther.
+    """
+
+    def __init__(self, model: DMAD, feats: torch.Tensor, batch_size: int = 64):
+        self.model, self.feats, self.batch_size = model, feats, batch_size
+        bank = model.abnormal_bank
+        self.entries = bank.entries()  # annotation id -> its features, as the scores last saw them
+        self.ids = {name: i for i, name in enumerate(self.entries)}  # annotation id -> number in ``nearest``
+        parts = []
+        with torch.no_grad():
+            model.eval()
+            for start in range(0, len(feats), batch_size):
+                q = self._patches(slice(start, start + batch_size))
+                d_a, rows = model.nearest_abnormal(q)
+                log_dn, base = model.scorer.normal_terms(model.enhance(q, d_a))
+                parts.append((base, log_dn, d_a, self._owners(rows, bank)))
+        b, _, h, w = feats.shape
+        self.base, self.log_dn, self.d_a, self.nearest = (torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(4))
+        self.shape = (h, w)
+
+    def _patches(self, images: slice) -> torch.Tensor:
+        f = self.feats[images]
+        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
+
+    def _owners(self, rows: torch.Tensor, bank: AbnormalBank) -> torch.Tensor:
+        """Rows of ``bank``'s tensors -> numbers of their annotations in ``self.ids`` (-1 for none)."""
+        _, group, provs = bank.tensors()
+        if not provs:
+            return torch.full_like(rows, -1)
+        number = torch.tensor([self.ids.setdefault(p.annotation_id, len(self.ids)) for p in provs])
+        return torch.where(rows >= 0, number[group[rows.clamp_min(0)]], -1)
+
+    def of(self, images: torch.Tensor) -> torch.Tensor:
+        d_a = self.d_a[images]
+        return (self.base[images] + self.model.scorer.abnormal_term(self.log_dn[images], d_a)).view(-1, *self.shape)
+
+    @torch.no_grad()
+    def refresh(self) -> torch.Tensor:
+        bank = self.model.abnormal_bank
+        now = bank.entries()
+        gone = [name for name, t in self.entries.items() if now.get(name) is not t]  # removed or edited
+        added = {name: t for name, t in now.items() if self.entries.get(name) is not t}
+        self.entries = now
+        before = self.of(torch.arange(len(self.feats))) if gone or added else None
+        if gone:  # patches whose nearest entry left: searched again against the whole bank
+            stale = torch.isin(self.nearest, torch.tensor([self.ids[name] for name in gone])).nonzero()
+            img, cell = stale[:, 0], stale[:, 1]
+            q = self.feats.flatten(2)[img, :, cell].float()
+            d, rows = self.model.nearest_abnormal(q)
+            self.d_a[img, cell], self.nearest[img, cell] = d, self._owners(rows, bank)
+        if added:  # only the new entries can come nearer
+            numbers = torch.tensor([self.ids.setdefault(name, len(self.ids)) for name in added])
+            owner = numbers.repeat_interleave(torch.tensor([len(t) for t in added.values()]))
+            index = self.model.index_factory(torch.cat(list(added.values())))
+            n_cells = self.d_a.shape[1]
+            for start in range(0, len(self.feats), self.batch_size):
+                d, rows = index.search(self._patches(slice(start, start + self.batch_size)))
+                d, rows = d.view(-1, n_cells), rows.view(-1, n_cells)
+                nearer = d < self.d_a[start:start + self.batch_size]
+                self.d_a[start:start + self.batch_size][nearer] = d[nearer]
+                self.nearest[start:start + self.batch_size][nearer] = owner[rows[nearer]]
+        if before is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (self.of(torch.arange(len(self.feats))) != before).flatten(1).any(1).nonzero()[:, 0]

@@ -1,0 +1,40 @@
+"""A pool's patch scores, kept current as the model's memory changes.
+
+A labeling pool is embedded once; re-ranking it after an annotation should cost what the
+annotation changed, not the pool. ``refresh`` brings the scores up to date with the model's
+memory and says which images moved. This base is for models whose memory does not change within
+a version (PatchCore, CRAD): nothing ever moves. DMAD's follows its abnormal bank
+(``DMADPatchScores`` in models/dmad.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class PatchScorer(Protocol):
+    """What PatchScores needs of a model (AnomalyModel, which builds it: no import back up)."""
+
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> object: ...
+
+
+class PatchScores:
+    """Patch scores (B x H x W) of fixed patch features under one model."""
+
+    def __init__(self, model: PatchScorer, feats: torch.Tensor, batch_size: int = 64):
+        self.model = model
+        with torch.no_grad():
+            model.eval()
+            self.scores = torch.cat([model.patch_scores(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)])
+
+    def of(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch scores of the given images (indices)."""
+        return self.scores[images]
+
+    def refresh(self) -> torch.Tensor:
+        """Indices of the images whose patch scores changed since the last refresh (or creation)."""
+        return torch.zeros(0, dtype=torch.long)
