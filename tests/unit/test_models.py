@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from defectloop.features import mask_cells
-from defectloop.memory import Provenance
+from defectloop.memory import ExactIndex, Provenance
 from defectloop.metrics import auroc
-from defectloop.models import ANY_CATEGORY, AbnormalMemory, Fitter, create_model, load_model
+from defectloop.models import ANY_CATEGORY, AbnormalMemory, Calibration, Fitter, create_model, load_model
 from defectloop.registry import Registry
 
 
@@ -53,6 +53,25 @@ def test_calibrated_thresholds_per_category(fitted):
     assert not cal.knows("unknown-category") and cal.knows("disc")
 
 
+def test_a_category_with_few_held_back_images_is_not_calibrated_on_their_maximum():
+    """One held-back image would make its score the threshold (a queue of false alarms): below
+    MIN_CALIBRATION images the threshold is the mean plus a widened spread, pooled from the
+    categories with enough images; the method is kept in the calibration."""
+    rng = np.random.default_rng(0)
+    big = rng.normal(1.0, 0.1, 200)
+    cats = ["big"] * 200 + ["one"]
+    scores = torch.tensor([*big, 2.0], dtype=torch.float32)
+    cal = Calibration.fit(cats, scores, scores * 3, 0.99)
+    assert cal.methods() == {ANY_CATEGORY: "quantile", "big": "quantile", "one": "robust"}
+    z = 2.3263
+    assert cal.threshold("big") == pytest.approx(np.quantile(big, 0.99), rel=1e-4)
+    assert cal.threshold("one") == pytest.approx(2.0 + z * np.sqrt(2) * big.std(ddof=1), rel=1e-3)
+    assert cal.pixel_threshold("one") == pytest.approx(6.0 + z * np.sqrt(2) * 3 * big.std(ddof=1), rel=1e-3)
+    assert cal.decide(2.0 + 0.2, "one") == "normal"  # within the normal spread of its one image
+    lonely = Calibration.fit(["a"], torch.tensor([4.0]), torch.tensor([4.0]), 0.99)  # nothing to pool from
+    assert lonely.threshold("a") == pytest.approx(4.0 + z * np.sqrt(2) * 0.4, rel=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])
 def test_save_load_bit_exact(fitted, features, kind, tmp_path):
     _, test = features
@@ -78,6 +97,44 @@ def test_abnormal_bank_change_moves_scores_at_once(fitted, features):
     restored, _ = model.score_features(test.features[i:i + 1])
     assert after.item() > before.item() + 1e-3  # a confirmed defect makes its image more anomalous
     assert restored.item() == before.item()
+
+
+def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted, features, tmp_path):
+    """A pool's patch scores, refreshed after adding, editing and removing annotations, equal a fresh
+    scoring; only the images whose scores moved are reported."""
+    _, test = features
+    fitted["dmad"].save(tmp_path / "m")
+    model = load_model(tmp_path / "m", index=ExactIndex)  # exact search both ways: equal to the last bit's noise
+    pool = model.pool_scores(test.features)
+
+    def fresh() -> torch.Tensor:
+        return model.patch_scores(test.features)
+
+    def check(moved: torch.Tensor, before: torch.Tensor) -> None:
+        now = fresh()
+        assert torch.allclose(pool.of(torch.arange(len(test.features))), now, atol=1e-5)
+        changed = ((now - before).abs() > 1e-6).flatten(1).any(1).nonzero()[:, 0]
+        assert set(changed.tolist()) <= set(moved.tolist()) and len(moved) < len(test.features)
+
+    assert torch.equal(pool.of(torch.arange(len(test.features))), fresh()) and len(pool.refresh()) == 0
+    i = next(k for k, s in enumerate(test.samples) if s.label == 1)
+    cells = mask_cells(test.features[i], test.masks[i], model.config.dmad.mask_coverage)
+    prov = Provenance("ls-7", test.samples[i].image_id, test.samples[i].category, "scratch")
+    before = fresh()
+    model.abnormal_bank.add(prov, cells)
+    moved = pool.refresh()
+    assert i in moved.tolist()
+    check(moved, before)
+    before = fresh()
+    model.abnormal_bank.add(prov, cells[:1])  # an edit: fewer cells
+    check(pool.refresh(), before)
+    before = fresh()
+    model.forget("ls-7")
+    check(pool.refresh(), before)
+    before = fresh()
+    model.forget(model.abnormal_bank.annotations[0].annotation_id)  # an entry the pool scored against at first
+    check(pool.refresh(), before)
+    assert len(pool.refresh()) == 0
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

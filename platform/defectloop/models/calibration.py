@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +15,9 @@ import torch
 ANY_CATEGORY = "*"
 
 Decision = Literal["normal", "anomalous", "unknown"]
+
+#: below this many held-back normal images, a category's own quantile is not trusted alone
+MIN_CALIBRATION = 10
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Threshold:
     normal_mean: float
     normal_std: float
     n: int  # held-back normal images it was set from
+    method: str = "quantile"  # or "robust": too few images for a quantile (see Calibration.fit)
 
 
 class Calibration:
@@ -42,16 +46,36 @@ class Calibration:
     @classmethod
     def fit(cls, categories: Sequence[str], scores: torch.Tensor, map_peaks: torch.Tensor,
             quantile: float) -> Calibration:
-        """The ``quantile`` of held-back normal scores (and map peaks) per category and over all."""
+        """The ``quantile`` of held-back normal scores (and map peaks) per category and over all.
+
+        A quantile of a handful of images is the highest of them: a category calibrated on one
+        held-back image flooded the labeling queue with false alarms (51 of its 63 open normal
+        images called anomalous). Below MIN_CALIBRATION images a category gets the "robust" rule:
+        the mean plus the normal quantile's z times the spread, widened for the small sample
+        (sqrt(1 + 1/n), a prediction interval), where the spread is never below the spread of
+        normal scores within the other categories (pooled); its own quantile stays a floor.
+        """
         groups: dict[str, list[int]] = {ANY_CATEGORY: list(range(len(categories)))}
         for i, cat in enumerate(categories):
             groups.setdefault(cat, []).append(i)
+        per_cat = [idx for cat, idx in groups.items() if cat != ANY_CATEGORY]
+        z = float(torch.special.ndtri(torch.tensor(quantile)))
         entries = {}
         for cat, idx in groups.items():
             v, pk = scores[idx].float(), map_peaks[idx].float()
-            entries[cat] = Threshold(float(v.quantile(quantile)), float(pk.quantile(quantile)), float(v.mean()),
-                                     float(v.std()) if len(v) > 1 else 0.0, len(v))
+            std = float(v.std()) if len(v) > 1 else 0.0
+            image_t, pixel_t = float(v.quantile(quantile)), float(pk.quantile(quantile))
+            method = "quantile"
+            if len(idx) < MIN_CALIBRATION:
+                method, widen = "robust", z * math.sqrt(1 + 1 / len(idx))
+                image_t = max(image_t, _robust(v, scores, per_cat, widen))
+                pixel_t = max(pixel_t, _robust(pk, map_peaks, per_cat, widen))
+            entries[cat] = Threshold(image_t, pixel_t, float(v.mean()), std, len(v), method)
         return cls(entries)
+
+    def methods(self) -> dict[str, str]:
+        """How each category's thresholds were set: "quantile" or "robust" (too few images)."""
+        return {c: e.method for c, e in self.entries.items()}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -99,8 +123,7 @@ class Calibration:
 
     def shifted(self, by: float) -> Calibration:
         """Every threshold moved by ``by`` (tests and what-if checks)."""
-        return Calibration({c: Threshold(e.threshold + by, e.pixel_threshold, e.normal_mean, e.normal_std, e.n)
-                            for c, e in self.entries.items()})
+        return Calibration({c: replace(e, threshold=e.threshold + by) for c, e in self.entries.items()})
 
     # ----- persistence ---------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -111,3 +134,17 @@ class Calibration:
         raw = json.loads(path.read_text())
         # versions calibrated before the pixel threshold existed cut maps at the image threshold
         return cls({c: Threshold(**{"pixel_threshold": e["threshold"], **e}) for c, e in raw.items()})
+
+
+def _robust(v: torch.Tensor, values: torch.Tensor, groups: list[list[int]], widen: float) -> float:
+    """mean + widen x spread of ``v``, the spread never below the pooled within-group spread of ``values``."""
+    own = float(v.std()) if len(v) > 1 else 0.0
+    return float(v.mean()) + widen * max(own, _pooled_std(values, groups, 0.1 * abs(float(v.mean()))))
+
+
+def _pooled_std(values: torch.Tensor, groups: list[list[int]], fallback: float) -> float:
+    """The within-group standard deviation pooled over groups of two or more (``fallback``: none)."""
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    if not dof:
+        return fallback
+    return math.sqrt(sum(float(values[g].float().var()) * (len(g) - 1) for g in groups if len(g) > 1) / dof)

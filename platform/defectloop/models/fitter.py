@@ -11,11 +11,11 @@ the collective (pure torch.distributed, so models stay free of Ray). The modules
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted
@@ -26,6 +26,8 @@ from defectloop.models.calibration import Calibration
 from defectloop.models.crad_training import train_crad_head
 from defectloop.models.dmad_training import train_dmad_head
 from defectloop.models.holdout import split_holdout
+
+log = logging.getLogger(__name__)
 
 #: trains a model's learned parts: (model, train, fit_idx, progress, comm, confirmed, warm) -> stats
 HeadTrainer = Callable[..., dict]
@@ -81,6 +83,7 @@ class Fitter:
             if checkpoint:
                 checkpoint("head")
         self.calibrate(train, held_idx, comm)
+        stats["calibration"] = model.calibration.methods()
         model.fitted = True
         return stats
 
@@ -111,8 +114,7 @@ class Fitter:
         image_ids = [train.samples[i].image_id for i in fit_idx]
         total = int(comm.all_sum(flat.shape[0]))
         size = target_size(total, cfg.coreset_ratio, cfg.coreset_max)
-        if progress:
-            tqdm.write(f"coreset: selecting {size} of {total} patches" + (f" on {comm.world} workers" if comm.world > 1 else ""))
+        log.info("coreset: selecting %d of %d patches%s", size, total, f" on {comm.world} workers" if comm.world > 1 else "")
         if comm.world == 1:
             sel = self.sampler(seed=cfg.seed).select(flat, size)
             model.normal_bank = NormalBank(flat[sel].clone(), image_ids, owners[sel], model.index_factory)
@@ -158,6 +160,5 @@ class Fitter:
         model.normal_bank = NormalBank(torch.cat([bank.features, added]), distinct,
                                        torch.tensor([pos[x] for x in entry_ids]), model.index_factory)
         n_new = int(comm.all_sum(len(new)))
-        if progress:
-            tqdm.write(f"normal bank: {len(added)} entries added from {n_new} new images to {len(bank)}")
+        log.info("normal bank: %d entries added from %d new images to %d", len(added), n_new, len(bank))
         return {"normal_bank_size": len(model.normal_bank), "normal_bank_added": len(added), "new_normal_images": n_new}
