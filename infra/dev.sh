@@ -21,7 +21,14 @@ shift || true
 case "$task" in
   setup) ;;
   demo) exec "$VENV/bin/defectloop" demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)
+    if ! command -v chromium >/dev/null 2>&1; then  # the browser test drives Debian's Chromium
+      echo "installing Debian's chromium for the browser test (once)..." >&2
+      sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; } ||
+        echo "could not install chromium: the browser test will say so" >&2
+    fi
+    exec "$VENV/bin/python" -m pytest "$@" ;;
   bench) exec "$VENV/bin/python" tests/bench/bench_accuracy.py "$@" ;;
   *) echo "usage: bash infra/dev.sh setup|demo|test|bench [ARGS]" >&2; exit 2 ;;
 esac

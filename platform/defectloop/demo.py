@@ -140,12 +140,6 @@ def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sam
     return found
 
 
-def ranked_open_tasks(project: LabelingProject, labeled: set[int], n: int) -> list[int]:
-    """The first ``n`` open tasks of the ranked tab: what the annotator sees at the top."""
-    scores = {p.task: p.score or 0.0 for p in project.ls.predictions.list(project=project.id)}
-    return sorted((t for t in scores if t not in labeled), key=lambda t: (-scores[t], t))[:n]
-
-
 def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
     scores, maps = model.score_features(test.features)
     masks = [None if m is None else (m > 0.5).numpy() for m in test.masks]
@@ -222,7 +216,7 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
         print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
         labeled: set[int] = set()
         for r in range(1, cfg.rounds + 1):
-            shown = ranked_open_tasks(project, labeled, cfg.batch)
+            shown = project.queue(cfg.batch)
             if not shown:
                 print("the pool is fully labeled")
                 break
@@ -282,10 +276,11 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
             keep = cfg.keep_running and i == len(policies) - 1
             done, last = run_policy(cfg, policy, stack_data, truth_by_path, model_dir, ls.url, ls.token, test_feats, keep)
             rounds += done
-        png = learning_curve(cfg.out / "learning_curve.png", rounds)
-        print(f"\nlearning curve: {png}")
+        learning_curve(cfg.out / "learning_curve.png", rounds)
+        report = json.dumps({"rounds": rounds}, indent=1)
+        (cfg.out / "report.json").write_text(report)
         if json_out:
-            Path(json_out).write_text(json.dumps({"rounds": rounds}, indent=1))
+            Path(json_out).write_text(report)
         if cfg.keep_running and last is not None:
             print(f"Label Studio ({ls.url}, {ls.user} / {ls.password}) and the {cfg.baseline} stack stay up "
                   f"({last.info.get('serve_url')}); Ctrl-C to stop", flush=True)

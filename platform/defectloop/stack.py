@@ -205,7 +205,8 @@ class Stack:
                 log.warning("project %s of %s is gone (%s): creating a new one", ws.project_id, label_state, e)
         defects = sorted({Path(img.path).parts[2] for img in pool if img.path and len(Path(img.path).parts) > 3
                           and Path(img.path).parts[2] != "good"}) or ["defect"]
-        project = LabelingProject.create(url, token, self.cfg.title, pool, defects, document_root=self.document_root())
+        project = LabelingProject.create(url, token, self.cfg.title, pool, defects, document_root=self.document_root(),
+                                         policy=self.cfg.policy)
         ws = Workspace(url, project.id, str(registry.location), str(self.state / "pool"), self.cfg.policy, self.cfg.batch,
                        self.cfg.retrain_after, data=str(data) if mvtec else None)  # retrainings fit on */train
         ws.save(label_state)

@@ -52,12 +52,14 @@ def test_brush_rle_rejects_bad_input():
 def test_label_config_round_trip_and_errors():
     cfg = LabelConfig.parse(build_label_config(["scratch", "crack & dent"]))
     assert (cfg.image, cfg.image_key, cfg.brush, cfg.choices) == ("image", "image", "defect", "verdict")
-    assert cfg.defects == ("scratch", "crack & dent")
+    assert cfg.defects == ("scratch", "crack & dent", "defect")  # the generic label for types the banks don't know
     assert cfg.choice_values == ("normal", "anomalous")
-    assert cfg.defect_label("crack & dent") == "crack & dent" and cfg.defect_label("other") == "scratch"
+    assert cfg.defect_label("crack & dent") == "crack & dent" and cfg.defect_label("other") == "defect"
+    assert cfg.defect_label(None) == "defect"
     own = LabelConfig.parse('<View><Image name="img" value="$photo"/>'
                             '<BrushLabels name="tag" toName="img"><Label value="Defect"/></BrushLabels></View>')
     assert (own.image, own.image_key, own.brush, own.choices) == ("img", "photo", "tag", None)
+    assert own.defect_label("scratch") == "Defect"  # no generic label in someone else's config: the first
     with pytest.raises(ValueError, match="no <Image>"):
         LabelConfig.parse("<View><Text name='t' value='$text'/></View>")
     with pytest.raises(ValueError, match="BrushLabels"):

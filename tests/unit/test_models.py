@@ -125,6 +125,7 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
     moved = pool.refresh()
     assert i in moved.tolist()
     check(moved, before)
+    assert pool.defects(torch.tensor([i])) == ["scratch"]  # its own mask is its nearest abnormal memory
     before = fresh()
     model.abnormal_bank.add(prov, cells[:1])  # an edit: fewer cells
     check(pool.refresh(), before)

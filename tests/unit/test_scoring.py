@@ -91,6 +91,9 @@ def test_normalised_scores_put_the_threshold_at_half(registry):
         t = cal.threshold(cat)
         assert cal.normalise(t, cat) == pytest.approx(0.5)
         assert cal.normalise(t * 0.5, cat) < 0.5 < cal.normalise(t * 2, cat) < 1.0
+        # far above the threshold, scores stay apart at 3 decimals (a ranked tab of "1.000"s shows nothing)
+        far = [round(cal.normalise(t + k * cal.get(cat).normal_std, cat), 3) for k in (20, 40, 80)]
+        assert far == sorted(set(far)) and far[-1] < 1.0
     assert all(e.pixel_threshold > 0 for e in cal.entries.values())
 
 

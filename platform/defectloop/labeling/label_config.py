@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 NORMAL, ANOMALOUS = "normal", "anomalous"
+#: the brush label of a predicted mask whose type the banks do not know
+GENERIC_DEFECT = "defect"
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,21 @@ class LabelConfig:
             choice_values=() if choices is None else tuple(el.get("value", "") for el in choices if el.tag == "Choice"))
 
     def defect_label(self, preferred: str | None = None) -> str | None:
-        """The brush label a predicted mask carries: ``preferred`` if the config has it, else the first."""
-        if preferred in self.defects:
-            return preferred
+        """The brush label a mask carries: ``preferred`` (a defect type) if the config has it, else the
+        generic one, else the first (a config of someone else's without the generic label)."""
+        for label in (preferred, GENERIC_DEFECT):
+            if label in self.defects:
+                return label
         return self.defects[0] if self.defects else None
 
 
 def prediction_regions(config: LabelConfig, task_id: object, score: float, anomalous: bool,
-                       mask_rle: list[int] | None, width: int, height: int) -> list[dict]:
+                       mask_rle: list[int] | None, width: int, height: int, defect: str | None = None) -> list[dict]:
     """Prediction regions of one task in the project's own tag names: the predicted mask as a brush
-    region (when there is one) and the normal/anomalous verdict (when the config has Choices)."""
+    region (when there is one), labeled ``defect`` where known, and the normal/anomalous verdict
+    (when the config has Choices)."""
     out = []
-    label = config.defect_label()
+    label = config.defect_label(defect)
     if config.brush and label and mask_rle:
         out.append({"id": f"dl-{task_id}-mask", "from_name": config.brush, "to_name": config.image,
                     "type": "brushlabels", "origin": "prediction",
@@ -77,10 +82,11 @@ def prediction_regions(config: LabelConfig, task_id: object, score: float, anoma
     return out
 
 
-def build_label_config(defects: list[str] | tuple[str, ...] = ("defect",)) -> str:
-    """Image + BrushLabels (one label per defect type) + Choices normal/anomalous."""
+def build_label_config(defects: list[str] | tuple[str, ...] = (GENERIC_DEFECT,)) -> str:
+    """Image + BrushLabels (one label per defect type, and the generic one) + Choices normal/anomalous."""
     if not defects:
         raise ValueError("at least one defect label is needed")
+    defects = list(dict.fromkeys([*defects, GENERIC_DEFECT]))
     labels = "\n".join(f"    <Label value={quoteattr(d)}/>" for d in defects)
     return f"""<View>
   <Image name="image" value="$image" zoom="true"/>

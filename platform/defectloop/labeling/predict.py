@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
-from defectloop.labeling.label_config import LabelConfig, prediction_regions
+from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig, prediction_regions
 from defectloop.models import AnomalyModel, PatchScores
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Outcome:
     normalised_score: float
     anomalous: bool
     rle: list[int] | None  # the predicted mask, encoded; None when it is empty
+    defect: str | None = None  # the defect type it resembles, where the banks know one
 
 
 class PoolPredictor:
@@ -93,10 +94,11 @@ class PoolPredictor:
         for start in range(0, len(moved), 64):
             idx = moved[start:start + 64]
             preds = model.predict_patches(self._scores.of(torch.tensor(idx)), [self.categories[i] for i in idx])
-            for i, p in zip(idx, preds, strict=True):
+            defects = self._scores.defects(torch.tensor(idx))
+            for i, p, defect in zip(idx, preds, defects, strict=True):
                 mask = p.mask(*self.sizes[i])
                 self._outcomes[i] = Outcome(p.normalised_score, p.decision == "anomalous",
-                                            self.codec.encode(mask) if mask.any() else None)
+                                            self.codec.encode(mask) if mask.any() else None, defect)
         if moved:
             log.info("pool: %d of %d images scored again", len(moved), len(self.task_ids))
         return len(moved)
@@ -107,13 +109,13 @@ class PoolPredictor:
         return [o.normalised_score for o in self._outcomes]
 
     def predictions(self, model: AnomalyModel, score_of: dict[int, float] | None = None) -> list[dict]:
-        """Label Studio predictions ({task, result, score}). ``score_of`` (a policy's selection, scores in
+        """Label Studio predictions ({task, result, score, decision}). ``score_of`` (a policy's selection, scores in
         (0.5, 1]) puts those tasks first; every other task then gets half its normalised score, so it
         sorts below the selection and in the model's order: the ranked tab is the policy's order."""
         self.refresh(model)
         out = []
         for task_id, (w, h), o in zip(self.task_ids, self.sizes, self._outcomes, strict=True):
             score = o.normalised_score if score_of is None else score_of.get(task_id, 0.5 * o.normalised_score)
-            out.append({"task": task_id, "score": score,
-                        "result": prediction_regions(self.config, task_id, score, o.anomalous, o.rle, w, h)})
+            out.append({"task": task_id, "score": score, "decision": ANOMALOUS if o.anomalous else NORMAL,
+                        "result": prediction_regions(self.config, task_id, score, o.anomalous, o.rle, w, h, o.defect)})
         return out

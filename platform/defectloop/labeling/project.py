@@ -3,8 +3,8 @@
 Bootstrap (``create``): the label config (Image + BrushLabels for the defect vocabulary + Choices
 normal/anomalous), a storage so Label Studio can show the images (Local files below its document
 root, or S3 with a custom endpoint), one task per image carrying its category and its place in the
-pool ("source": what the retraining reads), and a Data Manager tab "Most anomalous first" sorted
-by prediction score. Predictions carry the model version, and
+pool ("source": what the retraining reads), and Data Manager tabs: the open tasks in the
+policy's order (by prediction score), and the reviewed ones. Predictions carry the model version, and
 the project's ``model_version`` is kept equal to it, without which Label Studio silently ignores
 the scores when sorting and filtering.
 """
@@ -12,6 +12,7 @@ the scores when sorting and filtering.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,32 @@ from defectloop.labeling.label_config import LabelConfig, build_label_config
 
 log = logging.getLogger(__name__)
 
-MOST_ANOMALOUS_TAB = "Most anomalous first"
+MOST_ANOMALOUS_TAB = "Open: most anomalous first"
+REVIEWED_TAB = "Reviewed"
+#: the open tasks' tab of a policy whose order is not "most anomalous first"
+QUEUE_TABS = {"random": "Open: random order (baseline)", "per-category": "Open: most anomalous of each category first", "borderline": "Open: nearest the threshold first",
+              "diverse": "Open: most anomalous, varied"}
+#: the Data Manager's columns an annotator sees: thumbnail, category, score, the predicted verdict and mask
+SHOWN_COLUMNS = ("id", "data.image", "data.category", "data.decision", "predictions_score")
+HIDDEN_COLUMNS = ("data", "predictions_results", "inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions",
+                  "annotators", "annotations_results", "annotations_ids", "predictions_model_versions", "file_upload",
+                  "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists",
+                  "data.source", "comment_count", "unresolved_comment_count", "last_comment_updated_at", "comment_authors")
+
+
+def tabs(policy: str) -> list[dict]:
+    """The Data Manager tabs: open tasks in the policy's order (the prediction score is that order),
+    and the reviewed ones. Only the shown columns, so the thumbnail and category need no scrolling;
+    the task's source path (which names the defect in an MVTec folder) is never shown."""
+    hidden = {"explore": [f"tasks:{c}" for c in HIDDEN_COLUMNS], "labeling": [f"tasks:{c}" for c in HIDDEN_COLUMNS]}
+
+    def annotated(operator: str) -> dict:
+        return {"conjunction": "and", "items": [{"filter": "filter:tasks:total_annotations", "operator": operator,
+                                                 "type": "Number", "value": 0}]}
+
+    return [{"title": QUEUE_TABS.get(policy, MOST_ANOMALOUS_TAB), "ordering": ["-tasks:predictions_score"],
+             "filters": annotated("equal"), "hiddenColumns": hidden},
+            {"title": REVIEWED_TAB, "ordering": ["-tasks:id"], "filters": annotated("greater"), "hiddenColumns": hidden}]
 
 
 @dataclass(frozen=True)
@@ -52,12 +78,14 @@ class LabelingProject:
         self.url, self.token, self.id = url, token, project_id
         self.ls = _studio(url, token)
         self._predictions: dict[int, tuple[int, str]] | None = None  # task -> (prediction id, digest)
+        self._data: dict[int, dict] | None = None  # task -> its data, as Label Studio holds it
         self.config = LabelConfig.parse(self.ls.projects.get(id=project_id).label_config)
 
     @classmethod
     def create(cls, url: str, token: str, title: str, pool: Sequence[PoolImage], defects: Sequence[str] = ("defect",),
-               document_root: str | Path | None = None, s3_endpoint: str | None = None) -> LabelingProject:
-        """Create the project, its storage, its tasks and the "Most anomalous first" tab."""
+               document_root: str | Path | None = None, s3_endpoint: str | None = None,
+               policy: str = "top") -> LabelingProject:
+        """Create the project, its storage, its tasks and its tabs (open tasks in ``policy``'s order, reviewed)."""
         if not pool:
             raise ValueError("the pool is empty: no images to label")
         ls = _studio(url, token)
@@ -94,9 +122,15 @@ class LabelingProject:
         items = [{"data": t, "meta": {"path": m}} if m else t for t, m in zip(tasks, metas, strict=True)]
         for i in range(0, len(items), 1000):
             ls.projects.import_tasks(id=project.id, request=items[i:i + 1000])
-        ls.views.create(project=project.id, data={"title": MOST_ANOMALOUS_TAB, "ordering": ["-tasks:predictions_score"]})
+        for tab in tabs(policy):
+            ls.views.create(project=project.id, data=tab)
         log.info("created Label Studio project %d with %d tasks", project.id, len(tasks))
         return cls(url, token, project.id)
+
+    def queue(self, n: int) -> list[int]:
+        """The first ``n`` tasks of the open tasks' tab: what an annotator sees at the top."""
+        tab = next(v for v in self.ls.views.list(project=self.id) if v.data.get("title", "").startswith("Open:"))
+        return [t.id for t in itertools.islice(self.ls.tasks.list(project=self.id, view=tab.id, fields="task_only"), n)]
 
     def tasks(self) -> Iterator[dict]:
         """Every task with its data and annotations (API form)."""
@@ -110,7 +144,9 @@ class LabelingProject:
 
         Unchanged predictions are not written again, a changed one is updated in place, and a task's
         superseded predictions (older versions, duplicates) are deleted: annotators see one current
-        prediction per task, and re-ranking after a bank update costs only what changed.
+        prediction per task, and re-ranking after a bank update costs only what changed. A prediction's
+        ``decision`` (normal/anomalous) goes into its task's data, where the Data Manager shows it as a
+        column (it shows a prediction's result only as raw JSON); written only when it changes.
         """
         from label_studio_sdk import PredictionRequest
 
@@ -134,9 +170,20 @@ class LabelingProject:
             for task, (pred_id, _) in self._current_predictions().items():
                 if task in digests:
                     self._predictions[task] = (pred_id, digests[task])
+        self._write_decisions({p["task"]: p["decision"] for p in predictions if "decision" in p})
         if self.model_version() != model_version:
             self.ls.projects.update(id=self.id, model_version=model_version)
         return written + len(new)
+
+    def _write_decisions(self, decisions: dict[int, str]) -> None:
+        """Task data ``decision`` where it differs (the data is replaced whole: the rest is kept)."""
+        if self._data is None:
+            self._data = {t.id: dict(t.data) for t in self.ls.tasks.list(project=self.id, fields="all", resolve_uri=False)}
+        for task, decision in decisions.items():
+            data = self._data.get(task)
+            if data is not None and data.get("decision") != decision:
+                data["decision"] = decision
+                self.ls.tasks.update(id=task, data=data)
 
     def _current_predictions(self) -> dict[int, tuple[int, str]]:
         """task -> (prediction id, digest) of its one prediction; duplicates deleted (newest kept)."""
@@ -155,8 +202,8 @@ class LabelingProject:
         return self._predictions
 
     def forget_predictions(self) -> None:
-        """Re-read the project's predictions at the next push (someone else may have written some)."""
-        self._predictions = None
+        """Re-read the project's predictions and task data at the next push (someone else may have written some)."""
+        self._predictions = self._data = None
 
     def connect_scorer(self, scorer_url: str, token: str | None = None) -> int:
         """Connect the scorer as the project's ML backend (``<scorer>/ls``) and let its webhook in.

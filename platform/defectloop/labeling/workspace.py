@@ -73,7 +73,7 @@ def init(state: str | Path, url: str, token: str, registry: str, pool: str, titl
          document_root: str | None, policy: str, batch: int, retrain_after: int, scorer: str | None = None,
          scorer_token: str | None = None) -> LabelingLoop:
     images = pool_images(pool)
-    project = LabelingProject.create(url, token, title, images, defects, document_root=document_root)
+    project = LabelingProject.create(url, token, title, images, defects, document_root=document_root, policy=policy)
     if scorer:
         project.connect_scorer(scorer, scorer_token)
     ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after, scorer=scorer)

@@ -230,6 +230,18 @@ class DMADPatchScores(PatchScores):
         d_a = self.d_a[images]
         return (self.base[images] + self.model.scorer.abnormal_term(self.log_dn[images], d_a)).view(-1, *self.shape)
 
+    def defects(self, images: torch.Tensor) -> list[str | None]:
+        """The defect type of the annotation nearest to each image's most anomalous patch, when that
+        patch is nearer to it than to any normal patch (synthetic entries name no type)."""
+        known = {p.annotation_id: p.defect for p in self.model.abnormal_bank.annotations if p.source == "annotation"}
+        names = {number: name for name, number in self.ids.items()}
+        scores = self.of(images).flatten(1)
+        top = scores.argmax(1)
+        rows = torch.arange(len(images))
+        near = self.model.scorer.abnormal_term(self.log_dn[images][rows, top], self.d_a[images][rows, top]) > 0
+        nearest = self.nearest[images][rows, top]
+        return [known.get(names.get(int(n), "")) if close else None for n, close in zip(nearest, near, strict=True)]
+
     @torch.no_grad()
     def refresh(self) -> torch.Tensor:
         bank = self.model.abnormal_bank
