@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,6 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """Score images: a line each (score, threshold, decision, heatmap), or one JSON list with ``--json``."""
     from defectloop.data import ImageError, load_image
     from defectloop.features import image_tensor
     from defectloop.models import load_model
@@ -173,10 +173,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     model = load_model(resolve_model_dir(args.model))
     size = model.config.image_size
-    failed = 0
-    if args.heatmaps:
-        Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
-    for path in args.images:
+    paths = [Path(p).resolve() for p in args.images]
+    # heatmaps mirror the inputs' paths below their common folder: two 000.png never overwrite each other
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    failed, results = 0, []
+    for arg, path in zip(args.images, paths, strict=True):
         try:
             img = image_tensor(load_image(path), size)
         except ImageError as e:
@@ -184,12 +185,23 @@ def cmd_score(args: argparse.Namespace) -> int:
             failed += 1
             continue
         (p,) = model.predict(img[None], [args.category])
-        print(f"{path}\t{p.score:.4f}\t{p.decision}")
+        heatmap = None
         if args.heatmaps:
             from defectloop.plots import overlays
 
-            overlays(Path(args.heatmaps) / f"{Path(path).stem}_heatmap.png",
-                     [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None], [f"{p.score:.3f} {p.decision}"])
+            heatmap = Path(args.heatmaps) / path.relative_to(root).with_name(f"{path.stem}_heatmap.png")
+            heatmap.parent.mkdir(parents=True, exist_ok=True)
+            overlays(heatmap, [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None],
+                     [f"{p.score:.3f} {p.decision}"])
+        threshold = "none" if p.threshold is None else f"{p.threshold:.4f}"
+        whose = args.category if p.known_category else "all categories"
+        results.append({"image": arg, "score": p.score, "normalised_score": p.normalised_score, "threshold": p.threshold,
+                        "threshold_of": whose, "decision": p.decision, "heatmap": str(heatmap) if heatmap else None})
+        if not args.json:
+            print(f"{arg}\tscore {p.score:.4f}\tthreshold {threshold} ({whose})\t{p.decision}"
+                  + (f"\t{heatmap}" if heatmap else ""))
+    if args.json:
+        print(json.dumps(results, indent=1))
     return 1 if failed else 0
 
 
@@ -199,13 +211,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from defectloop.process import exit_on_sigterm
 
     exit_on_sigterm()  # a stopped demo stops its Label Studio and scorer too
-    out = Path(args.out or tempfile.mkdtemp(prefix="defectloop-demo-"))
+    out = Path(args.out).resolve()
+    log_file = log_to_file(out / "logs" / "demo.log", args.verbose)
     cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
                      defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy,
                      retrain_every=args.retrain_every, steps=args.steps, seed=args.seed, keep_running=args.keep_running)
+    t0 = time.perf_counter()
     run_demo(cfg, args.json)
-    print(f"working folder: {out}")
+    print(f"\ndone in {(time.perf_counter() - t0) / 60:.1f} min. Outputs in {out}:\n"
+          f"  report.json          the rounds of every policy\n"
+          f"  learning_curve.png   defects found and held-out AUROC against labels shown\n"
+          f"  label-studio/        Label Studio's data (its projects, their tasks and predictions)\n"
+          f"  logs/{log_file.name}        this run's log (the console showed its warnings)")
     return 0
+
+
+def log_to_file(path: Path, verbose: bool) -> Path:
+    """Logs go to ``path`` (INFO, or DEBUG when verbose); the console keeps warnings and what is printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setLevel(logging.WARNING)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(handler)
+    return path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -411,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score image files")
     s.add_argument("--model", required=True, help="model version directory or registry")
     s.add_argument("--category", help="category for the decision threshold")
-    s.add_argument("--heatmaps", help="write a heatmap PNG per image here")
+    s.add_argument("--heatmaps", help="write a heatmap PNG per image below this folder (paths as the inputs')")
+    s.add_argument("--json", action="store_true", help="one JSON list of the results instead of a line per image")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_score)
 
@@ -502,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the labeling loop end to end on one machine (no arguments needed)")
     d.add_argument("--data", help="MVTec-layout pool instead of generated data")
-    d.add_argument("--out", help="working folder (default: a new temporary folder)")
+    d.add_argument("--out", default="defectloop-demo",
+                   help="where everything goes: report, learning curve, Label Studio data, logs (default: ./defectloop-demo)")
     d.add_argument("--rounds", type=int, default=4)
     d.add_argument("--batch", type=int, default=10, help="tasks the annotator labels per round")
     d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
@@ -513,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep-running", action="store_true", help="leave Label Studio and the scorer up at the end")
-    d.add_argument("--json", help="write the rounds of every policy here")
+    d.add_argument("--json", help="also write the report (the rounds of every policy) here")
     d.set_defaults(func=cmd_demo)
     return p
 

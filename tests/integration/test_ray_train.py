@@ -3,7 +3,6 @@ and the retraining job submitted to a Ray head through the Jobs API."""
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,9 +25,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
+def local_ray(ray_head):
+    """This session's Ray head, by its address: never another Ray that runs on the machine."""
+    ray.init(address=ray_head.address, logging_level="WARNING")
+    yield ray_head
     ray.shutdown()
 
 
@@ -88,9 +88,12 @@ def test_two_worker_crad_clusters_the_union_of_shards(local_ray, tiny_data, tmp_
     assert (gap.min(1).values <= 0.25 * a.std.amax(1)).all(), gap
 
 
-def ray_worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def ray_worker_pids(dashboard: str) -> list[int]:
+    """PIDs of this cluster's live Ray Train workers (by the state API: not another Ray's on the machine)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors)
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(local_ray, tiny_data, tiny_features, tmp_path):
@@ -101,21 +104,23 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(local_ray, tiny_d
 
     def run():
         try:
-            box["result"] = fit_distributed(config(steps=2500), split.train, 2, storage=str(runs), name="kill-test")
+            box["result"] = fit_distributed(config(steps=1200), split.train, 2, storage=str(runs), name="kill-test")
         except Exception as e:  # reported by the assertion below
             box["error"] = e
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not list(runs.glob("kill-test/checkpoint_*")):  # the bank phase is checkpointed
-        assert time.monotonic() < deadline and t.is_alive(), box
+        assert t.is_alive(), f"the run ended before its first checkpoint: {box}"
+        assert time.monotonic() < deadline, "no checkpoint of the bank phase within 300 s"
         time.sleep(0.2)
     time.sleep(3)  # let the controller register the checkpoint; the workers are training the scorer now
-    pids = ray_worker_pids()
-    assert pids, "no Ray Train worker process found"
+    pids = ray_worker_pids(local_ray.url)
+    assert len(pids) == 2, f"expected 2 live Ray Train workers, found {pids}"
     os.kill(pids[-1], signal.SIGKILL)
-    t.join(300)
+    t.join(600)
+    assert not t.is_alive(), "the run did not finish within 600 s of the worker's kill"
     assert "error" not in box, box.get("error")
     model, stats = box["result"]
     assert stats["resumed_after"] == ["bank"]  # the new workers skipped the coreset

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -35,12 +37,23 @@ def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
     good = next((tiny_data / "disc" / "test" / "blob").glob("*.png"))
+    twin = tiny_data / "mesh" / "test" / "good" / good.name  # same file name, another category
+    assert twin.is_file()
     rc = main(["score", "--model", str(out), "--category", "disc", "--heatmaps", str(tmp_path / "hm"),
-               str(good), str(bad)])
+               str(good), str(twin), str(bad)])
     captured = capsys.readouterr()
     assert rc == 1  # one file failed, and said so
-    assert str(good) in captured.out and "bad.png: empty file" in captured.err
-    assert (tmp_path / "hm" / f"{good.stem}_heatmap.png").is_file()
+    line = next(x for x in captured.out.splitlines() if x.startswith(str(good)))
+    assert "threshold" in line and "(disc)" in line and ("normal" in line or "anomalous" in line)
+    assert "bad.png: empty file" in captured.err
+    below = tmp_path / "hm" / tiny_data.relative_to(Path(os.path.commonpath([tiny_data, tmp_path])))  # the inputs' common folder
+    heatmaps = {below / "disc" / "test" / "blob" / f"{good.stem}_heatmap.png",
+                below / "mesh" / "test" / "good" / f"{good.stem}_heatmap.png"}
+    assert set((tmp_path / "hm").rglob("*.png")) == heatmaps  # one each: no overwrite
+    assert main(["score", "--model", str(out), "--json", str(good)]) == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    assert res["image"] == str(good) and res["threshold_of"] == "all categories" and res["heatmap"] is None
+    assert res["decision"] == ("anomalous" if res["score"] > res["threshold"] else "normal")
 
 
 def test_train_reports_skipped_files(tiny_data, tmp_path, cfg_file, capsys):

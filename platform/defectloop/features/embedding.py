@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from defectloop.data.images import ImageError, load_image, load_mask
 from defectloop.data.mvtec import Sample
 from defectloop.features.backbones import FeatureBackbone
+from defectloop.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int 
     masks: list[torch.Tensor | None] = []
     skipped: list[tuple[str, str]] = []
     desc = progress if isinstance(progress, str) else "features"
-    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(samples), desc=desc, unit="img", shown=progress)
 
     def load(s: Sample):
         try:

@@ -14,13 +14,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.features import Extracted
 from defectloop.models.abnormal_memory import Confirmed
 from defectloop.models.crad import CRAD, CRADHead
 from defectloop.models.holdout import split_holdout
+from defectloop.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def train_crad_head(model: CRAD, train: Extracted, fit_idx: list[int], progress:
     wrapped = comm.wrap(head)
     best, best_state, history, bad = float("inf"), None, [], 0
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc="crad head", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.epochs), desc="crad head", shown=progress)
     for epoch in bar:
         head.train()
         order = torch.tensor(tr_idx)[torch.randperm(len(tr_idx), generator=g)]

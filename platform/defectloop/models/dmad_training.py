@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data.synthetic import DefectAugmenter
@@ -21,6 +20,7 @@ from defectloop.features import Extracted, image_tensor, mask_cells
 from defectloop.memory import AbnormalBank, Provenance, knn
 from defectloop.models.abnormal_memory import Confirmed
 from defectloop.models.dmad import DMAD, Enhanced
+from defectloop.progress import bar as progress_bar
 
 MARGIN = 0.5  # of the hinge loss, around the scorer's learned threshold
 
@@ -168,7 +168,7 @@ def hinge_training(model: DMAD, e_n: Enhanced, e_p: Enhanced, e_r: Enhanced | No
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     scorer.train()
     bs, n_pool = max(2, cfg.batch_size // comm.world), len(e_n.q)
-    bar = tqdm(range(cfg.steps), desc="dmad scorer", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.steps), desc="dmad scorer", shown=progress)
     loss_val = float("nan")
     for _ in bar:
         # one forward over [normal | pseudo | real | synthetic] for each head in turn, each with its
