@@ -258,6 +258,7 @@ class LiveLoop:
 
     def run(self, stop: threading.Event, poll_s: float = 0.25) -> None:
         """Until ``stop``: events as they arrive, the reconciliation now and then, retrainings."""
+        self.loop.warm_up()
         while not stop.is_set():
             try:
                 if time.monotonic() - self.last_reconcile >= self.reconcile_s:
