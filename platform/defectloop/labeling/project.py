@@ -129,7 +129,11 @@ class LabelingProject:
 
     def queue(self, n: int) -> list[int]:
         """The first ``n`` tasks of the open tasks' tab: what an annotator sees at the top."""
-        tab = next(v for v in self.ls.views.list(project=self.id) if v.data.get("title", "").startswith("Open:"))
+        views = list(self.ls.views.list(project=self.id))
+        if not views:
+            raise LookupError(f"project {self.id} has no Data Manager tab")
+        # a project made before the open tab existed: its first tab ("Most anomalous first")
+        tab = next((v for v in views if v.data.get("title", "").startswith("Open:")), views[0])
         return [t.id for t in itertools.islice(self.ls.tasks.list(project=self.id, view=tab.id, fields="task_only"), n)]
 
     def tasks(self) -> Iterator[dict]:
