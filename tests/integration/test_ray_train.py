@@ -104,7 +104,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(local_ray, tiny_d
 
     def run():
         try:
-            box["result"] = fit_distributed(config(steps=1200), split.train, 2, storage=str(runs), name="kill-test")
+            box["result"] = fit_distributed(config(steps=800), split.train, 2, storage=str(runs), name="kill-test")
         except Exception as e:  # reported by the assertion below
             box["error"] = e
 
