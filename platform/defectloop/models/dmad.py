@@ -249,7 +249,10 @@ class DMADPatchScores(PatchScores):
         gone = [name for name, t in self.entries.items() if now.get(name) is not t]  # removed or edited
         added = {name: t for name, t in now.items() if self.entries.get(name) is not t}
         self.entries = now
-        before = self.of(torch.arange(len(self.feats))) if gone or added else None
+        if not gone and not added:
+            return torch.zeros(0, dtype=torch.long)
+        everything = torch.arange(len(self.feats))
+        before = self.of(everything)
         if gone:  # patches whose nearest entry left: searched again against the whole bank
             stale = torch.isin(self.nearest, torch.tensor([self.ids[name] for name in gone])).nonzero()
             img, cell = stale[:, 0], stale[:, 1]
@@ -267,6 +270,4 @@ class DMADPatchScores(PatchScores):
                 nearer = d < self.d_a[start:start + self.batch_size]
                 self.d_a[start:start + self.batch_size][nearer] = d[nearer]
                 self.nearest[start:start + self.batch_size][nearer] = owner[rows[nearer]]
-        if before is None:
-            return torch.zeros(0, dtype=torch.long)
-        return (self.of(torch.arange(len(self.feats))) != before).flatten(1).any(1).nonzero()[:, 0]
+        return (self.of(everything) != before).flatten(1).any(1).nonzero()[:, 0]
