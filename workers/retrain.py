@@ -32,15 +32,14 @@ from defectloop.workers.train import train_model
 log = logging.getLogger("defectloop.retrain")
 
 
-def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back: float = 0.0) -> list[Sample]:
-    """Pool images annotators confirmed normal, as normal training samples (S3 ones downloaded once),
-    less those held back (``held_back``) to judge the new version.
+def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back: float = 0.0
+                      ) -> tuple[list[Sample], list[Sample]]:
+    """Pool images annotators confirmed normal, as normal samples (S3 ones downloaded once): (to train
+    on, held back), those held back (``held_back``) being left out of training to judge the new version.
 
     One that cannot be read any more is skipped with a warning: it is one image among many."""
-    out = []
+    train, held = [], []
     for entry in reg.normals():
-        if held_back(entry.get("image") or entry["source"], hold_back):
-            continue
         src = entry["source"]
         path = Path(src)
         try:
@@ -54,8 +53,9 @@ def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back
         except Exception as e:  # noqa: BLE001 - any storage error: skip this image, keep the rest
             log.warning("skipping the confirmed-normal image %s: %s", src, e)
             continue
-        out.append(Sample(path, entry["category"]))
-    return out
+        side = held if held_back(entry.get("image") or entry["source"], hold_back) else train
+        side.append(Sample(path, entry["category"]))
+    return train, held
 
 
 def retrain(registry: str, data: str, categories: list[str] | None = None, anomalies_per_class: int = 0,
@@ -79,14 +79,17 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
     if settings:
         config = config.with_settings(settings)
         full = True  # other settings make another model: nothing to continue from
-    normals = [s for s in confirmed_normals(reg, hold_back=hold_back) if not categories or s.category in categories]
+    normals, calibration = ([s for s in side if not categories or s.category in categories]
+                            for side in confirmed_normals(reg, hold_back=hold_back))
     base = f"{registry.rstrip('/')}/versions/{current}" if current and not full else None
     log.info("retraining %s from %s (%s, training on %d confirmed annotations and %d images confirmed normal)",
              config.kind, data, f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
              len(labels), len(normals))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
-                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base)
-    stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals))
+                               storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base,
+                               calibration=calibration)
+    stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals),
+                 calibrated_on_confirmed_normals=len(calibration))
     stats.update(held_back_share=hold_back)
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)}, make_current=promote)
     log.info("registered %s in %s%s", version, registry, "" if promote else " (not current: to be judged)")

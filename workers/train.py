@@ -107,7 +107,8 @@ def train_loop(config: dict) -> None:
 
     t1 = time.perf_counter()
     stats = Fitter(model).fit(train, progress=rank == 0, comm=comm, checkpoint=report, done=done,
-                              confirmed=config["confirmed"], warm=bool(config["base"]))
+                              confirmed=config["confirmed"], warm=bool(config["base"]),
+                              calibration_only=config["calibration_only"])
     workers = comm.all_gather({"rank": rank, "n_images": len(samples), "extract_s": extract_s,
                                "images_per_s": len(samples) / max(extract_s, 1e-9),
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -117,7 +118,8 @@ def train_loop(config: dict) -> None:
 
 def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gpus_per_worker: float = 0.0,
                     ray_address: str | None = None, storage: str | None = None, name: str | None = None,
-                    max_failures: int = 2, confirmed: Confirmed = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
+                    max_failures: int = 2, confirmed: Confirmed = (), base: str | None = None,
+                    calibration_only: Sequence[str] = ()) -> tuple[AnomalyModel, dict]:
     """Fit one model on ``workers`` Ray Train workers; returns it with its fit statistics.
 
     ``base``: a model version every worker can read (folder or s3:// URI) to fit warm from.
@@ -137,7 +139,7 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
         train_loop,
         train_loop_config={"model": config.to_dict(), "samples": [_sample_dict(s) for s in samples],
                            "threads": per_worker, "gpus": gpus_per_worker > 0, "confirmed": list(confirmed),
-                           "base": base},
+                           "base": base, "calibration_only": list(calibration_only)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         torch_config=TorchConfig(backend="gloo"),  # collectives on CPU tensors, GPUs or not
@@ -160,27 +162,31 @@ def fit_distributed(config: ModelConfig, samples: list[Sample], workers: int, gp
 def train_model(config: ModelConfig, data: str, categories: list[str] | None, anomalies_per_class: int, workers: int,
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
                 progress: bool = True, max_failures: int = 2, confirmed: Confirmed = (),
-                normals: Sequence[Sample] = (), base: str | None = None) -> tuple[AnomalyModel, dict]:
+                normals: Sequence[Sample] = (), base: str | None = None,
+                calibration: Sequence[Sample] = ()) -> tuple[AnomalyModel, dict]:
     """Fit a model on the train split of ``data``, plus annotators' ``confirmed`` defects and the
     ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers.
+    ``calibration``: confirmed normals kept out of fitting; the thresholds are set on them too.
 
     ``base`` (a model version's folder or s3:// URI, of the same config) makes it a warm fit from
     that version (see ``AnomalyModel.fit``); without it every part is fitted anew."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
-    split.train.extend(normals)
+    split.train.extend([*normals, *calibration])
+    held = [s.image_id for s in calibration]
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()
     if workers:
         model, stats = fit_distributed(config, split.train, workers, gpus_per_worker, ray_address, storage,
-                                       max_failures=max_failures, confirmed=confirmed, base=base)
+                                       max_failures=max_failures, confirmed=confirmed, base=base,
+                                       calibration_only=held)
     else:
         model = create_model(config)
         if base:
             model.load_state(resolve_model_dir(base))
         train = extract(model.embedder, split.train, config.image_size, progress="features" if progress else False)
         extract_s = time.perf_counter() - t0
-        stats = Fitter(model).fit(train, progress=progress, confirmed=confirmed, warm=bool(base))
+        stats = Fitter(model).fit(train, progress=progress, confirmed=confirmed, warm=bool(base), calibration_only=held)
         stats.update(fit_s=time.perf_counter() - t0 - extract_s, per_worker=[{
             "rank": 0, "n_images": len(split.train), "extract_s": extract_s,
             "images_per_s": len(split.train) / max(extract_s, 1e-9),

@@ -536,14 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="MVTec-layout pool instead of generated data")
     d.add_argument("--out", default="defectloop-demo",
                    help="where everything goes: report, learning curve, Label Studio data, logs (default: ./defectloop-demo)")
-    d.add_argument("--rounds", type=int, default=4)
+    d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--batch", type=int, default=10, help="tasks the annotator labels per round")
     d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
     d.add_argument("--pool-normals", type=float, default=0.5,
                    help="share of the normal training images that join the unlabeled pool")
     d.add_argument("--policy", default="per-category", choices=list(POLICIES))
     d.add_argument("--retrain-every", type=int, default=2, help="retrain every K rounds (0: never)")
-    d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps")
+    d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps (a warm retraining: a fifth)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep-running", action="store_true", help="leave Label Studio and the scorer up at the end")
     d.add_argument("--json", help="also write the report (the rounds of every policy) here")

@@ -36,7 +36,8 @@ from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.server import label_studio
 from defectloop.metrics import evaluate, fmt
 from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model
-from defectloop.registry import Registry
+from defectloop.process import ManagedProcess
+from defectloop.registry import TRAINED_BANK, Registry
 from defectloop.stack import Stack, StackConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: Path
     data: Path | None = None
-    rounds: int = 4
+    rounds: int = 3
     batch: int = 10
     defect_rate: float = 0.1
     policy: str = "per-category"
@@ -62,6 +63,10 @@ class DemoConfig:
     n_test_good: int = 80
     n_test_bad: int = 12
     image_size: int = 256
+    # generated defects' opacity (faint to plain) and the share of test images under new lighting
+    # (normal glare the training images never show): round 0 is imperfect, and labels teach both
+    strength: tuple[float, float] = (0.1, 0.7)
+    drift: float = 0.5
 
 
 def split_pool(data: Path, defect_rate: float, test_fraction: float, pool_normals: float,
@@ -161,14 +166,18 @@ class StackClient:
         r.raise_for_status()
         return r.json()
 
+    @staticmethod
+    def served(banks: dict) -> str:
+        """The served model and bank as one label (the model version alone while its trained bank is served)."""
+        return banks["model_version"] if banks["bank_version"] == TRAINED_BANK else f"{banks['model_version']}-{banks['bank_version']}"
+
     def wait_applied(self, labeled: int, timeout: float = 600) -> dict:
         """Until the loop has applied ``labeled`` tasks' labels and the scorer serves its bank."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             b = self.banks()
             loop = b.get("loop") or {}
-            served = b["model_version"] if b["bank_version"] == "b0000" else f"{b['model_version']}-{b['bank_version']}"
-            if loop.get("labeled_tasks", 0) >= labeled and b["pending_events"] == 0 and loop.get("bank_label") == served:
+            if loop.get("labeled_tasks", 0) >= labeled and b["pending_events"] == 0 and loop.get("bank_label") == self.served(b):
                 return b
             time.sleep(0.2)
         raise TimeoutError(f"the live loop did not apply {labeled} labels within {timeout:.0f} s: {self.banks()}")
@@ -189,6 +198,36 @@ class StackClient:
                 return r
             time.sleep(1.0)
         raise TimeoutError(f"the retraining was not judged within {timeout:.0f} s: {self.banks().get('retraining')}")
+
+
+def queue_audit(project: LabelingProject, truth: dict[int, Sample], client: StackClient, timeout: float = 300) -> dict:
+    """What annotators face at the end: predictions per task, and per category the open (unlabeled)
+    normal images that the served model pre-annotates "anomalous" (false alarms in the queue).
+
+    Waits until the project's predictions are the served version's (the loop pushes them after a
+    promotion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = client.banks()
+        if project.model_version() == b["model_version"] and b["pending_events"] == 0:
+            break
+        time.sleep(0.5)
+    else:
+        log.warning("the project's predictions are not yet the served version's after %.0f s", timeout)
+    per_task: dict[int, int] = {}
+    for p in project.ls.predictions.list(project=project.id):
+        per_task[p.task] = per_task.get(p.task, 0) + 1
+    flagged: dict[str, dict] = {}
+    for t in project.tasks():
+        s = truth[t["id"]]
+        if s.label == 0 and not t["annotations"]:
+            c = flagged.setdefault(s.category, {"flagged": 0, "open": 0})
+            c["open"] += 1
+            c["flagged"] += t["data"].get("decision") == "anomalous"
+    for c in flagged.values():
+        c["share"] = c["flagged"] / max(1, c["open"])
+    return {"max_predictions_per_task": max(per_task.values(), default=0),
+            "tasks_without_prediction": len(truth) - len(per_task), "open_normals_flagged": dict(sorted(flagged.items()))}
 
 
 def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: dict[str, Sample], model_dir: Path,
@@ -236,20 +275,28 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
                            "model_version": label, **({"retraining": outcome} if outcome else {})})
             print(f"{r:>6d}{len(shown):>7d}{found:>7d}{fmt(m['image_auroc']):>13s}{fmt(m['pixel_auroc']):>13s}"
                   f"{feedback_s:>12.1f}  {label}", flush=True)
+        rounds[-1]["queue"] = queue_audit(project, truth, client)
+        q = rounds[-1]["queue"]
+        print(f"  queue: {q['max_predictions_per_task']} prediction(s) per task at most; open normal images called "
+              "anomalous: " + ", ".join(f"{c} {v['flagged']}/{v['open']}" for c, v in q["open_normals_flagged"].items()),
+              flush=True)
     finally:
         if not keep:
             stack.down()
     return rounds, stack
 
 
-def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
+def run_demo(cfg: DemoConfig, json_out: str | None = None, studio: ManagedProcess | None = None) -> dict:
+    """The demo; ``studio``: a running Label Studio (from ``labeling.server.label_studio``) whose
+    document root holds ``cfg.out``, used instead of starting one (the tests share theirs)."""
     from defectloop.data.synthetic import make_dataset
     from defectloop.plots import learning_curve
 
     cfg.out = cfg.out.resolve()
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = (cfg.data or make_dataset(cfg.out / "data", n_train=cfg.n_train, n_test_good=cfg.n_test_good,
-                                     n_test_bad=cfg.n_test_bad, size=cfg.image_size, seed=cfg.seed)).resolve()
+                                     n_test_bad=cfg.n_test_bad, size=cfg.image_size, seed=cfg.seed,
+                                     strength=cfg.strength, drift=cfg.drift)).resolve()
     train, pool, test = split_pool(data, cfg.defect_rate, cfg.test_fraction, cfg.pool_normals, cfg.seed)
     stack_data = cfg.out / "stack-data"
     truth_by_path = stack_folder(train, pool, stack_data)
@@ -257,16 +304,17 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     print(f"data: {data}\npool: {len(pool)} images, {n_bad} defective ({n_bad / max(1, len(pool)):.0%}); "
           f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
 
-    model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, image_size=cfg.image_size, dmad=DMADConfig(steps=cfg.steps)))
+    model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, image_size=cfg.image_size, dmad=DMADConfig(steps=cfg.steps, warm_steps=max(20, cfg.steps // 5))))
     Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
     model_dir = cfg.out / "first-model"
     shutil.rmtree(model_dir, ignore_errors=True)
     Registry(model_dir).register(model)
     test_feats = extract(model.embedder, test, model.config.image_size, progress="test features")
 
-    ls = label_studio(cfg.out / "label-studio", cfg.out)  # the stacks' pools are below cfg.out
-    print("starting Label Studio (the first start migrates its database: about a minute)...", flush=True)
-    ls.start().wait_ready("/health", 600)
+    ls = studio or label_studio(cfg.out / "label-studio", cfg.out)  # the stacks' pools are below cfg.out
+    if studio is None:
+        print("starting Label Studio (the first start migrates its database: about a minute)...", flush=True)
+        ls.start().wait_ready("/health", 600)
     print(f"Label Studio: {ls.url}  login {ls.user} / {ls.password}", flush=True)
     rounds: list[dict] = []
     last: Stack | None = None
@@ -289,5 +337,6 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None) -> dict:
     finally:
         if cfg.keep_running and last is not None:
             last.down()
-        ls.stop(30)
+        if studio is None:
+            ls.stop(30)
     return {"rounds": rounds}

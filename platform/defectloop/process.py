@@ -138,7 +138,7 @@ def ray_head(temp_dir: str | Path, num_cpus: int | None = None, env: dict[str, s
                                        f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
                                        f"--temp-dir={temp_dir}", *cpus, *agents, "--block"],
                           run_env, f"http://127.0.0.1:{dashboard}", Path(temp_dir) / "head.log")
-    head.address = f"127.0.0.1:{port}"
+    head.address, head.temp_dir = f"127.0.0.1:{port}", str(temp_dir)
     return head
 
 

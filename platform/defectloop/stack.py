@@ -165,14 +165,19 @@ class Stack:
             self.ray.start().wait_ready("/api/version", 180)
             address = self.ray.address
             os.environ["RAY_AUTH_MODE"] = "disabled"
-        context = ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
+        # the replicas' logs (every request, every loop turn) stay in Ray's log folder: the console
+        # is for what a person reads (progress, the table, warnings)
+        context = ray.init(address=address, logging_level=logging.WARNING, configure_logging=True, log_to_driver=False)
         dashboard = context.dashboard_url
+        if self.ray is not None:
+            print(f"Ray's logs (scorer, live loop, retraining jobs): {self.ray.temp_dir}/session_latest/logs", flush=True)
         token = os.environ.get("DEFECTLOOP_API_TOKEN") or secrets.token_urlsafe(24)
         port = self.cfg.port or free_port()
         settings = ServeSettings.load(model=str(registry.location), api_token=token, label_studio_url=ls_url,
                                       label_studio_token=ls_token, loop_state=str(label_state), poll_s=0.5,
                                       retrain_after=self.cfg.retrain_after, reconcile_s=self.cfg.reconcile_s,
                                       ray_dashboard=f"http://{dashboard}" if dashboard else None)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are for Ray's log folder
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print("starting the Ray Serve application (scorer + live loop)...", flush=True)
         serve.run(application(asdict(settings), self.cfg.replicas), name="defectloop", route_prefix="/")

@@ -1,4 +1,4 @@
-"""The main job end to end, small: a client of the stack (its own Label Studio, the live loop,
+"""The main job end to end, small: a client of the stack (the session's Label Studio, the live loop,
 two policies, a retraining started from Label Studio)."""
 
 import json
@@ -10,10 +10,11 @@ from defectloop.demo import DemoConfig, run_demo
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_the_loop_through_the_stack(tmp_path):
-    cfg = DemoConfig(out=tmp_path / "demo", rounds=2, batch=5, steps=100, retrain_every=2, n_train=12,
-                     n_test_good=30, n_test_bad=6, image_size=128)
-    result = run_demo(cfg, str(tmp_path / "rounds.json"))
+def test_demo_runs_the_loop_through_the_stack(label_studio, tmp_path):
+    cfg = DemoConfig(out=label_studio.root / "demo", rounds=2, batch=5, steps=100, retrain_every=2, n_train=12,
+                     n_test_good=30, n_test_bad=6, image_size=128, strength=(0.85, 0.85), drift=0.0)
+    # plain defects, no glare: this checks the plumbing, not the (harder) default data
+    result = run_demo(cfg, str(tmp_path / "rounds.json"), studio=label_studio)
     rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
     assert rounds == json.loads(json.dumps(result["rounds"]))
     keys = {"round", "policy", "shown", "anomalies_found", "image_auroc", "pixel_auroc"}
@@ -29,5 +30,9 @@ def test_demo_runs_the_loop_through_the_stack(tmp_path):
     retrained = main[2]["retraining"]
     assert retrained["state"] in ("promoted", "kept"), retrained
     assert main[2]["model_version"].startswith("v0002" if retrained["state"] == "promoted" else "v0001")
-    assert (tmp_path / "demo" / "learning_curve.png").stat().st_size > 10_000
-    assert not list((tmp_path / "demo").glob("stack-*/stack.json"))  # every stack was stopped
+    for r in (main[-1], rand[-1]):  # one current prediction on every task, and the queue audited
+        q = r["queue"]
+        assert q["max_predictions_per_task"] == 1 and q["tasks_without_prediction"] == 0, q
+        assert set(q["open_normals_flagged"]) == {"tile", "disc", "mesh"}
+    assert (cfg.out / "learning_curve.png").stat().st_size > 10_000
+    assert not list(cfg.out.glob("stack-*/stack.json"))  # every stack was stopped

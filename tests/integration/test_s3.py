@@ -179,8 +179,8 @@ def test_confirmed_normals_from_an_s3_pool(s3, tiny_data, tmp_path):
     reg = Registry(fresh())
     reg.publish_normals([{"source": f"{pool.uri}/disc/good.png", "category": "disc"},
                          {"source": f"{pool.uri}/disc/gone.png", "category": "disc"}])
-    (sample,) = confirmed_normals(reg, tmp_path / "pool-cache")  # the missing one is skipped
+    (sample,), _ = confirmed_normals(reg, tmp_path / "pool-cache")  # the missing one is skipped
     assert sample.category == "disc" and sample.label == 0 and sample.path.read_bytes() == good.read_bytes()
     pool.delete("disc/good.png")
-    (again,) = confirmed_normals(reg, tmp_path / "pool-cache")  # from the cache, not S3
+    (again,), _ = confirmed_normals(reg, tmp_path / "pool-cache")  # from the cache, not S3
     assert again.path == sample.path

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from defectloop.data import load_split, read_category
-from defectloop.data.synthetic import add_defect, make_part
+from defectloop.data.synthetic import add_defect, add_glare, make_dataset, make_part
 
 
 def test_reader_and_categories_as_metadata(tiny_data):
@@ -58,3 +58,25 @@ def test_synthetic_defect_mask_is_exact():
 def test_generated_dataset_layout(tiny_data):
     m = next((tiny_data / "mesh" / "ground_truth").rglob("*_mask.png"))
     assert np.asarray(Image.open(m)).max() == 255
+
+
+def test_generated_data_can_be_hard(tmp_path):
+    """The demo's data: faint defects (low opacity) and test images under a lighting the training
+    images never show (glare), normal and defective alike; the training images stay plain."""
+    rng = np.random.default_rng(0)
+    part = make_part("disc", 96, rng)
+    faint, mask = add_defect(part, "blob", np.random.default_rng(1), strength=0.1)
+    plain, same = add_defect(part, "blob", np.random.default_rng(1), strength=0.85)
+    assert np.array_equal(mask, same)
+    change = lambda img: np.abs(img.astype(int) - part.astype(int))[mask].mean()  # noqa: E731
+    assert 0 < change(faint) < 0.25 * change(plain)
+    glared = add_glare(part, rng)
+    assert glared.astype(int).sum() > part.astype(int).sum() and (glared >= part).all()
+
+    def brightness(root, split):
+        return [np.asarray(Image.open(p)).mean() for p in sorted((root / "disc" / split).rglob("*.png"))]
+
+    plain_root = make_dataset(tmp_path / "plain", ("disc",), n_train=6, n_test_good=12, n_test_bad=0, size=64)
+    drift_root = make_dataset(tmp_path / "drift", ("disc",), n_train=6, n_test_good=12, n_test_bad=0, size=64, drift=0.5)
+    assert brightness(plain_root, "train") == brightness(drift_root, "train")  # same draws: no glare in training
+    assert np.mean(brightness(drift_root, "test")) > np.mean(brightness(plain_root, "test")) + 5

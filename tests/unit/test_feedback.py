@@ -9,6 +9,7 @@ from defectloop.labeling.feedback import Feedback, Verdict, read_annotation
 from defectloop.labeling.label_config import LabelConfig, build_label_config
 from defectloop.labeling.policies import Candidate, Diverse, make_policy, rank_scores
 from defectloop.memory import Provenance
+from defectloop.models import held_back
 from defectloop.registry import Registry
 
 CONFIG = LabelConfig.parse(build_label_config(["scratch", "blob"]))
@@ -120,10 +121,15 @@ def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_p
                                          for s, t in ((goods[0], tasks[0]), (goods[2], tasks[2]))],
                                         key=lambda e: e["source"])
     reg = Registry(tmp_path / "reg")
-    assert reg.normals() == [] and confirmed_normals(reg) == []
+    assert reg.normals() == [] and confirmed_normals(reg) == ([], [])
     reg.publish_normals(fb.normal_images() + [{"source": str(tmp_path / "gone.png"), "category": "tile"}])
-    samples = confirmed_normals(reg)
+    samples, held = confirmed_normals(reg)
+    assert held == []
     assert {(s.path, s.category, s.label) for s in samples} == {(s.path, s.category, 0) for s in (goods[0], goods[2])}
+    # a share held back to judge the retraining is kept apart (calibrated on, not trained on)
+    train, held = confirmed_normals(reg, hold_back=0.5)
+    assert sorted(s.path for s in train + held) == sorted(s.path for s in samples)
+    assert all(held_back(next(e["image"] for e in reg.normals() if e["source"] == str(s.path)), 0.5) for s in held)
     assert "gone.png" in caplog.text and "skipping" in caplog.text
 
 

@@ -193,6 +193,25 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
     assert auroc(scores.numpy(), np.array([s.label for s in test.samples])) > 0.9
 
 
+def test_confirmed_normals_held_back_are_calibrated_on_never_fitted(tiny_features, small_config):
+    """A retraining's held-back confirmed normals join the calibration images alone, and the others
+    keep their side of the split."""
+    from defectloop.models.holdout import split_holdout
+
+    train, _ = tiny_features(0)
+    normals = [s for s in train.samples if s.label == 0]
+    forced = {normals[0].image_id, normals[-1].image_id}
+    fit0, held0 = split_holdout(train.samples, 0.1, 0)
+    fit1, held1 = split_holdout(train.samples, 0.1, 0, always_held=forced)
+    ids = lambda idx: {train.samples[i].image_id for i in idx}  # noqa: E731
+    assert forced <= ids(held1) and forced.isdisjoint(ids(fit1))
+    assert ids(held1) == ids(held0) | forced and ids(fit1) == ids(fit0) - forced
+    model = create_model(small_config("patchcore"))
+    stats = Fitter(model).fit(train, calibration_only=forced)
+    assert stats["n_calibration"] == len(held1)
+    assert forced.isdisjoint(model.normal_bank.image_ids)
+
+
 def test_same_config_and_data_give_the_same_model(features, small_config):
     """Fits are reproducible: the learned head's initial weights come from the config's seed."""
     train, test = features

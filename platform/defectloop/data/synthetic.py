@@ -85,12 +85,13 @@ def _defect_mask(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndar
     return np.asarray(img) > 0
 
 
-def add_defect(image: np.ndarray, kind: str | None = None, rng: np.random.Generator | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(image: np.ndarray, kind: str | None = None, rng: np.random.Generator | None = None,
+               strength: float = 0.85) -> tuple[np.ndarray, np.ndarray]:
     """Paint a defect on an RGB uint8 image; returns (image, exact bool mask).
 
     The defect changes colour and texture under the mask only (dark or bright, with its own noise),
-    so the mask is exactly the set of changed pixels.
+    so the mask is exactly the set of changed pixels; ``strength`` is the paint's opacity (a low
+    one makes a faint defect).
     """
     rng = rng or np.random.default_rng()
     kind = kind or DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
@@ -100,10 +101,23 @@ def add_defect(image: np.ndarray, kind: str | None = None, rng: np.random.Genera
     tone = rng.choice([0.05, 0.95]) if kind != "blob" else rng.uniform(0.0, 1.0)
     colour = np.clip(tone + rng.normal(0, 0.08, 3), 0, 1).astype(np.float32)
     texture = 0.15 * (_smooth_noise(rng, max(h, w), 2)[:h, :w, None] - 0.5)
-    alpha = 0.85
-    painted = (1 - alpha) * out + alpha * np.clip(colour[None, None, :] + texture, 0, 1)
+    painted = (1 - strength) * out + strength * np.clip(colour[None, None, :] + texture, 0, 1)
     out = np.where(mask[:, :, None], painted, out)
     return (np.clip(out, 0, 1) * 255).astype(np.uint8), mask
+
+
+def add_glare(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A benign change of conditions: a soft specular highlight somewhere on the part (new lighting).
+
+    It is normal, but a model that never saw it flags it: what annotators teach by confirming normals.
+    """
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+    r = rng.uniform(0.15, 0.25) * min(h, w)
+    light = 0.5 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    out = image.astype(np.float32) / 255.0 + light[:, :, None]
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 class DefectAugmenter:
@@ -133,10 +147,21 @@ class DefectAugmenter:
 
 
 def make_dataset(root: str | Path, categories: tuple[str, ...] = ("tile", "disc", "mesh"), n_train: int = 40,
-                 n_test_good: int = 10, n_test_bad: int = 10, size: int = 256, seed: int = 0) -> Path:
-    """Write a small multi-category data set in MVTec layout with exact ground-truth masks."""
+                 n_test_good: int = 10, n_test_bad: int = 10, size: int = 256, seed: int = 0,
+                 strength: tuple[float, float] = (0.85, 0.85), drift: float = 0.0) -> Path:
+    """Write a small multi-category data set in MVTec layout with exact ground-truth masks.
+
+    Defects are painted with an opacity drawn from ``strength`` (low: faint ones); ``drift`` of the
+    test images (normal and defective alike) are taken under new conditions (``add_glare``) that the
+    training images never show.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
+
+    def part(cat: str) -> np.ndarray:
+        img = make_part(cat, size, rng)
+        return add_glare(img, rng) if drift and rng.random() < drift else img  # no draw without drift
+
     for cat in categories:
         base = root / cat
         for sub in ("train/good", "test/good"):
@@ -144,13 +169,13 @@ def make_dataset(root: str | Path, categories: tuple[str, ...] = ("tile", "disc"
         for i in range(n_train):
             Image.fromarray(make_part(cat, size, rng)).save(base / "train/good" / f"{i:03d}.png")
         for i in range(n_test_good):
-            Image.fromarray(make_part(cat, size, rng)).save(base / "test/good" / f"{i:03d}.png")
+            Image.fromarray(part(cat)).save(base / "test/good" / f"{i:03d}.png")
         for i in range(n_test_bad):
             kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
-            img, mask = add_defect(make_part(cat, size, rng), kind, rng)
+            opacity = strength[0] if strength[0] == strength[1] else float(rng.uniform(*strength))
+            img, mask = add_defect(part(cat), kind, rng, opacity)
             (base / "test" / kind).mkdir(parents=True, exist_ok=True)
             (base / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(base / "test" / kind / f"{i:03d}.png")
             Image.fromarray((mask * 255).astype(np.uint8)).save(base / "ground_truth" / kind / f"{i:03d}_mask.png")
     return root
-

@@ -20,6 +20,7 @@ class DMADConfig:
     hidden: int = 256
     heads: int = 3  # correction heads averaged (one head's ranking swings with its seed)
     steps: int = 1500
+    warm_steps: int = 300  # a warm retraining fine-tunes the served head: a fifth of a fit's steps
     batch_size: int = 1024
     lr: float = 1e-3
     real_weight: float = 5.0

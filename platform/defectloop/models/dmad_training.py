@@ -151,7 +151,7 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     e_p = enhanced(q_n + noise / noise.norm(dim=1, keepdim=True) * length, own_n)
     e_r = enhanced(*t) if (t := real.tensors()) else None
     e_s = enhanced(*t) if (t := synthetic.tensors()) else None
-    loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm)
+    loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm, cfg.warm_steps if warm else cfg.steps)
     return {"abnormal_bank_size": len(model.abnormal_bank),
             "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
             "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
@@ -159,16 +159,16 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
 
 
 def hinge_training(model: DMAD, e_n: Enhanced, e_p: Enhanced, e_r: Enhanced | None, e_s: Enhanced | None,
-                   g: torch.Generator, progress: bool, comm: Collective) -> float:
-    """The scorer's training loop; returns the last loss. Normal patches should score below the
+                   g: torch.Generator, progress: bool, comm: Collective, steps: int) -> float:
+    """The scorer's training loop (``steps`` steps); returns the last loss. Normal patches should score below the
     learned threshold by the margin, pseudo, real and synthetic anomalies above it."""
     cfg, scorer = model.config.dmad, model.scorer
     wrapped = comm.wrap(scorer)
     opt = torch.optim.Adam(scorer.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     scorer.train()
     bs, n_pool = max(2, cfg.batch_size // comm.world), len(e_n.q)
-    bar = progress_bar(range(cfg.steps), desc="dmad scorer", shown=progress)
+    bar = progress_bar(range(steps), desc="dmad scorer", shown=progress)
     loss_val = float("nan")
     for _ in bar:
         # one forward over [normal | pseudo | real | synthetic] for each head in turn, each with its

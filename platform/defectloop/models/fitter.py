@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -43,7 +43,7 @@ class Fitter:
 
     def fit(self, train: Extracted, progress: bool = False, comm: Collective = LOCAL,
             checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset(),
-            confirmed: Confirmed = (), warm: bool = False) -> dict:
+            confirmed: Confirmed = (), warm: bool = False, calibration_only: Collection[str] = ()) -> dict:
         """Build the normal bank, fit learned parts, calibrate thresholds on held-back normals.
 
         ``warm`` (a retraining from the served version, loaded into the model) keeps what was
@@ -53,13 +53,14 @@ class Fitter:
         ``checkpoint(phase)`` is called after the "bank" and "head" phases; phases in ``done`` were
         restored from a checkpoint and are skipped. ``confirmed`` (the same on every worker) are
         defects annotators confirmed on pool images: a model with an abnormal memory keeps them in
-        its bank, and a learned head trains on them as real anomalies.
+        its bank, and a learned head trains on them as real anomalies. ``calibration_only``: ids of
+        normal images that are only calibrated on (confirmed normals held back from a retraining).
         """
         model, cfg = self.model, self.model.config
         if warm and model.uses_normal_bank and model.normal_bank is None:
             raise ValueError("a warm fit continues a fitted model: load one first")
         torch.manual_seed(cfg.seed + comm.rank)
-        fit_idx, held_idx = split_holdout(train.samples, cfg.holdout_fraction, cfg.seed)
+        fit_idx, held_idx = split_holdout(train.samples, cfg.holdout_fraction, cfg.seed, calibration_only)
         if min(comm.all_gather(len(fit_idx))) == 0:
             raise ValueError("no normal training image to fit on" if comm.world == 1 else
                              "a worker's shard has no normal training image: use fewer workers")

@@ -7,7 +7,7 @@ Both sides are decided by a seeded hash of an id, so an image keeps its side as 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 
 def hash_unit(key: str, salt: str) -> float:
@@ -20,13 +20,14 @@ def held_back(key: str, fraction: float) -> bool:
     return hash_unit(key, "labels") < fraction
 
 
-def split_holdout(samples: Sequence, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_holdout(samples: Sequence, fraction: float, seed: int, always_held: Collection[str] = ()) -> tuple[list[int], list[int]]:
     """Indices of (fit, held-back) normal samples.
 
     An image is held back when a seeded hash of its id falls below ``fraction``, so its side never
     changes when images are added: a warm retraining must not calibrate on images whose patches
     its bank already holds. Per category with two images or more, at least one is held back and
-    at least one fitted (the lowest and highest hash).
+    at least one fitted (the lowest and highest hash). Images whose id is in ``always_held`` are
+    held back, on top of these (confirmed normals kept out of a retraining to judge it).
     """
     by_cat: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -35,11 +36,13 @@ def split_holdout(samples: Sequence, fraction: float, seed: int) -> tuple[list[i
     fit, held = [], []
     for _, idx in sorted(by_cat.items()):
         u = {i: hash_unit(samples[i].image_id, f"{seed}/holdout") for i in idx}
-        out = {i for i in idx if u[i] < fraction}
-        if fraction > 0 and len(idx) > 1 and not out:
-            out = {min(idx, key=u.__getitem__)}
-        elif len(out) == len(idx):
-            out.discard(max(idx, key=u.__getitem__))
-        held += sorted(out)
-        fit += [i for i in idx if i not in out]
+        forced = {i for i in idx if samples[i].image_id in always_held}
+        rest = [i for i in idx if i not in forced]
+        out = {i for i in rest if u[i] < fraction}
+        if fraction > 0 and len(rest) > 1 and not out:
+            out = {min(rest, key=u.__getitem__)}
+        elif rest and len(out) == len(rest):
+            out.discard(max(rest, key=u.__getitem__))
+        held += sorted(out | forced)
+        fit += [i for i in rest if i not in out]
     return sorted(fit), sorted(held)
