@@ -37,6 +37,7 @@ from defectloop.labeling.server import label_studio
 from defectloop.metrics import evaluate, fmt
 from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model
 from defectloop.process import ManagedProcess
+from defectloop.progress import bar as progress_bar
 from defectloop.registry import TRAINED_BANK, Registry
 from defectloop.stack import Stack, StackConfig
 
@@ -182,21 +183,25 @@ class StackClient:
             time.sleep(0.2)
         raise TimeoutError(f"the live loop did not apply {labeled} labels within {timeout:.0f} s: {self.banks()}")
 
-    def retrain(self, project: LabelingProject, timeout: float = 1800) -> dict:
-        """Label Studio's "Start training" (its ML backend's /train), then wait for the retraining to be judged."""
+    def retrain(self, project: LabelingProject, timeout: float = 1800, expected_s: float = 60) -> dict:
+        """Label Studio's "Start training" (its ML backend's /train), then wait for the retraining to be
+        judged, with a bar (on a terminal) against ``expected_s``, what a retraining took before."""
         before = (self.banks().get("retraining") or {}).get("job")
         backend = next(iter(project.ls.ml.list(project=project.id)))
         project.ls.ml.train(id=backend.id)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = self.banks().get("retraining") or {}
-            if r.get("job") not in (None, before) and r.get("state") in ("promoted", "kept", "failed"):
-                if r["state"] == "promoted":
-                    wanted = r["candidate"]
-                    while self.banks()["model_version"] != wanted and time.monotonic() < deadline:
-                        time.sleep(0.2)
-                return r
-            time.sleep(1.0)
+        print(f"  retraining (a Ray job, about {expected_s:.0f} s)...", flush=True)
+        start = time.monotonic()
+        with progress_bar(total=round(expected_s), unit="s", desc="retraining") as bar:
+            while time.monotonic() - start < timeout:
+                bar.update(round(time.monotonic() - start) - bar.n)
+                r = self.banks().get("retraining") or {}
+                if r.get("job") not in (None, before) and r.get("state") in ("promoted", "kept", "failed"):
+                    if r["state"] == "promoted":
+                        wanted = r["candidate"]
+                        while self.banks()["model_version"] != wanted and time.monotonic() - start < timeout:
+                            time.sleep(0.2)
+                    return {**r, "seconds": time.monotonic() - start}
+                time.sleep(1.0)
         raise TimeoutError(f"the retraining was not judged within {timeout:.0f} s: {self.banks().get('retraining')}")
 
 
@@ -231,19 +236,20 @@ def queue_audit(project: LabelingProject, truth: dict[int, Sample], client: Stac
 
 
 def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: dict[str, Sample], model_dir: Path,
-               ls_url: str, ls_token: str, test_feats: Extracted, keep: bool) -> tuple[list[dict], Stack]:
-    """One policy's rounds on a stack of its own (its registry seeded with the first model)."""
+               studio: ManagedProcess, test_feats: Extracted, keep: bool) -> tuple[list[dict], Stack]:
+    """One policy's rounds on a stack of its own (its registry seeded with the first model), on the
+    running Label Studio ``studio`` (its pool's files are below the studio's document root)."""
     state = cfg.out / f"stack-{policy}"
     shutil.rmtree(state, ignore_errors=True)
     shutil.copytree(model_dir, state / "registry")
     stack = Stack(StackConfig(state=state, data=stack_data, policy=policy, batch=cfg.batch, retrain_after=0,
-                              reconcile_s=60.0, label_studio_url=ls_url, label_studio_token=ls_token,
-                              title=f"defectloop demo: {policy}", document_root=cfg.out))
+                              reconcile_s=60.0, label_studio_url=studio.url, label_studio_token=studio.token,
+                              title=f"defectloop demo: {policy}", document_root=studio.root))
     rounds: list[dict] = []
     try:
         info = stack.up()
         client = StackClient(info)
-        project = LabelingProject(ls_url, ls_token, info["project_id"])
+        project = LabelingProject(studio.url, studio.token, info["project_id"])
         truth = {t.id: truth_by_path[t.meta["path"]] for t in project.ls.tasks.list(project=project.id, fields="all")}
         registry = Registry(state / "registry")
         m = held_out_metrics(registry.load(), test_feats)
@@ -254,6 +260,7 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
               flush=True)
         print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
         labeled: set[int] = set()
+        retrain_s = 60.0  # a guess until the first retraining is timed
         for r in range(1, cfg.rounds + 1):
             shown = project.queue(cfg.batch)
             if not shown:
@@ -266,8 +273,9 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
             feedback_s = time.perf_counter() - t0
             outcome = None
             if cfg.retrain_every and r % cfg.retrain_every == 0:
-                outcome = client.retrain(project)
-                print(f"  retraining: {outcome['state']}: {outcome['reason']}", flush=True)
+                outcome = client.retrain(project, expected_s=retrain_s)
+                retrain_s = outcome["seconds"]
+                print(f"  retraining: {outcome['state']} after {retrain_s:.0f} s: {outcome['reason']}", flush=True)
             m = held_out_metrics(registry.load(), test_feats)
             label = registry.label()
             rounds.append({"round": r, "policy": policy, "shown": len(shown), "anomalies_found": found,
@@ -322,7 +330,7 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None, studio: ManagedProces
         policies = list(dict.fromkeys([cfg.policy, cfg.baseline]))
         for i, policy in enumerate(policies):
             keep = cfg.keep_running and i == len(policies) - 1
-            done, last = run_policy(cfg, policy, stack_data, truth_by_path, model_dir, ls.url, ls.token, test_feats, keep)
+            done, last = run_policy(cfg, policy, stack_data, truth_by_path, model_dir, ls, test_feats, keep)
             rounds += done
         learning_curve(cfg.out / "learning_curve.png", rounds)
         report = json.dumps({"rounds": rounds}, indent=1)

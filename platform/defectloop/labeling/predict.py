@@ -22,6 +22,7 @@ from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig, prediction_regions
 from defectloop.models import AnomalyModel, PatchScores
+from defectloop.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class PoolPredictor:
         feats = []
         size = model.config.image_size
         batch: list[torch.Tensor] = []
-        for t in tasks:
+        for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
             try:
                 img = load(t)
             except Exception as e:  # an unreadable image is left out of the predictions and reported
