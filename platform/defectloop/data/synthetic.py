@@ -172,8 +172,9 @@ def make_dataset(root: str | Path, categories: tuple[str, ...] = ("tile", "disc"
             Image.fromarray(part(cat)).save(base / "test/good" / f"{i:03d}.png")
         for i in range(n_test_bad):
             kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+            img = part(cat)
             opacity = strength[0] if strength[0] == strength[1] else float(rng.uniform(*strength))
-            img, mask = add_defect(part(cat), kind, rng, opacity)
+            img, mask = add_defect(img, kind, rng, opacity)
             (base / "test" / kind).mkdir(parents=True, exist_ok=True)
             (base / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(base / "test" / kind / f"{i:03d}.png")
