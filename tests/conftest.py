@@ -28,7 +28,7 @@ def small_config():
 def small(kind: str, dmad: dict | None = None, crad: dict | None = None, **kw) -> ModelConfig:
     """A test-sized config; ``dmad``/``crad`` override their sections' settings."""
     return ModelConfig(kind=kind, image_size=128, coreset_ratio=0.1, **kw,
-                       dmad=DMADConfig(**{**dict(steps=120, batch_size=512, synthetic_per_category=2, train_patches=20_000),
+                       dmad=DMADConfig(**{**dict(steps=120, warm_steps=30, batch_size=512, synthetic_per_category=2, train_patches=20_000),
                                           **(dmad or {})}),
                        crad=CRADConfig(**{**dict(epochs=12, batch_size=8), **(crad or {})}))
 

@@ -145,7 +145,7 @@ def ray_head(tmp_path_factory):
 STACK_TOKEN = "stack-token"
 #: a small first model, as the unit tests train (the stack's defaults are the product's)
 SMALL_MODEL = {"image_size": 128, "coreset_ratio": 0.1,
-               "dmad": {"steps": 120, "batch_size": 512, "synthetic_per_category": 2, "train_patches": 20_000}}
+               "dmad": {"steps": 120, "warm_steps": 30, "batch_size": 512, "synthetic_per_category": 2, "train_patches": 20_000}}
 
 
 @pytest.fixture(scope="session")

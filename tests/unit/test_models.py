@@ -179,6 +179,8 @@ def test_warm_fit_keeps_what_the_model_learned(tiny_features, small_config, conf
     held_new = {train.samples[i].image_id for i in split_holdout(train.samples, 0.1, 0)[1]}
     assert held_old <= held_new
     assert stats["warm"] and stats["new_normal_images"] >= len(late - held_new) > 0 and stats["normal_bank_added"] > 0
+    if kind == "dmad":  # it fine-tunes: the warm step count, not a fit's
+        assert stats["head_steps"] == model.config.dmad.warm_steps != model.config.dmad.steps
     assert torch.equal(after.features[:len(before)], before.features)
     assert [after.image_ids[o] for o in after.owners[:len(before)].tolist()] == \
         [before.image_ids[o] for o in before.owners.tolist()]

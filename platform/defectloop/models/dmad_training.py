@@ -151,8 +151,9 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     e_p = enhanced(q_n + noise / noise.norm(dim=1, keepdim=True) * length, own_n)
     e_r = enhanced(*t) if (t := real.tensors()) else None
     e_s = enhanced(*t) if (t := synthetic.tensors()) else None
-    loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm, cfg.warm_steps if warm else cfg.steps)
-    return {"abnormal_bank_size": len(model.abnormal_bank),
+    steps = cfg.warm_steps if warm else cfg.steps
+    loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm, steps)
+    return {"abnormal_bank_size": len(model.abnormal_bank), "head_steps": steps,
             "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
             "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
             "final_loss": comm.all_sum(loss) / comm.world}
