@@ -207,7 +207,8 @@ class StackClient:
 
 def queue_audit(project: LabelingProject, truth: dict[int, Sample], client: StackClient, timeout: float = 300) -> dict:
     """What annotators face at the end: predictions per task, and per category the open (unlabeled)
-    normal images that the served model pre-annotates "anomalous" (false alarms in the queue).
+    normal images that the served model pre-annotates "anomalous" (false alarms in the queue), and
+    the open defective ones it does (what a threshold raised over false alarms must not lose).
 
     Waits until the project's predictions are the served version's (the loop pushes them after a
     promotion)."""
@@ -222,17 +223,18 @@ def queue_audit(project: LabelingProject, truth: dict[int, Sample], client: Stac
     per_task: dict[int, int] = {}
     for p in project.ls.predictions.list(project=project.id):
         per_task[p.task] = per_task.get(p.task, 0) + 1
-    flagged: dict[str, dict] = {}
+    flagged: tuple[dict[str, dict], dict[str, dict]] = ({}, {})  # open normal images, open defective ones
     for t in project.tasks():
         s = truth[t["id"]]
-        if s.label == 0 and not t["annotations"]:
-            c = flagged.setdefault(s.category, {"flagged": 0, "open": 0})
+        if not t["annotations"]:
+            c = flagged[s.label].setdefault(s.category, {"flagged": 0, "open": 0})
             c["open"] += 1
             c["flagged"] += t["data"].get("decision") == "anomalous"
-    for c in flagged.values():
+    for c in (*flagged[0].values(), *flagged[1].values()):
         c["share"] = c["flagged"] / max(1, c["open"])
     return {"max_predictions_per_task": max(per_task.values(), default=0),
-            "tasks_without_prediction": len(truth) - len(per_task), "open_normals_flagged": dict(sorted(flagged.items()))}
+            "tasks_without_prediction": len(truth) - len(per_task), "open_normals_flagged": dict(sorted(flagged[0].items())),
+            "open_defects_flagged": dict(sorted(flagged[1].items()))}
 
 
 def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: dict[str, Sample], model_dir: Path,
@@ -286,8 +288,9 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
         rounds[-1]["queue"] = queue_audit(project, truth, client)
         q = rounds[-1]["queue"]
         print(f"  queue: {q['max_predictions_per_task']} prediction(s) per task at most; open normal images called "
-              "anomalous: " + ", ".join(f"{c} {v['flagged']}/{v['open']}" for c, v in q["open_normals_flagged"].items()),
-              flush=True)
+              "anomalous: " + ", ".join(f"{c} {v['flagged']}/{v['open']}" for c, v in q["open_normals_flagged"].items())
+              + "; open defective images: " + ", ".join(f"{c} {v['flagged']}/{v['open']}"
+                                                       for c, v in q["open_defects_flagged"].items()), flush=True)
     finally:
         if not keep:
             stack.down()

@@ -6,7 +6,8 @@ Layout (the same on both backends; keys are relative to the registry's root):
     versions/<id>/version.json     written LAST: a version without it does not exist for readers
     claims/<id>                    written first, only if absent: how concurrent writers agree on ids
     CURRENT, history.json          the id being served; previous CURRENT values, for rollback
-    banks/<id>/bNNNN/...           abnormal-bank updates of a version (labels confirmed since training)
+    banks/<id>/bNNNN/...           updates of a version by the labels confirmed since its training: the
+                                   abnormal bank, and the thresholds confirmed normals raised
     banks/<id>/CURRENT             the bank in force for that version
     labels/normal.json             pool images annotators confirmed normal (read by the retraining)
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectloop.memory import AbnormalBank
-from defectloop.models import AbnormalMemory, AnomalyModel, load_model
+from defectloop.models import AbnormalMemory, AnomalyModel, Calibration, load_model
 from defectloop.store import LocalStore, S3Config, cache_path, is_s3, local_copy, open_store
 
 log = logging.getLogger(__name__)
@@ -214,13 +215,21 @@ class Registry:
         model = load_model(path)
         bank = self.bank(path.name)
         if bank and isinstance(model, AbnormalMemory):
-            model.abnormal_bank = self.load_bank(path.name, bank, model)
+            return self.load_update(path.name, bank, model)  # type: ignore[return-value]
         return model
 
-    def load_bank(self, version: str, bank: str, model: AbnormalMemory) -> AbnormalBank:
-        """One abnormal-bank update of a version, for ``model`` (its index strategy)."""
+    def load_update(self, version: str, bank: str, model: AbnormalMemory) -> AbnormalMemory:
+        """``model`` (of ``version``, loaded) under one of its bank updates: a twin reading the
+        update's abnormal bank and thresholds (the version's own where the update has none)."""
         folder = local_copy(self.store, f"banks/{version}/{bank}", "abnormal_bank.json")
-        return AbnormalBank.load(folder, index=model.index_factory)
+        twin = model.with_abnormal_bank(AbnormalBank.load(folder, index=model.index_factory))
+        own = folder / "calibration.json"
+        twin.calibration = Calibration.load(own) if own.is_file() else self.calibration(version)  # type: ignore[attr-defined]
+        return twin
+
+    def calibration(self, version: str | None = None) -> Calibration:
+        """A version's thresholds as fitted (a bank update may have raised some: see load_update)."""
+        return Calibration.loads(self.store.read_text(f"versions/{self.resolve(version)}/calibration.json", "{}"))
 
     # ----- abnormal-bank updates ------------------------------------------------------------
     def bank(self, version: str | None = None) -> str | None:
@@ -232,11 +241,14 @@ class Registry:
         """The bank in force as served: an update's id, or ``TRAINED_BANK``."""
         return self.bank(version) or TRAINED_BANK
 
-    def publish_bank(self, bank: AbnormalBank, version: str | None = None) -> str:
-        """Save an updated abnormal bank for a version and put it in force; returns the new label."""
+    def publish_bank(self, bank: AbnormalBank, version: str | None = None, calibration: Calibration | None = None) -> str:
+        """Save an update of a version (its abnormal bank and, if given, its thresholds) and put it in
+        force; returns the new label."""
         version = self.resolve(version)
         with tempfile.TemporaryDirectory(prefix="defectloop-bank-") as tmp:
             bank.save(Path(tmp))
+            if calibration is not None:
+                calibration.save(Path(tmp) / "calibration.json")
             bank_id = self._claim(f"banks/{version}/claims", "b")
             self.store.upload_dir(Path(tmp), f"banks/{version}/{bank_id}", last=("abnormal_bank.json",))
         self.store.write(f"banks/{version}/CURRENT", bank_id.encode())

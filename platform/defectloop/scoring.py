@@ -118,7 +118,7 @@ class ModelHandle:
             model = load_model(resolve_model_dir(self.location))
         elif (previous is not None and previous.version == version and bank != TRAINED_BANK
               and isinstance(previous.model, AbnormalMemory)):
-            return previous.model.with_abnormal_bank(reg.load_bank(version, bank, previous.model))
+            return reg.load_update(version, bank, previous.model)
         else:
             model = reg.load(version)
         model.eval()

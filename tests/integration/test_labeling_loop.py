@@ -30,6 +30,18 @@ def brush(mask: np.ndarray, label: str = "scratch") -> dict:
             "original_height": h, "value": {"format": "rle", "rle": BrushRLE().encode(mask), "brushlabels": [label]}}
 
 
+def mesh_pool(folder: Path, tiny_data: Path) -> tuple[list[PoolImage], dict]:
+    """The mesh test images in ``folder`` (below Label Studio's document root) as a pool, and the
+    sample behind each file name."""
+    folder.mkdir()
+    truth = {}
+    for s in load_split(tiny_data).test:
+        if s.category == "mesh":
+            shutil.copy(s.path, folder / f"{s.defect}_{s.path.name}")
+            truth[f"{s.defect}_{s.path.name}"] = s
+    return [PoolImage(str(folder / name), "mesh") for name in sorted(truth)], truth
+
+
 def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_data, tmp_path):
     # the pool: one category's test images, below Label Studio's document root
     pool_dir = label_studio.root / "loop-pool"
@@ -176,14 +188,7 @@ def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp
     from defectloop.labeling.scorer import ScorerClient
     from defectloop.process import ManagedProcess, free_port
 
-    pool_dir = label_studio.root / "scorer-pool"
-    pool_dir.mkdir()
-    truth = {}
-    for s in load_split(tiny_data).test:
-        if s.category == "mesh":
-            shutil.copy(s.path, pool_dir / f"{s.defect}_{s.path.name}")
-            truth[f"{s.defect}_{s.path.name}"] = s
-    pool = [PoolImage(str(pool_dir / name), "mesh") for name in sorted(truth)]
+    pool, truth = mesh_pool(label_studio.root / "scorer-pool", tiny_data)
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)
     token, port = "loop-token", free_port()
@@ -237,3 +242,48 @@ def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp
         assert back.ok and back.served == "v0001-b0002" and back.waited_s >= 2
     finally:
         assert scorer.stop() is not None
+
+
+def test_a_confirmed_normal_raises_its_category_threshold(label_studio, served_registry, tiny_data, tmp_path):
+    """A pool image confirmed normal that the model called anomalous raises its category's threshold
+    at once: published as an update (no mask, no bank change needed), pre-annotations flip for the
+    images it covers, and deleting the verdict gives the fitted threshold back."""
+    from defectloop.labeling.loop import LabelingLoop
+    from defectloop.labeling.policies import make_policy
+    from defectloop.models import Calibration
+
+    pool, truth = mesh_pool(label_studio.root / "recalibration-pool", tiny_data)
+    root = tmp_path / "reg"
+    shutil.copytree(served_registry, root)
+    cal_path = root / "versions" / "v0001" / "calibration.json"
+    fitted = Calibration.load(cal_path).shifted(-100.0)  # a version whose thresholds call every image anomalous
+    fitted.save(cal_path)
+    project = LabelingProject.create(label_studio.url, label_studio.token, "recalibration", pool, ["scratch"],
+                                     document_root=label_studio.root)
+    loop = LabelingLoop(project, Registry(root), tmp_path / "state", make_policy("top"), batch=4)
+    loop.select()
+    decisions = {t["id"]: t["data"]["decision"] for t in project.tasks()}
+    assert set(decisions.values()) == {"anomalous"}
+
+    name_of = {t["id"]: t["data"]["image"].rsplit("%2F", 1)[-1].rsplit("/", 1)[-1] for t in loop.tasks}
+    ids = list(loop.predictor.task_ids)
+    scores = dict(zip(ids, loop.predictor.raw_scores(loop.model, ids).tolist(), strict=True))
+    normals = sorted((t for t in ids if truth[name_of[t]].label == 0), key=scores.get)
+    confirmed = normals[len(normals) // 2]  # a normal in the middle: half the normals score above it
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    ann = ls.annotations.create(id=confirmed, result=[{"type": "choices", "from_name": "verdict", "to_name": "image",
+                                                       "value": {"choices": ["normal"]}}])
+    timing = loop.apply_feedback()
+    assert timing.sync.published == "v0001-b0001" and not timing.sync.bank_changed
+    served = Registry(root).load()
+    assert served.calibration.threshold("mesh") == pytest.approx(scores[confirmed])
+    assert served.calibration.get("mesh").confirmed == 1 and Registry(root).calibration() == fitted
+    assert loop.raised_thresholds() == {"mesh": {"fitted": fitted.threshold("mesh"), "threshold": served.calibration.threshold("mesh"),
+                                                 "confirmed_normals": 1}}
+    decisions = {t["id"]: t["data"]["decision"] for t in project.tasks()}
+    assert {t for t, d in decisions.items() if d == "anomalous"} == {t for t in ids if scores[t] > scores[confirmed]}
+
+    ls.annotations.delete(id=ann.id)
+    timing = loop.apply_feedback()
+    assert timing.sync.published == "v0001-b0002" and Registry(root).load().calibration == fitted
+    assert set(t["data"]["decision"] for t in project.tasks()) == {"anomalous"} and loop.raised_thresholds() == {}

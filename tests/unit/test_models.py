@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -70,6 +71,31 @@ def test_a_category_with_few_held_back_images_is_not_calibrated_on_their_maximum
     assert cal.decide(2.0 + 0.2, "one") == "normal"  # within the normal spread of its one image
     lonely = Calibration.fit(["a"], torch.tensor([4.0]), torch.tensor([4.0]), 0.99)  # nothing to pool from
     assert lonely.threshold("a") == pytest.approx(4.0 + z * np.sqrt(2) * 0.4, rel=1e-3)
+
+
+def test_confirmed_normals_raise_their_category_threshold_never_over_a_defect():
+    """A pool image confirmed normal that scores above its threshold is a false alarm seen: the
+    threshold rises to cover it (the highest such score while there are few), never above a confirmed
+    defect's score, never below the fitted one, and only in its own category. Normalised scores
+    (the queue's order) stay on the fitted threshold."""
+    fitted = Calibration.fit(["a"] * 20 + ["b"] * 20, torch.linspace(0, 1, 40), torch.linspace(0, 3, 40), 0.99)
+    cats = ["a", "a", "a", "a", "b", "c"]
+    scores = torch.tensor([2.0, 3.0, 0.2, 2.5, 5.0, 9.0])  # a: normals 2.0, 0.2 and 3.0; a defect at 2.5
+    anomalous = torch.tensor([False, False, False, True, False, False])
+    cal = fitted.covering(cats, scores, anomalous, 0.99)
+    assert cal.threshold("a") == 2.0  # 3.0 is above the defect: not covered
+    assert cal.decide(2.0, "a") == "normal" and cal.decide(2.4, "a") == "anomalous"
+    assert cal.get("a").confirmed == 3 and cal.methods()["a"] == "quantile+confirmed"
+    assert cal.get("a").as_fitted() == fitted.get("a") and cal.pixel_threshold("a") == fitted.pixel_threshold("a")
+    assert cal.normalise(2.2, "a") == fitted.normalise(2.2, "a") > 0.5  # the queue's order: as fitted
+    assert cal.threshold("b") == 5.0 and cal.get("b").confirmed == 1
+    assert cal.threshold("c") == fitted.threshold("c")  # a category of its own thresholds only: "*" stays as fitted
+    assert cal.get(ANY_CATEGORY) == fitted.get(ANY_CATEGORY)
+    low = fitted.covering(["a"], torch.tensor([-1.0]), torch.tensor([False]), 0.99)
+    assert low == fitted  # below the fitted threshold: nothing to cover, never lowered
+    many = fitted.covering(["a"] * 300, torch.linspace(1, 4, 300), torch.zeros(300, dtype=torch.bool), 0.99)
+    assert 3.9 < many.threshold("a") < 4.0  # 300 normals: their 99% quantile, not the highest
+    assert Calibration.loads(json.dumps({c: asdict(e) for c, e in cal.entries.items()})) == cal
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

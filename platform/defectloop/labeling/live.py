@@ -189,13 +189,11 @@ class LiveLoop:
     def held_back_labels(self) -> tuple[list[int], list[int]]:
         """(task ids, 1 anomalous / 0 normal) of confirmed labels the retraining did not see."""
         fraction = self.runner.hold_back if self.runner else 0.0
-        out: dict[int, int] = {}
-        for e in self.loop.feedback.ledger.values():
-            if e["kind"] in ("mask", "anomalous", "normal") and held_back(e["image"], fraction):
-                out[int(e["task_id"])] = max(out.get(int(e["task_id"]), 0), int(e["kind"] != "normal"))
+        held = {int(e["task_id"]) for e in self.loop.feedback.ledger.values() if held_back(e["image"], fraction)}
+        labels = self.loop.confirmed_labels()
         known = set(self.loop.predictor.task_ids)
-        tasks = [t for t in sorted(out) if t in known]
-        return tasks, [out[t] for t in tasks]
+        tasks = [t for t in sorted(labels) if t in known and t in held]
+        return tasks, [labels[t] for t in tasks]
 
     def _held_back_annotations(self) -> set[str]:
         fraction = self.runner.hold_back if self.runner else 0.0
@@ -231,7 +229,7 @@ class LiveLoop:
                 model.abnormal_bank.add(p, feats[group == i])
                 added += 1
         if added:
-            self.loop.registry.publish_bank(model.abnormal_bank, self.loop.version)
+            self.loop.publish()
             self.loop.select()
 
     # ----- the service ----------------------------------------------------------------------
@@ -242,7 +240,8 @@ class LiveLoop:
         return {"model_version": self.loop.version, "bank_label": self.loop.label,
                 "pending_events": len(self.inbox.pending()), "quarantined": quarantined,
                 "retraining": asdict(self.retraining), "confirmed_masks": self.confirmed_masks(),
-                "labeled_tasks": len(self.loop.labeled()), "pid": os.getpid(), "started_at": self.started_at}
+                "labeled_tasks": len(self.loop.labeled()), "raised_thresholds": self.loop.raised_thresholds(),
+                "pid": os.getpid(), "started_at": self.started_at}
 
     def save(self) -> None:
         """Keep the retraining's state across restarts, and the status others read (written only

@@ -1,7 +1,8 @@
 """One labeling project's active-learning loop.
 
     select (policy) -> predictions pushed, the selection first in "Most anomalous first"
-    -> annotators label (in Label Studio) -> sync: masks into the abnormal bank, a new served label
+    -> annotators label (in Label Studio) -> sync: masks into the abnormal bank, thresholds raised
+       over the confirmed normals, a new served label
     -> re-prediction of the pool (scorer only) -> ... and a retraining every few rounds.
 
 The model in the loop and the scorer service share the registry: each bank update is published
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from defectloop.data import load_image
 from defectloop.labeling.client import StudioClient
@@ -49,6 +52,7 @@ class LabelingLoop:
         self.studio = StudioClient(project.url, project.token)
         self.model = registry.load()
         self.version = registry.resolve()
+        self.fitted = registry.calibration(self.version)  # the thresholds recalibrate() starts from
         self.tasks = list(project.tasks())
         key = project.config.image_key
         self.predictor = PoolPredictor(self.model, self.tasks, lambda t: load_image(self.studio.fetch(t["data"][key], t["id"])),
@@ -56,13 +60,57 @@ class LabelingLoop:
         self.embeddings = self.predictor.features.mean((2, 3)).numpy() if len(self.predictor.task_ids) else None
         self.feedback = Feedback(self.model, self.state_dir / "ledger.json",
                                  lambda v: load_image(self.studio.fetch(v.image, v.task_id)))
-        self.sync = Sync(project, self.feedback, self.state_dir / "cursor.json", publish=self._publish)
+        self.sync = Sync(project, self.feedback, self.state_dir / "cursor.json", publish=self.publish)
         self.selected: list[int] = []
         self._pending = 0  # annotations applied since the last commit
 
-    def _publish(self) -> str:
+    def publish(self) -> str:
+        """A new update of the served version: the abnormal bank, and the thresholds under it."""
         assert isinstance(self.model, AbnormalMemory)  # only such a model's memory changes
-        return self.registry.publish_bank(self.model.abnormal_bank, self.version)
+        self.recalibrate()  # the bank moved the scores of the confirmed normals too
+        return self.registry.publish_bank(self.model.abnormal_bank, self.version, self.model.calibration)
+
+    def confirmed_labels(self) -> dict[int, int]:
+        """Task id -> 1 (confirmed defective: a mask or a verdict) or 0 (confirmed normal); a task
+        that annotators disagree on counts as defective."""
+        out: dict[int, int] = {}
+        for e in self.feedback.ledger.values():
+            if e["kind"] in ("mask", "anomalous", "normal"):
+                out[int(e["task_id"])] = max(out.get(int(e["task_id"]), 0), int(e["kind"] != "normal"))
+        return out
+
+    def recalibrate(self) -> bool:
+        """The version's fitted thresholds, raised over the pool images confirmed normal
+        (``Calibration.covering``); returns whether the model's thresholds changed. Only a model with
+        an abnormal memory has updates to carry them to the scorer."""
+        if not isinstance(self.model, AbnormalMemory) or not self.fitted:
+            return False
+        labels = {t: y for t, y in self.confirmed_labels().items() if t in self._known}
+        calibration = self.fitted
+        if labels:
+            tasks = sorted(labels)
+            known = self._known
+            cats = [self.predictor.categories[known[t]] for t in tasks]
+            calibration = self.fitted.covering(cats, self.predictor.raw_scores(self.model, tasks),
+                                               torch.tensor([bool(labels[t]) for t in tasks]),
+                                               self.model.config.threshold_quantile)
+        if calibration == self.model.calibration:
+            return False
+        raised = {c: e.threshold for c, e in calibration.entries.items() if e.confirmed}
+        log.info("thresholds over the confirmed normals: %s", ", ".join(f"{c} {t:.3f}" for c, t in sorted(raised.items()))
+                 or "as fitted")
+        self.model.calibration = calibration
+        return True
+
+    def raised_thresholds(self) -> dict[str, dict]:
+        """Categories whose thresholds the confirmed normals raised: {category: {fitted, threshold, confirmed_normals}}."""
+        return {c: {"fitted": self.fitted.threshold(c), "threshold": e.threshold, "confirmed_normals": e.confirmed}
+                for c, e in sorted(self.model.calibration.entries.items()) if e.confirmed}
+
+    @property
+    def _known(self) -> dict[int, int]:
+        """Task id -> its index among the pool's predictions (tasks whose image could be read)."""
+        return {t: i for i, t in enumerate(self.predictor.task_ids)}
 
     def abnormal_entries(self) -> int:
         return len(self.model.abnormal_bank) if isinstance(self.model, AbnormalMemory) else 0
@@ -99,8 +147,10 @@ class LabelingLoop:
         model; on a change, publish the bank (scorer hot-swap) and re-rank."""
         t0 = time.perf_counter()
         report = self.sync.run()
-        self._after(report.applied, report.published)
-        status = self.check_scorer() if report.published else None
+        published = self._after(report.applied, report.published)
+        if published != report.published:
+            report = replace(report, published=published)
+        status = self.check_scorer() if published else None
         return FeedbackTiming(report, time.perf_counter() - t0, status)
 
     def apply(self, event: LabelEvent) -> int:
@@ -118,16 +168,21 @@ class LabelingLoop:
 
     def commit(self) -> str | None:
         """After ``apply``: publish the bank if it changed, save the cursor, re-rank; the published label."""
-        published = self.sync.commit()
-        self._after(self._pending, published)
+        published = self._after(self._pending, self.sync.commit())
         self._pending = 0
         return published
 
-    def _after(self, applied: int, published: str | None) -> None:
+    def _after(self, applied: int, published: str | None) -> str | None:
+        """Once annotations are applied (and the bank published if it changed): the confirmed
+        normals recorded; thresholds they moved published even where the bank did not change; the
+        pool re-ranked. Returns the label published, if any."""
         if applied:  # for the next retraining: the pool images confirmed normal so far
             self.registry.publish_normals(self.feedback.normal_images())
+            if not published and self.recalibrate():
+                published = self.publish()
         if published:
             self.select()
+        return published
 
     def check_scorer(self) -> ScorerStatus | None:
         """Wait (up to ``scorer_wait_s``) until the scorer serves the loop's label; None without a scorer."""
@@ -137,6 +192,9 @@ class LabelingLoop:
         """After a retraining registered a new version: the loop moves to it (same backbone, same features)."""
         self.model = self.registry.load()
         self.version = self.registry.resolve()
+        self.fitted = self.registry.calibration(self.version)
         self.feedback.model = self.model
+        if self.recalibrate():  # the confirmed normals, under the new version's scores
+            self.publish()
         self.push()
         return self.check_scorer()

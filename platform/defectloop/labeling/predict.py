@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig, prediction_regions
-from defectloop.models import AnomalyModel, PatchScores
+from defectloop.models import AnomalyModel, Calibration, PatchScores
 from defectloop.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Outcome:
     """What a task's prediction says, kept between bank updates (not the map: 256 KB an image)."""
 
+    score: float  # the raw image score: which images a threshold change flips
     normalised_score: float
     anomalous: bool
     rle: list[int] | None  # the predicted mask, encoded; None when it is empty
@@ -46,6 +47,7 @@ class PoolPredictor:
         self.codec = codec or BrushRLE()
         self._scores: PatchScores | None = None  # the pool's patch scores under the last model asked for
         self._outcomes: list[Outcome] = []  # per task, under that model
+        self._calibration: Calibration | None = None  # the thresholds the outcomes were decided by
         if cache is not None and cache.is_file():  # embedded by an earlier run: same tasks, same backbone
             saved = load_file(str(cache))
             meta = json.loads(cache.with_suffix(".json").read_text())
@@ -83,26 +85,50 @@ class PoolPredictor:
 
     def refresh(self, model: AnomalyModel) -> int:
         """Bring every task's outcome up to date with ``model``: all of them for another model, else
-        only the images its memory change moved. Returns how many were scored again."""
+        only the images its memory change moved and those of categories whose thresholds moved.
+        Returns how many were scored again."""
         if not self.task_ids:
             return 0
         if self._scores is None or self._scores.model is not model:
             self._scores = model.pool_scores(self.features)
             moved = list(range(len(self.task_ids)))
-            self._outcomes = [Outcome(0.0, False, None)] * len(moved)
+            self._outcomes = [Outcome(0.0, 0.0, False, None)] * len(moved)
         else:
             moved = self._scores.refresh().tolist()
+            old, new = self._calibration, model.calibration
+            if old is not None and old != new:
+                moved = sorted({*moved, *self._flipped(old, new)})
+        self._calibration = Calibration(model.calibration.entries)  # a copy: the model's may be replaced
         for start in range(0, len(moved), 64):
             idx = moved[start:start + 64]
             preds = model.predict_patches(self._scores.of(torch.tensor(idx)), [self.categories[i] for i in idx])
             defects = self._scores.defects(torch.tensor(idx))
             for i, p, defect in zip(idx, preds, defects, strict=True):
                 mask = p.mask(*self.sizes[i])
-                self._outcomes[i] = Outcome(p.normalised_score, p.decision == "anomalous",
+                self._outcomes[i] = Outcome(p.score, p.normalised_score, p.decision == "anomalous",
                                             self.codec.encode(mask) if mask.any() else None, defect)
         if moved:
             log.info("pool: %d of %d images scored again", len(moved), len(self.task_ids))
         return len(moved)
+
+    def _flipped(self, old: Calibration, new: Calibration) -> list[int]:
+        """Images whose outcome a change of thresholds moves: where only a category's image threshold
+        moved (``Calibration.covering``), those scored between the two; else all of the category."""
+        out = []
+        for i, (cat, o) in enumerate(zip(self.categories, self._outcomes, strict=True)):
+            a, b = old.get(cat), new.get(cat)
+            if a == b:
+                continue
+            if a is None or b is None or a.as_fitted() != b.as_fitted() \
+                    or min(a.threshold, b.threshold) < o.score <= max(a.threshold, b.threshold):
+                out.append(i)
+        return out
+
+    def raw_scores(self, model: AnomalyModel, task_ids: list[int]) -> torch.Tensor:
+        """Image scores of the given tasks under ``model`` (what thresholds are set on)."""
+        self.refresh(model)
+        index = {t: i for i, t in enumerate(self.task_ids)}
+        return torch.tensor([self._outcomes[index[t]].score for t in task_ids])
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

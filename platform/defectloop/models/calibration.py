@@ -30,6 +30,12 @@ class Threshold:
     normal_std: float
     n: int  # held-back normal images it was set from
     method: str = "quantile"  # or "robust": too few images for a quantile (see Calibration.fit)
+    confirmed: int = 0  # pool images confirmed normal that raised it (see Calibration.covering)
+    raised_from: float | None = None  # the fitted threshold, where confirmed normals raised it
+
+    def as_fitted(self) -> Threshold:
+        """This entry before confirmed normals raised it."""
+        return self if self.raised_from is None else replace(self, threshold=self.raised_from, confirmed=0, raised_from=None)
 
 
 class Calibration:
@@ -73,9 +79,42 @@ class Calibration:
             entries[cat] = Threshold(image_t, pixel_t, float(v.mean()), std, len(v), method)
         return cls(entries)
 
+    def covering(self, categories: Sequence[str], scores: torch.Tensor, anomalous: torch.Tensor,
+                 quantile: float) -> Calibration:
+        """These thresholds, raised where pool images annotators confirmed normal score above them.
+
+        The fitted thresholds come from normal training images held back; the pool is what they are
+        applied to, and it may not look like the training images (new lighting, a new batch). Every
+        confirmed normal the model calls anomalous is a false alarm seen: per category, the image
+        threshold rises to the ``quantile`` of its confirmed normals' scores (the highest of them
+        while there are fewer than 1 / (1 - quantile)), so that their kind stops being pre-annotated
+        anomalous without waiting for a retraining. It never rises to a confirmed defect's score (an
+        image confirmed both ways, or a normal that looks just like a defect, must not hide the
+        defects) and is never lowered: the fitted one is the floor. Only the decision moves: the
+        normalised scores stay on the fitted threshold (``normalise``), so that a raise rewrites
+        the predictions it flips, not every prediction of the category.
+        ``anomalous``: per image, True for a confirmed defect (mask or verdict), False for a normal.
+        Categories without thresholds of their own are left to the all-category ones.
+        """
+        entries = dict(self.entries)
+        for cat in sorted(set(categories)):
+            entry = self.entries.get(cat)
+            if entry is None or cat == ANY_CATEGORY:
+                continue
+            idx = torch.tensor([i for i, c in enumerate(categories) if c == cat])
+            bad = anomalous[idx]
+            normal, defects = scores[idx][~bad], scores[idx][bad]
+            if len(defects):
+                normal = normal[normal < defects.min()]
+            raised = float(normal.float().quantile(quantile, interpolation="higher")) if len(normal) else entry.threshold
+            if raised > entry.threshold:
+                entries[cat] = replace(entry, threshold=raised, confirmed=int((~bad).sum()), raised_from=entry.threshold)
+        return Calibration(entries)
+
     def methods(self) -> dict[str, str]:
-        """How each category's thresholds were set: "quantile" or "robust" (too few images)."""
-        return {c: e.method for c, e in self.entries.items()}
+        """How each category's thresholds were set: "quantile" or "robust" (too few images), and
+        "+confirmed" where confirmed normal pool images raised them."""
+        return {c: e.method + ("+confirmed" if e.confirmed else "") for c, e in self.entries.items()}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -111,7 +150,7 @@ class Calibration:
         return "unknown" if t is None else ("anomalous" if score > t else "normal")
 
     def normalise(self, score: float, category: str | None = None) -> float:
-        """Score in (0, 1) with the category's threshold at 0.5, in units of the normal-score spread.
+        """Score in (0, 1) with the category's fitted threshold at 0.5, in units of the normal-score spread.
 
         Comparable across categories, which raw scores are not: what a labeling queue sorts by. The
         squash is x / (1 + |x|), not a logistic: a defect is often tens of spreads above its
@@ -121,7 +160,8 @@ class Calibration:
         entry = self.get(category)
         if not entry:
             return float(score)
-        x = (score - entry.threshold) / max(entry.normal_std, 0.1 * abs(entry.threshold), 1e-6)
+        t = entry.as_fitted().threshold
+        x = (score - t) / max(entry.normal_std, 0.1 * abs(t), 1e-6)
         return float(0.5 + 0.5 * x / (1.0 + abs(x)))
 
     def shifted(self, by: float) -> Calibration:
@@ -134,7 +174,11 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        raw = json.loads(path.read_text())
+        return cls.loads(path.read_text())
+
+    @classmethod
+    def loads(cls, text: str) -> Calibration:
+        raw = json.loads(text)
         # versions calibrated before the pixel threshold existed cut maps at the image threshold
         return cls({c: Threshold(**{"pixel_threshold": e["threshold"], **e}) for c, e in raw.items()})
 
