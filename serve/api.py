@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections.abc import Callable
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defectloop.models import AbnormalMemory
-from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
+from defectloop.serve.context import ScoringContext, TokenGate, decode, require_token, score_arrays
 from defectloop.serve.fetch import read_uri
 from defectloop.serve.ml_backend import build_router
 from defectloop.serve.schemas import BanksInfo, ImageRef, ModelInfo, ScoreRequest, ScoreResponse
@@ -69,16 +70,20 @@ def build_app(ctx: ScoringContext) -> FastAPI:
                               "the unified model in the registry. Authenticate with `Authorization: Bearer <token>`.")
     app.state.ctx = ctx
     app.add_middleware(BodyLimit, get_limit=lambda: int(ctx.settings.max_request_mb * 2**20))
+    app.add_middleware(TokenGate, get_settings=lambda: ctx.settings)  # added last: runs first
     auth = [Depends(require_token)]
 
     @app.get("/v1/health", summary="Liveness and the model version in force (no auth)")
     def health() -> dict:
+        """Open to anyone, so it names no file and no error text: ``reload_failed`` says a newer
+        version could not be loaded; why is in ``/v1/model`` (authenticated) and the log."""
         try:
             served = ctx.handle.served
         except Exception as e:  # no loadable model at all
-            raise HTTPException(503, f"no model loaded: {e}") from e
+            log.error("health: no model loaded: %s", e)
+            raise HTTPException(503, "no model loaded (see the service's log)") from e
         return {"status": "ok", "model_version": served.version, "bank_version": served.bank,
-                "reload_error": ctx.handle.last_error}
+                "reload_failed": ctx.handle.last_error is not None}
 
     @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, summary="The model being served")
     def model_info() -> ModelInfo:
@@ -92,7 +97,7 @@ def build_app(ctx: ScoringContext) -> FastAPI:
             abnormal_bank_size=len(abnormal) if abnormal is not None else 0,
             abnormal_annotations=len(abnormal.annotations) if abnormal is not None else 0,
             thresholds={c: e.threshold for c, e in m.calibration.entries.items()}, loaded_at=served.loaded_at,
-            reload_error=ctx.handle.last_error)
+            reload_error=ctx.handle.last_error, peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     @app.get("/v1/banks", response_model=BanksInfo, dependencies=auth,
              summary="The served banks per category, and the live loop (pending, quarantined, retraining)")
@@ -114,9 +119,13 @@ def build_app(ctx: ScoringContext) -> FastAPI:
                     category: str | None = Query(None, description="category of every image")) -> ScoreResponse:
         settings = ctx.settings
         ctype = request.headers.get("content-type", "")
-        items: list[tuple[str, str | None, np.ndarray]] = []
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 10)
+            try:
+                form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 10)
+            except StarletteHTTPException as e:  # Starlette's multipart limits answer 400; too many is 413
+                if "Too many" in str(e.detail):
+                    raise HTTPException(413, f"more than {settings.max_images} images or fields in one request") from e
+                raise
             files = [f for f in form.getlist("files") if not isinstance(f, str)]
             category = category or (form.get("category") if isinstance(form.get("category"), str) else None)
             if not files:
@@ -146,7 +155,7 @@ def build_app(ctx: ScoringContext) -> FastAPI:
                    for ref in req.images]
         else:
             raise HTTPException(415, "send multipart/form-data (field `files`) or application/json ({\"images\": [...]})")
-        items = await asyncio.to_thread(lambda: [(n, c, decode(n, data, settings)) for n, c, data in raw])
+        items = await asyncio.to_thread(lambda: [decode(n, c, data, ctx) for n, c, data in raw])
         return await score_arrays(ctx, items, heatmap, mask)
 
     app.include_router(build_router(ctx), prefix="/ls")

@@ -11,12 +11,15 @@ import base64
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import torch
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import HTTPBasic, HTTPBearer
+from starlette.responses import JSONResponse
 
-from defectloop.data import ImageError, ImageTooLarge, load_image
+from defectloop.data import ImageError, ImageTooLarge, read_image
 from defectloop.features import image_tensor
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.inbox import EventInbox
@@ -37,13 +40,18 @@ class ScoringContext:
     loop_status: Callable[[], Awaitable[dict]] | None = None  # the live loop's, when one runs
 
 
-def require_token(request: Request) -> None:
-    """Bearer token, or HTTP basic auth with the token as password (how Label Studio authenticates)."""
-    settings: ServeSettings = request.app.state.ctx.settings
+#: routes anyone may call: liveness, and the API's documentation
+OPEN_PATHS = frozenset({"/v1/health", "/ls/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+BEARER = HTTPBearer(auto_error=False, description="the service's API token")
+BASIC = HTTPBasic(auto_error=False, description="any user, the API token as password (how Label Studio connects)")
+
+
+def token_ok(authorization: str, settings: ServeSettings) -> bool:
+    """Bearer token, or HTTP basic auth with the token as password, compared in constant time."""
     if not settings.auth:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+        return True
+    scheme, _, value = authorization.partition(" ")
     token = ""
     if scheme.lower() == "bearer":
         token = value.strip()
@@ -52,34 +60,73 @@ def require_token(request: Request) -> None:
             token = base64.b64decode(value.strip()).decode().partition(":")[2]
         except ValueError:
             token = ""
-    if not token or not hmac.compare_digest(token.encode(), (settings.api_token or "").encode()):
-        raise HTTPException(401, "missing or wrong API token (Authorization: Bearer <token>)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    return bool(token) and hmac.compare_digest(token.encode(), (settings.api_token or "").encode())
 
 
-def decode(name: str, data: bytes, settings: ServeSettings) -> np.ndarray:
+def require_token(request: Request, _bearer: Annotated[object, Security(BEARER)] = None,
+                  _basic: Annotated[object, Security(BASIC)] = None) -> None:
+    """The route's auth (``TokenGate`` checked it before the body was read; this documents it in
+    OpenAPI and guards the app where it runs without the gate)."""
+    if not token_ok(request.headers.get("authorization", ""), request.app.state.ctx.settings):
+        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+
+UNAUTHORIZED = "missing or wrong API token (Authorization: Bearer <token>)"
+
+
+class TokenGate:
+    """ASGI middleware: every route but ``OPEN_PATHS`` answers 401 to a request without the token
+    before a byte of its body is read (FastAPI reads a body before it runs the route's
+    dependencies, so an unauthenticated client could otherwise make the service take in a body)."""
+
+    def __init__(self, app, get_settings: Callable[[], ServeSettings]):
+        self.app = app
+        self.get_settings = get_settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "") not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            if not token_ok(headers.get(b"authorization", b"").decode("latin-1"), self.get_settings()):
+                response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class Decoded(NamedTuple):
+    """An image of a request, read for the served model: reduced where it is far larger than the
+    model needs (``read_image``), with its original size, which masks and heatmaps are given at."""
+
+    name: str
+    category: str | None
+    image: np.ndarray
+    size: tuple[int, int]  # (width, height) of the image as sent
+
+
+def decode(name: str, category: str | None, data: bytes, ctx: ScoringContext) -> Decoded:
+    """Bytes -> a Decoded image, or the 4xx that says why not (413 over the pixel limit)."""
     try:
-        return load_image(data, max_pixels=int(settings.max_megapixels * 1e6))
+        image, size = read_image(data, ctx.handle.served.model.config.image_size,
+                                 max_pixels=int(ctx.settings.max_megapixels * 1e6))
     except ImageTooLarge as e:
         raise HTTPException(413, f"{name}: {e.reason}") from e
     except ImageError as e:
         raise HTTPException(400, f"{name}: {e.reason}") from e
+    return Decoded(name, category, image, size)
 
 
-async def score_arrays(ctx: ScoringContext, items: list[tuple[str, str | None, np.ndarray]], heatmap: bool,
-                       mask: bool) -> ScoreResponse:
+async def score_arrays(ctx: ScoringContext, items: list[Decoded], heatmap: bool, mask: bool) -> ScoreResponse:
     """Score decoded images (batched with other requests) and build the per-image answers."""
     size = ctx.handle.served.model.config.image_size
-    tensors = await asyncio.to_thread(lambda: [image_tensor(img, size) for _, _, img in items])
-    scored = await asyncio.gather(*(ctx.score_one((t, cat)) for t, (_, cat, _) in zip(tensors, items, strict=True)))
+    tensors = await asyncio.to_thread(lambda: [image_tensor(d.image, size) for d in items])
+    scored = await asyncio.gather(*(ctx.score_one((t, d.category)) for t, d in zip(tensors, items, strict=True)))
 
     def build() -> list[ImageScore]:
         out = []
-        for (name, category, img), s in zip(items, scored, strict=True):
+        for (name, category, _, (w, h)), s in zip(items, scored, strict=True):
             p = s.prediction
-            h, w = img.shape[:2]
             res = ImageScore(name=name, category=category, score=p.score, normalised_score=p.normalised_score,
-                             threshold=p.threshold, decision=p.decision, model_version=s.served.version,
+                             threshold=p.threshold, threshold_of="category" if p.known_category else "all categories",
+                             decision=p.decision, model_version=s.served.version,
                              bank_version=s.served.bank, width=w, height=h)
             if heatmap:
                 res.heatmap_png = b64(p.heatmap_png(w, h))

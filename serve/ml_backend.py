@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from defectloop.labeling.client import StudioClient, StudioError
 from defectloop.labeling.events import FEEDBACK_ACTIONS, InvalidEvent, parse_event
 from defectloop.labeling.label_config import LabelConfig, prediction_regions
-from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
+from defectloop.serve.context import Decoded, ScoringContext, decode, require_token, score_arrays
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,17 @@ def build_router(ctx: ScoringContext) -> APIRouter:
             raise HTTPException(413, f"{len(req.tasks)} tasks in one request; the limit is {4 * ctx.settings.max_images}")
         label = ctx.handle.served.version
 
-        def load(task: dict) -> tuple[str, str | None, Any] | str:
-            data = task.get("data") or {}
-            uri = data.get(config.image_key)
+        def load(task: dict) -> Decoded | str:
+            data = task.get("data")
             name = f"task {task.get('id')}"
+            if not isinstance(data, dict):
+                return f"{name}: `data` is a JSON object with the image under {config.image_key!r}, not {type(data).__name__}"
+            uri = data.get(config.image_key)
             if not isinstance(uri, str) or not uri:
                 return f"{name}: no image in data[{config.image_key!r}]"
             try:
                 raw = studio(req.project).fetch(uri, task.get("id"))
-                return name, data.get("category"), decode(name, raw, ctx.settings)
+                return decode(name, data.get("category"), raw, ctx)
             except HTTPException as e:
                 return str(e.detail)
             except (StudioError, ValueError) as e:
@@ -132,10 +134,10 @@ def build_router(ctx: ScoringContext) -> APIRouter:
         if body["action"] not in FEEDBACK_ACTIONS:
             return {"status": "ignored", "action": body["action"]}
         try:
-            parse_event(body)
+            event = parse_event(body)
         except InvalidEvent as e:
             raise HTTPException(422, f"malformed {body['action']} event: {e}") from e
-        return {"status": "queued", "event_id": await asyncio.to_thread(ctx.inbox.put, body)}
+        return {"status": "queued", "event_id": await asyncio.to_thread(ctx.inbox.put, body, event.identity())}
 
     @router.post("/train", dependencies=auth, summary="Legacy 'Start training': queued like START_TRAINING")
     def train(body: dict[str, Any] = Body(default_factory=dict)) -> dict:

@@ -32,6 +32,9 @@ class ImageScore(BaseModel):
                                      "anomalous 32 px window (at 256 px) of the smoothed map")
     normalised_score: float = Field(description="score mapped to (0, 1) with the category threshold at 0.5")
     threshold: float | None
+    threshold_of: Literal["category", "all categories"] = Field(
+        description="whose threshold decided: the image's category, or (a category the model has no "
+                    "thresholds for, or none given) the one set over all categories")
     decision: Literal["normal", "anomalous", "unknown"]
     model_version: str = Field(description="the model version that scored it (e.g. v0003)")
     bank_version: str = Field(description="the abnormal-bank update in force (b0000: the bank it was trained with)")
@@ -60,6 +63,7 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, float]
     loaded_at: float
     reload_error: str | None
+    peak_memory_mb: float = Field(description="the replica's peak resident memory since it started")
 
 
 class CategoryMemory(BaseModel):

@@ -34,7 +34,9 @@ def scorer_registry(served_registry, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def scorer(scorer_registry, tmp_path_factory):
+def scorer(scorer_registry, s3, tmp_path_factory):
+    """The session's scorer; after ``s3``, so that the S3 endpoint (where Label Studio's presigned
+    URLs point) is among the hosts it fetches from."""
     port = free_port()
     env = {**os.environ, "DEFECTLOOP_API_TOKEN": SCORER_TOKEN, "DEFECTLOOP_POLL_S": "0.5",
            "DEFECTLOOP_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0"}

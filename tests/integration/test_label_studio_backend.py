@@ -95,3 +95,72 @@ def test_pool_in_s3_through_label_studio(label_studio, scorer, s3, tiny_data):
     ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
     preds = [ls.predictions.list(task=t.id) for t in tasks]
     assert all(len(p) == 1 and p[0].result and 0 < p[0].score < 1 for p in preds), preds
+
+
+class _Host:
+    """A local HTTP server that records what it was asked; ``routes``: path -> (status, headers, body)."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict, bytes]] | None = None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes, self.seen = routes or {}, []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                host.seen.append(self.path)
+                status, headers, body = host.routes.get(self.path.split("?")[0], (404, {}, b"secret internal page"))
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_backend_fetches_from_label_studio_only(scorer, tiny_data):
+    """/ls/predict names the images to fetch: only Label Studio's host (the one /setup gave, with the
+    token) is fetched from; a URL elsewhere, a redirect elsewhere and an oversize or erroring image
+    give a per-task error, the other host receives nothing and no upstream body comes back."""
+    image = next(tiny_data.glob("mesh/test/good/*.png")).read_bytes()
+    victim = _Host({"/": (200, {}, b"internal")})
+    studio = _Host({"/data/ok.png": (200, {"Content-Type": "image/png"}, image),
+                    "/data/moved.png": (302, {"Location": f"{victim.url}/"}, b""),
+                    "/data/huge.png": (200, {"Content-Length": str(10**12)}, b"")})
+    try:
+        auth = {"Authorization": f"Bearer {scorer.token}"}
+        setup = httpx.post(f"{scorer.url}/ls/setup", json={"project": "ssrf.1", "hostname": studio.url,
+                                                           "access_token": "ls-token", "schema": build_label_config()},
+                           headers=auth, timeout=30)
+        assert setup.status_code == 200
+        assert httpx.post(f"{scorer.url}/ls/setup", json={"project": "ssrf.1", "hostname": victim.url},
+                          timeout=30).status_code == 401  # no token: the host cannot be repointed
+        uris = ["/data/ok.png", f"{victim.url}/", "/data/moved.png", "/data/huge.png", "/data/missing.png",
+                "file:///etc/passwd"]
+        tasks = [{"id": i, "data": {"image": u, "category": "mesh"}} for i, u in enumerate(uris)]
+        tasks += [{"id": 90, "data": ["not", "an", "object"]}, {"id": 91, "data": "text"}]
+        r = httpx.post(f"{scorer.url}/ls/predict", json={"project": "ssrf.1", "tasks": tasks}, headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(tasks) and results[0]["result"] and "error" not in results[0]
+        errors = [res.get("error", "") for res in results[1:]]
+        assert all(errors) and "not a host this service fetches from" in errors[0] and "not a host" in errors[1]
+        assert "byte cap" in errors[2] and "HTTP 404" in errors[3] and "secret" not in r.text
+        assert "only http(s)" in errors[4] and "not list" in errors[5] and "not str" in errors[6]
+        assert victim.seen == [], "the scorer fetched from a host it was not configured for"
+        assert studio.seen.count("/data/moved.png") == 1  # a redirect elsewhere is not retried either
+    finally:
+        victim.close()
+        studio.close()

@@ -41,6 +41,40 @@ def test_scores_over_http(scorer, images):
     assert httpx.get(f"{scorer.url}/docs").status_code == 200
 
 
+def test_a_49_megapixel_image_raises_the_replica_memory_by_under_1_gb(scorer, tmp_path):
+    """It is reduced as it is read (the model sees 256 px), and its mask and heatmap are made at its
+    size as bytes: before, a 49 MP PNG with a heatmap raised the replica by 2.9 GB."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = 8100, 6050
+    row = (np.arange(w) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(row[None, :, None], (h, w, 3))).save(buf, format="PNG", compress_level=1)
+    score(scorer.url, _small_png(), mask="true", heatmap="true")  # the replica warm: its first request's allocations are not the image's
+    before = httpx.get(f"{scorer.url}/v1/model", headers=AUTH).json()["peak_memory_mb"]
+    r = score(scorer.url, buf.getvalue(), mask="true", heatmap="true")
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert (res["width"], res["height"]) == (w, h) and res["heatmap_png"]
+    raised = httpx.get(f"{scorer.url}/v1/model", headers=AUTH).json()["peak_memory_mb"] - before
+    print(f"49 MP image: replica peak memory raised by {raised:.0f} MB")
+    assert raised < 1024, f"a 49 MP image raised the replica's peak memory by {raised:.0f} MB"
+
+
+def _small_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_concurrent_requests_are_batched_correctly(scorer, images):
     """16 clients at once: every answer belongs to its own image (batching must not mix them up)."""
     data = images["good"][:8] + images["bad"][:8]
@@ -148,3 +182,4 @@ def test_serve_deploy_config_on_a_ray_head(ray_head, scorer_registry, images, tm
         assert httpx.get(f"{url}/v1/model", headers=auth).json()["loaded_at"] == loaded
     finally:
         subprocess.run([serve_exe, "shutdown", "-a", ray_head.url, "-y"], capture_output=True)
+

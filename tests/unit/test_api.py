@@ -75,6 +75,9 @@ def test_modes_and_formats_are_accepted(client):
     r = client.post("/v1/score", files=files, params={"category": "tile"})
     assert r.status_code == 200, r.text
     assert [x["category"] for x in r.json()["results"]] == ["tile"] * 4
+    assert {x["threshold_of"] for x in r.json()["results"]} == {"category"}
+    unknown = client.post("/v1/score", files=files[:1], params={"category": "no-such-category"}).json()["results"][0]
+    assert unknown["threshold_of"] == "all categories" and unknown["threshold"] is not None
 
 
 def test_json_uris_only_below_allowed_roots(client, ctx, tmp_path, defect_png):
@@ -111,6 +114,8 @@ def test_bad_images_get_4xx_naming_the_file(client, defect_png, name, data, stat
 def test_request_limits_and_malformed_requests(client, defect_png):
     too_many = [("files", (f"{i}.png", defect_png, "image/png")) for i in range(5)]
     assert client.post("/v1/score", files=too_many).status_code == 413
+    hundred = [("files", (f"{i}.png", b"x", "image/png")) for i in range(100)]  # past Starlette's own limit
+    assert client.post("/v1/score", files=hundred).status_code == 413
     big = [("files", ("big.bin", b"\0" * (2 * 2**20), "image/png"))]
     r = client.post("/v1/score", files=big)
     assert r.status_code == 413 and "limit" in r.json()["detail"]
@@ -133,6 +138,20 @@ def test_auth(client, defect_png):
     info = client.get("/v1/model").json()
     assert info["model_version"] == "v0001" and info["kind"] == "dmad" and info["normal_bank_size"] > 0
     assert set(info["categories"]) == {"tile", "disc", "mesh"}
+    # no token: 401 before the body is read (over the body limit, it would otherwise be a 413)
+    huge = anon.post("/ls/predict", content=b"{" * (2 * 2**20), headers={"content-type": "application/json"})
+    assert huge.status_code == 401
+    assert anon.post("/ls/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 401
+    health = anon.get("/v1/health").json()
+    assert health["reload_failed"] is False and "reload_error" not in health
+
+
+def test_health_names_no_file_when_a_reload_fails(client, ctx):
+    assert ctx.handle.served  # loaded: what follows is a later reload's failure
+    ctx.handle.last_error = "OSError: /secret/registry/versions/v0002/weights.safetensors: corrupt"
+    health = TestClient(client.app).get("/v1/health").json()
+    assert health["reload_failed"] is True and "/secret" not in str(health)
+    assert "/secret" in client.get("/v1/model").json()["reload_error"]  # with the token: why
 
 
 def test_openapi_documents_both_request_bodies(client):
@@ -140,6 +159,8 @@ def test_openapi_documents_both_request_bodies(client):
     body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert "/ls/predict" in spec["paths"]
+    assert {s["scheme"] for s in spec["components"]["securitySchemes"].values()} == {"bearer", "basic"}
+    assert spec["paths"]["/v1/score"]["post"]["security"] and "security" not in spec["paths"]["/v1/health"]["get"]
 
 
 def test_ml_backend_setup_and_webhook(client, ctx):
@@ -153,6 +174,13 @@ def test_ml_backend_setup_and_webhook(client, ctx):
     event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 7, "task": 1, "result": []}}
     r = client.post("/ls/webhook", json=event)
     assert r.status_code == 201 and r.json()["status"] == "queued"
+    again = client.post("/ls/webhook", json=event)  # Label Studio delivering it twice: stored once
+    assert again.status_code == 201 and again.json()["event_id"] == r.json()["event_id"]
+    edited = client.post("/ls/webhook", json={**event, "annotation": {**event["annotation"], "updated_at": "2026-12-06T10:00:00Z"}})
+    assert edited.json()["event_id"] != r.json()["event_id"]  # an edit is another event
+    ctx.inbox.done(edited.json()["event_id"])
+    big = {"action": "ANNOTATION_CREATED", "annotation": {"id": 8, "task": 1, "result": [{"x": "y" * 2**20}]}}
+    assert client.post("/ls/webhook", json=big).status_code == 413  # over the size limit
     assert client.post("/ls/webhook", json={"action": "PROJECT_UPDATED"}).json()["status"] == "ignored"
     for payload in (b"[1, 2]", b"{\"no_action\": 1}", b"{broken"):
         assert client.post("/ls/webhook", content=payload, headers={"content-type": "application/json"}).status_code in (400, 422)

@@ -68,3 +68,37 @@ def test_mask_size_mismatch(tmp_path):
     assert load_mask(p, (10, 10)).all()
     with pytest.raises(ImageError, match="differs from its image"):
         load_mask(p, (12, 10))
+
+
+def test_what_an_image_file_says_is_respected():
+    """A wrong chunk CRC is corruption (Pillow would decode it), several frames are refused (which
+    one would be meant?), a camera JPEG with previews (MPO) is its photo, EXIF orientation is applied."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    idat = data.index(b"IDAT")
+    data[idat + 4 + int.from_bytes(data[idat - 4:idat], "big")] ^= 0xFF  # the CRC after the IDAT data
+    with pytest.raises(ImageError, match="corrupt"):
+        load_image(bytes(data))
+
+    frames = [Image.fromarray(np.full((20, 30), v, np.uint8)) for v in (0, 255)]
+    for fmt in ("GIF", "TIFF"):
+        anim = io.BytesIO()
+        frames[0].save(anim, format=fmt, save_all=True, append_images=frames[1:])
+        with pytest.raises(ImageError, match="2 frames"):
+            load_image(anim.getvalue())
+    mpo = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(mpo, format="MPO", save_all=True,
+                                                               append_images=[Image.new("RGB", (10, 10))])
+    assert Image.open(io.BytesIO(mpo.getvalue())).n_frames == 2 and load_image(mpo.getvalue()).shape == (20, 30, 3)
+
+    upright = np.zeros((40, 60, 3), np.uint8)
+    upright[:, :10] = 255  # a bright left edge
+    img = Image.fromarray(upright)
+    exif = img.getexif()
+    exif[0x0112] = 6  # the camera was turned: show it rotated 90 degrees clockwise
+    jpeg = io.BytesIO()
+    img.save(jpeg, format="JPEG", exif=exif.tobytes(), quality=95)
+    shown = load_image(jpeg.getvalue())
+    assert shown.shape == (60, 40, 3) and shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the edge on top

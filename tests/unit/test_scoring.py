@@ -51,6 +51,22 @@ def test_handle_follows_versions_and_bank_updates(registry, test_images):
     assert handle.refresh() and handle.served.label == "v0001-b0001"
 
 
+def test_a_bank_update_carries_its_thresholds(registry, test_images):
+    """Thresholds raised over confirmed normals travel with the bank update they were set under; an
+    update without them serves the version's own."""
+    handle = ModelHandle(registry.location)
+    sample, img = next((s, t) for s, t in test_images if s.label == 0)
+    model = registry.load()
+    fitted = model.calibration
+    raised = fitted.shifted(100.0)
+    assert registry.publish_bank(model.abnormal_bank, calibration=raised) == "v0001-b0001"
+    assert handle.refresh() and handle.served.model.calibration == raised
+    assert handle.score([img], [sample.category])[0].prediction.threshold == raised.threshold(sample.category)
+    assert registry.load().calibration == raised and registry.calibration() == fitted  # the version's own is kept
+    assert registry.publish_bank(model.abnormal_bank) == "v0001-b0002"
+    assert handle.refresh() and handle.served.model.calibration == fitted
+
+
 def test_handle_keeps_serving_when_a_new_version_is_broken(registry, caplog):
     handle = ModelHandle(registry.location)
     assert handle.served.label == "v0001"
@@ -82,7 +98,14 @@ def test_mask_and_heatmap_at_image_size(registry, test_images):
     hits = [p.mask(128, 128).any() for p in scored]
     assert np.mean(hits[:len(bad)]) > np.mean(hits[len(bad):])
     png = Image.open(io.BytesIO(scored[0].heatmap_png(200, 150)))
-    assert png.size == (200, 150) and png.mode == "RGB"
+    assert png.size == (200, 150) and png.mode == "P"  # a jet palette over the map: a byte a pixel
+    p = scored[0]
+    hot = np.unravel_index(np.argmax(p.amap), p.amap.shape)
+    rgb = np.asarray(Image.open(io.BytesIO(p.heatmap_png(*p.amap.shape[::-1]))).convert("RGB"))
+    assert rgb[hot][0] >= rgb[hot][2] if p.amap.max() > p.pixel_threshold else rgb[hot][2] >= rgb[hot][0]  # red above, blue below
+    for q in scored:  # the mask cut at the image size agrees with cutting the float map there
+        exact = q.map(300, 170) > q.pixel_threshold
+        assert (q.mask(300, 170) != exact).mean() < 0.005
 
 
 def test_normalised_scores_put_the_threshold_at_half(registry):

@@ -1,8 +1,10 @@
 """Robust image and mask loading.
 
 Inspection images arrive in every shape: grey, RGB, RGBA, palette, 16-bit TIFF/PNG, JPEG, BMP.
-Everything becomes an RGB uint8 array here, and anything unreadable raises :class:`ImageError`
-naming the file, so that a training run can report what it skipped and a service can answer 4xx.
+Everything becomes an RGB uint8 array here, upright as its EXIF orientation says, and anything
+unreadable raises :class:`ImageError` naming the file (a corrupt chunk CRC, an animated or
+multi-page image included), so that a training run can report what it skipped and a service can
+answer 4xx.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Largest image accepted by default (decompression-bomb guard); 50 MP covers line-scan cameras.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -51,10 +53,19 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int) -> tuple[Image.Ima
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
-            w, h = img.size
+            w, h = img.size  # from the header: nothing is decoded yet
             if w * h > max_pixels:
                 raise ImageTooLarge(name, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # MPO: a camera JPEG with previews; its first frame is the photo
+                raise ImageError(name, f"{frames} frames (an animated or multi-page {img.format}): send one image per frame")
+            if img.format == "PNG":  # Pillow decodes a PNG without checking its chunks' CRCs: verify first
+                img.verify()
+                if isinstance(fp, io.BytesIO):
+                    fp.seek(0)
+                img = Image.open(fp)
             img.load()
+            img = ImageOps.exif_transpose(img)  # the camera's orientation, as a browser (and Label Studio) shows it
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -92,6 +103,35 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         return to_rgb_array(img, name)
     finally:
         img.close()
+
+
+def reduction(width: int, height: int, model_size: int) -> int:
+    """The integer factor an image is box-reduced by before it is resized to a model's input size:
+    1 below 8 x that size, else the factor that brings its longest side to 4-6 x that size.
+
+    The model sees ``model_size`` pixels a side whatever the camera gives, so a 49 MP image needs
+    not become a full-size array on its way there (3 bytes a pixel, and more in floats). The same
+    factor applied to an image already reduced is 1: reading reduced and resizing the full image
+    give the same model input (``features.image_tensor`` applies it too)."""
+    k = max(width, height) // (4 * model_size)
+    return k if k >= 2 else 1
+
+
+def read_image(source: str | os.PathLike | bytes, model_size: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an image for a model of input ``model_size``: reduced by ``reduction`` (before it is
+    converted, where Pillow can reduce its mode), with its original (width, height)."""
+    img, name = _open(source, max_pixels)
+    size = img.size
+    k = reduction(*size, model_size)
+    try:
+        if k > 1 and img.mode in ("RGB", "L", "RGBA", "LA"):
+            img = img.reduce(k)
+            return to_rgb_array(img, name), size
+        arr = to_rgb_array(img, name)
+    finally:
+        img.close()
+    return (np.asarray(Image.fromarray(arr).reduce(k)) if k > 1 else arr), size
 
 
 def load_mask(source: str | os.PathLike | bytes, expected_hw: tuple[int, int] | None = None,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from defectloop.data.images import ImageError, load_image, load_mask
+from defectloop.data.images import ImageError, load_image, load_mask, reduction
 from defectloop.data.mvtec import Sample
 from defectloop.features.backbones import FeatureBackbone
 from defectloop.progress import bar as progress_bar
@@ -54,8 +54,11 @@ class PatchEmbedder(nn.Module):
 
 
 def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
-    """RGB uint8 H x W x 3 -> 3 x size x size float tensor in [0, 1] (antialiased resize)."""
-    img = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    """RGB uint8 H x W x 3 -> 3 x size x size float tensor in [0, 1] (antialiased resize; a very
+    large image is box-reduced first, as ``read_image`` reads it)."""
+    img = Image.fromarray(image)
+    k = reduction(img.width, img.height, size)
+    img = (img.reduce(k) if k > 1 else img).resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 

@@ -28,6 +28,16 @@ class LabelEvent:
     annotations: list[tuple[dict, dict]] = field(default_factory=list)  # (annotation, its task)
     deleted: list[str] = field(default_factory=list)  # annotation ids
 
+    def identity(self) -> str | None:
+        """What makes two deliveries the same event (Label Studio retries, a webhook sent twice): the
+        action and each annotation's id and ``updated_at``; None for START_TRAINING (every press counts)."""
+        if self.kind == "train":
+            return None
+        if self.kind == "deleted":
+            return f"{self.action}:{self.project}:{','.join(sorted(self.deleted))}"
+        parts = sorted(f"{a['id']}@{a.get('updated_at') or a.get('created_at') or ''}" for a, _ in self.annotations)
+        return f"{self.action}:{self.project}:{','.join(parts)}"
+
 
 def _project(body: dict) -> int | None:
     project = body.get("project")

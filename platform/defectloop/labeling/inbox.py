@@ -2,12 +2,14 @@
 
 Each event is one JSON file, written under a temporary name and renamed into ``pending/``;
 whoever applies the feedback moves it to ``done/`` (or to ``rejected/``, with the reason, when it
-cannot be applied at all). Events survive a restart of the service, and
-because the feedback is idempotent (keyed by annotation id) an event delivered twice is harmless.
+cannot be applied at all). Events survive a restart of the service. An event delivered twice
+(same action, annotations and ``updated_at``) is stored once; were it applied twice, the feedback
+is idempotent (keyed by annotation id) anyway.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,12 +23,22 @@ class EventInbox:
         self.pending_dir = self.folder / "pending"
         self.done_dir = self.folder / "done"
         self.rejected_dir = self.folder / "rejected"
-        for d in (self.pending_dir, self.done_dir, self.rejected_dir):
+        self.keys_dir = self.folder / "keys"  # identities of the events stored: a duplicate is not stored again
+        for d in (self.pending_dir, self.done_dir, self.rejected_dir, self.keys_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def put(self, event: dict) -> str:
-        """Store an event; returns its id (time-ordered)."""
+    def put(self, event: dict, identity: str | None = None) -> str:
+        """Store an event unless one of the same ``identity`` was stored before; returns its id
+        (time-ordered; for a duplicate, the id of the one stored first)."""
         event_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        if identity is not None:
+            key = self.keys_dir / hashlib.sha256(identity.encode()).hexdigest()
+            try:
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # one writer wins, across replicas
+            except FileExistsError:
+                return key.read_text() or event_id
+            with os.fdopen(fd, "w") as fh:
+                fh.write(event_id)
         tmp = self.folder / f".{event_id}.tmp"
         tmp.write_text(json.dumps(event))
         os.replace(tmp, self.pending_dir / f"{event_id}.json")

@@ -7,6 +7,7 @@ Predictions, so a score, a decision or a mask means the same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -61,22 +62,43 @@ class Prediction:
         return resize_map(self.amap, width, height)
 
     def mask(self, width: int, height: int) -> np.ndarray:
-        """H x W bool defect mask: where the map, at the image's size, exceeds the pixel threshold."""
-        if self.pixel_threshold is None:
+        """H x W bool defect mask: where the map, at the image's size, exceeds the pixel threshold,
+        on an image called anomalous (an image called normal has no defect to show, whatever its map).
+
+        The map is brought to the image's size as bytes, not floats (a 49 MP float map is 196 MB,
+        twice over while Pillow resizes it): it is scaled around the threshold into 0..255 with
+        the threshold at 128 (linear, so it commutes with the bilinear resize) and cut at 128, which
+        differs from cutting the float map only within 1/127 of the map's range around the threshold."""
+        t = self.pixel_threshold
+        if t is None or self.decision != "anomalous":
             return np.zeros((height, width), bool)
-        return self.map(width, height) > self.pixel_threshold
+        if (self.amap.shape[1], self.amap.shape[0]) == (width, height):
+            return self.amap > t
+        spread = max(float(np.abs(self.amap - t).max()), 1e-12)
+        q = np.clip(np.rint(128 + (self.amap - t) * (127 / spread)), 0, 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(q, "L").resize((width, height), Image.BILINEAR)) > 128
 
     def heatmap_png(self, width: int, height: int) -> bytes:
-        """The anomaly map as a colour PNG (jet) at the image size; the pixel threshold sits mid-scale."""
-        from matplotlib import colormaps
-
-        a = self.map(width, height)
+        """The anomaly map as a colour PNG (jet palette) at the image size; the pixel threshold sits
+        mid-scale. Coloured at the model's size and resized as palette indices: one byte a pixel at
+        the image size, not matplotlib's four float64s."""
+        a = self.amap
         t = self.pixel_threshold
         top = 2 * t if t and t > 0 else max(float(a.max()), 1e-6)
-        rgb = (colormaps["jet"](np.clip(a / top, 0, 1))[..., :3] * 255).astype(np.uint8)
+        index = Image.fromarray(np.rint(np.clip(a / top, 0, 1) * 255).astype(np.uint8), "L")
+        if index.size != (width, height):
+            index = index.resize((width, height), Image.BILINEAR)
+        index.putpalette(_jet_palette())
         buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="PNG", optimize=False, compress_level=1)
+        index.save(buf, format="PNG", optimize=False, compress_level=1)
         return buf.getvalue()
+
+
+@functools.cache
+def _jet_palette() -> bytes:
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8).tobytes()
 
 
 class PostProcessor:
