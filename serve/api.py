@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defectloop.models import AbnormalMemory
 from defectloop.serve.context import ScoringContext, TokenGate, decode, require_token, score_arrays
-from defectloop.serve.fetch import read_uri
+from defectloop.serve.fetch import FileTooLarge, read_uri
 from defectloop.serve.ml_backend import build_router
 from defectloop.serve.schemas import BanksInfo, ImageRef, ModelInfo, ScoreRequest, ScoreResponse
 
@@ -76,14 +76,16 @@ def build_app(ctx: ScoringContext) -> FastAPI:
     @app.get("/v1/health", summary="Liveness and the model version in force (no auth)")
     def health() -> dict:
         """Open to anyone, so it names no file and no error text: ``reload_failed`` says a newer
-        version could not be loaded; why is in ``/v1/model`` (authenticated) and the log."""
+        version could not be loaded (why is in ``/v1/model``, authenticated, and the log); ``ready``
+        is false while every thread that reads request images is busy (``IOPool``)."""
         try:
             served = ctx.handle.served
         except Exception as e:  # no loadable model at all
             log.error("health: no model loaded: %s", e)
             raise HTTPException(503, "no model loaded (see the service's log)") from e
-        return {"status": "ok", "model_version": served.version, "bank_version": served.bank,
-                "reload_failed": ctx.handle.last_error is not None}
+        ready = not ctx.io.saturated
+        return {"status": "ok" if ready else "saturated", "ready": ready, "model_version": served.version,
+                "bank_version": served.bank, "reload_failed": ctx.handle.last_error is not None}
 
     @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, summary="The model being served")
     def model_info() -> ModelInfo:
@@ -143,15 +145,17 @@ def build_app(ctx: ScoringContext) -> FastAPI:
 
             def fetch(ref: ImageRef) -> bytes:
                 try:
-                    return read_uri(ref.uri, settings.allowed_roots)
+                    return read_uri(ref.uri, settings.allowed_roots, int(settings.max_request_mb * 2**20))
                 except PermissionError as e:
                     raise HTTPException(403, str(e)) from e
+                except FileTooLarge as e:
+                    raise HTTPException(413, str(e)) from e
                 except (OSError, ValueError) as e:
                     raise HTTPException(400, f"{ref.uri}: cannot read ({e})") from e
                 except Exception as e:  # botocore errors: the storage said no
                     raise HTTPException(502, f"{ref.uri}: storage error ({type(e).__name__}: {e})") from e
 
-            raw = [(ref.name or ref.uri, ref.category or category, await asyncio.to_thread(fetch, ref))
+            raw = [(ref.name or ref.uri, ref.category or category, await ctx.io.run(fetch, ref))
                    for ref in req.images]
         else:
             raise HTTPException(415, "send multipart/form-data (field `files`) or application/json ({\"images\": [...]})")

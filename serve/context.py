@@ -10,8 +10,9 @@ import asyncio
 import base64
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Annotated, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +29,31 @@ from defectloop.serve.schemas import ImageScore, Mask, ScoreResponse
 from defectloop.serve.settings import ServeSettings
 
 
+class IOPool:
+    """Threads of their own for reading request images (local files, S3, Label Studio), bounded.
+
+    Scoring runs in the event loop's default threads; reads that hang (a slow image host, storage
+    timing out) would take every one of those and stop scoring. Here they queue for ``workers``
+    threads instead, and ``saturated`` (every thread busy) is what /v1/health reports as not ready.
+    """
+
+    def __init__(self, workers: int = 8):
+        self.workers = workers
+        self.busy = 0  # changed in the event loop's thread only
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="defectloop-io")
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        self.busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.busy -= 1
+
+    @property
+    def saturated(self) -> bool:
+        return self.busy >= self.workers
+
+
 @dataclass
 class ScoringContext:
     """What the routes need: the model handle, a (batched) scorer for one image, settings, the inbox."""
@@ -38,7 +64,10 @@ class ScoringContext:
     inbox: EventInbox
     codec: MaskCodec = BrushRLE()
     loop_status: Callable[[], Awaitable[dict]] | None = None  # the live loop's, when one runs
+    io: IOPool = field(default_factory=IOPool)
 
+
+T = TypeVar("T")
 
 #: routes anyone may call: liveness, and the API's documentation
 OPEN_PATHS = frozenset({"/v1/health", "/ls/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})

@@ -98,7 +98,7 @@ def build_router(ctx: ScoringContext) -> APIRouter:
             except (StudioError, ValueError) as e:
                 return f"{name}: {e}"
 
-        loaded = await asyncio.gather(*(asyncio.to_thread(load, t) for t in req.tasks))
+        loaded = await asyncio.gather(*(ctx.io.run(load, t) for t in req.tasks))
         good = [x for x in loaded if not isinstance(x, str)]
         scored = iter((await score_arrays(ctx, good, heatmap=False, mask=config.brush is not None)).results
                       if good else [])

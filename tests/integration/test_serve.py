@@ -183,3 +183,33 @@ def test_serve_deploy_config_on_a_ray_head(ray_head, scorer_registry, images, tm
     finally:
         subprocess.run([serve_exe, "shutdown", "-a", ray_head.url, "-y"], capture_output=True)
 
+
+
+def test_stalled_connections_without_a_token_take_nothing_down(scorer, images):
+    """200 clients send a request's headers, announce a body and stall: without the token each gets
+    its 401 before any body is read, so they hold no replica slot; scoring and health answer on."""
+    import socket
+
+    port = int(scorer.url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for i in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            path = ("/v1/score", "/ls/webhook", "/ls/predict", "/ls/setup")[i % 4]  # the last two: FastAPI reads their bodies first
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 100000000\r\n\r\n{{".encode())
+            stalled.append(s)
+        t0 = time.monotonic()
+        assert httpx.get(f"{scorer.url}/v1/health", timeout=10).status_code == 200
+        health_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        r = score(scorer.url, images["bad"][0])
+        score_s = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        print(f"under 200 stalled connections: health {health_s:.2f} s, score {score_s:.2f} s")
+        assert health_s <= 2 and score_s <= 5, (health_s, score_s)
+        answered = sum(b"401" in s.recv(64) for s in stalled[:20])  # the gate's answer, without the body
+        assert answered == 20
+    finally:
+        for s in stalled:
+            s.close()

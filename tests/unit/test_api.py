@@ -4,6 +4,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +94,13 @@ def test_json_uris_only_below_allowed_roots(client, ctx, tmp_path, defect_png):
     assert client.post("/v1/score", json={"images": [{"uri": str(secret)}]}).status_code == 403
     assert client.post("/v1/score", json={"images": [{"uri": str(pool / "../secret.png")}]}).status_code == 403
     assert client.post("/v1/score", json={"images": [{"uri": str(pool / "none.png")}]}).status_code == 400
+    # a FIFO under an allowed root would block its reading thread forever (six exhausted the pool)
+    os.mkfifo(pool / "pipe.png")
+    t0 = time.monotonic()
+    r = client.post("/v1/score", json={"images": [{"uri": str(pool / "pipe.png")}]})
+    assert r.status_code == 400 and "not a regular file" in r.json()["detail"] and time.monotonic() - t0 < 5
+    (pool / "big.png").write_bytes(b"\0" * (2 * 2**20))  # over this service's 1 MB request limit
+    assert client.post("/v1/score", json={"images": [{"uri": str(pool / "big.png")}]}).status_code == 413
 
 
 @pytest.mark.parametrize("name,data,status,words", [
@@ -203,3 +212,28 @@ def test_settings_from_file_env_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="restart"):
         s.updated({"threads": 3})
     assert s.updated({"max_batch_size": 4}).max_batch_size == 4
+
+
+def test_image_reads_wait_in_a_pool_of_their_own(client, ctx):
+    """Reads that hang fill the I/O pool, not the threads scoring runs in; health says not ready."""
+    import threading
+
+    from defectloop.serve.context import IOPool
+
+    release = threading.Event()
+
+    async def main() -> None:
+        pool = IOPool(2)
+        reads = [asyncio.create_task(pool.run(release.wait, 10)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert pool.saturated and pool.busy == 3
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42  # scoring's threads are free
+        release.set()
+        assert all(await asyncio.gather(*reads)) and not pool.saturated
+
+    asyncio.run(main())
+    ctx.io.busy = ctx.io.workers
+    health = client.get("/v1/health").json()
+    assert (health["status"], health["ready"]) == ("saturated", False)
+    ctx.io.busy = 0
+    assert client.get("/v1/health").json()["ready"] is True
