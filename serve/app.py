@@ -90,10 +90,11 @@ def build(args: dict) -> serve.Application:
     return application(args or {})
 
 
-def application(args: dict, replicas: int = 1, gpus: float = 0.0) -> serve.Application:
+def application(args: dict, replicas: int = 1, gpus: float = 0.0, user_config: dict | None = None) -> serve.Application:
     """The scorer, plus the live loop when the settings name a labeling setup (``loop_state``)."""
     settings = ServeSettings.load(**args)
-    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})
+    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+                            **({"user_config": user_config} if user_config is not None else {}))
     if not settings.loop_state:
         return scorer.bind(**args)
     return scorer.bind(loop=LoopService.options(ray_actor_options={"num_cpus": 0.5}).bind(**args), **args)
@@ -114,14 +115,21 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handler
         signal.signal(sig, lambda *_: stop.set())
+    args = dataclasses.asdict(settings)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(dataclasses.asdict(settings), replicas, gpus), name="defectloop", route_prefix="/")
+        serve.run(application(args, replicas, gpus), name="defectloop", route_prefix="/")
         print(f"defectloop scorer on http://{host}:{port}  (docs: http://{host}:{port}/docs; "
               f"Label Studio ML backend URL: http://{host}:{port}/ls); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
-        print("shutting down the scorer...", flush=True)
+        print("shutting down the scorer: finishing the requests in flight...", flush=True)
+        # first the replicas answer new requests 503 (a user_config change, applied in place), then the
+        # application goes: its replicas finish what is in flight (graceful_shutdown_timeout_s) while
+        # the proxy still holds the connections. Tearing Serve down at once dropped them ("server
+        # disconnected without sending a response").
+        serve.run(application(args, replicas, gpus, user_config={"draining": True}), name="defectloop", route_prefix="/")
+        serve.delete("defectloop")
     finally:
         try:
             serve.shutdown()

@@ -104,8 +104,8 @@ UNAUTHORIZED = "missing or wrong API token (Authorization: Bearer <token>)"
 
 
 class TokenGate:
-    """ASGI middleware: every route but ``OPEN_PATHS`` answers 401 to a request without the token
-    before a byte of its body is read (FastAPI reads a body before it runs the route's
+    """ASGI middleware: every route but ``OPEN_PATHS`` answers 503 while the scorer drains, and 401 to
+    a request without the token, before a byte of its body is read (FastAPI reads a body before it runs the route's
     dependencies, so an unauthenticated client could otherwise make the service take in a body)."""
 
     def __init__(self, app, get_settings: Callable[[], ServeSettings]):
@@ -113,6 +113,10 @@ class TokenGate:
         self.get_settings = get_settings
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.get_settings().draining and scope.get("path", "") not in OPEN_PATHS:
+            response = JSONResponse({"detail": "this scorer is shutting down: retry shortly (another replica, "
+                                               "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
+            return await response(scope, receive, send)
         if scope["type"] == "http" and scope.get("path", "") not in OPEN_PATHS:
             headers = dict(scope.get("headers") or [])
             if not token_ok(headers.get(b"authorization", b"").decode("latin-1"), self.get_settings()):
