@@ -90,8 +90,21 @@ def build(args: dict) -> serve.Application:
     return application(args or {})
 
 
-def application(args: dict, replicas: int = 1, gpus: float = 0.0, user_config: dict | None = None) -> serve.Application:
-    """The scorer, plus the live loop when the settings name a labeling setup (``loop_state``)."""
+def default_replicas(cpus: int | None = None) -> int:
+    """Scorer replicas when none are asked for: two where there are 4 cores or more (one keeps
+    scoring while the other restarts), else one (two on 2 cores would halve each one's threads and
+    leave no core to the HTTP proxy and the live loop)."""
+    return 2 if (cpus or os.cpu_count() or 1) >= 4 else 1
+
+
+def application(args: dict, replicas: int | None = None, gpus: float = 0.0,
+                user_config: dict | None = None) -> serve.Application:
+    """The scorer (``default_replicas`` unless told), plus the live loop when the settings name a
+    labeling setup (``loop_state``). Replicas share the cores: each gets its part as torch threads
+    unless ``threads`` is set."""
+    replicas = replicas or default_replicas()
+    if replicas > 1 and not args.get("threads"):
+        args = {**args, "threads": max(1, (os.cpu_count() or 1) // replicas)}
     settings = ServeSettings.load(**args)
     scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
                             **({"user_config": user_config} if user_config is not None else {}))
@@ -104,7 +117,7 @@ app = Scorer.bind()
 
 
 def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-                   ray_address: str | None = None, replicas: int = 1, gpus: float = 0.0) -> None:
+                   ray_address: str | None = None, replicas: int | None = None, gpus: float = 0.0) -> None:
     """Start (or join) Ray, deploy the scorer on ``host:port`` and block until SIGINT/SIGTERM."""
     import dataclasses
 

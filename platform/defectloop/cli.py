@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--serve-config", help="YAML/JSON scorer settings (default: $DEFECTLOOP_SERVE_CONFIG)")
     v.add_argument("--no-auth", action="store_true", help="no API token (local demo only)")
     v.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
-    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument("--replicas", type=int, default=None, help="scorer replicas (default: 2 on 4 cores or more, else 1)")
     v.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
     v.set_defaults(func=cmd_serve)
 
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--batch", type=int, default=20, help="tasks the ranking puts first")
     up.add_argument("--retrain-after", type=int, default=20, help="new confirmed masks that start a retraining")
     up.add_argument("--reconcile-s", type=float, default=120.0, help="seconds between polling syncs")
-    up.add_argument("--replicas", type=int, default=1, help="scorer replicas")
+    up.add_argument("--replicas", type=int, default=None, help="scorer replicas (default: 2 on 4 cores or more, else 1)")
     up.add_argument("--config", help="JSON settings of the first model (default: $DEFECTLOOP_CONFIG, else the defaults)")
     up.add_argument("--label-studio-url", help="use this Label Studio (token in LABEL_STUDIO_API_KEY) instead of "
                                                "starting one; the data must be below its LOCAL_FILES_DOCUMENT_ROOT")

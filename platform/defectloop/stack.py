@@ -48,7 +48,7 @@ class StackConfig:
     batch: int = 20
     retrain_after: int = 20
     reconcile_s: float = 120.0
-    replicas: int = 1
+    replicas: int | None = None  # scorer replicas (default: serve.app.default_replicas)
     model: dict | None = None  # settings of the first model (ModelConfig.from_dict), default: the defaults
     label_studio_url: str | None = None  # use this Label Studio instead of starting one
     label_studio_token: str | None = None  # its token (default: LABEL_STUDIO_API_KEY)

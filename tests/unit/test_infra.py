@@ -138,3 +138,15 @@ def test_raycluster_manifest():
         if "defectloop retrain" in line:  # the commands in the comments are real
             command = line.split("defectloop", 1)[1].removesuffix("\\").strip()
             build_parser().parse_args([*shlex.split(command), "--registry", "r", "--data", "d"])
+
+
+
+def test_two_scorer_replicas_where_the_cores_allow():
+    from defectloop.serve.app import default_replicas
+
+    assert [default_replicas(c) for c in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 2]
+    deploy = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]["deployments"][0]
+    assert deploy["num_replicas"] == 2
+    service = yaml.safe_load((ROOT / "infra" / "k8s" / "rayservice-scorer.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] == 2
