@@ -17,7 +17,7 @@ import yaml
 
 #: fields a running replica applies without a restart (Serve ``reconfigure``)
 RELOADABLE = frozenset({"model", "version", "poll_s", "max_batch_size", "batch_wait_s", "api_token", "auth",
-                        "max_images", "max_request_mb", "max_megapixels", "label_studio_url",
+                        "max_images", "max_request_mb", "body_timeout_s", "max_megapixels", "label_studio_url",
                         "label_studio_token", "draining"})
 
 
@@ -29,6 +29,7 @@ class ServeSettings:
     auth: bool = True  # off only for local demos
     max_images: int = 64  # per request
     max_request_mb: float = 200.0
+    body_timeout_s: float = 30.0  # a request's body must be complete this long after it starts (else 408)
     max_megapixels: float = 50.0  # per image: decompression-bomb guard
     max_event_mb: float = 16.0  # per Label Studio webhook event (a brush mask of a 20 MP image is a few MB)
     max_batch_size: int = 16  # images per model forward (@serve.batch)

@@ -39,7 +39,7 @@ def scorer(scorer_registry, s3, tmp_path_factory):
     URLs point) is among the hosts it fetches from."""
     port = free_port()
     env = {**os.environ, "DEFECTLOOP_API_TOKEN": SCORER_TOKEN, "DEFECTLOOP_POLL_S": "0.5",
-           "DEFECTLOOP_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
+           "DEFECTLOOP_THREADS": "2", "DEFECTLOOP_BODY_TIMEOUT_S": "5", "RAY_USAGE_STATS_ENABLED": "0"}
     server = ManagedProcess("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry",
                                        str(scorer_registry), "--port", str(port)],
                             env, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("logs") / "scorer.log")

@@ -187,7 +187,8 @@ def test_serve_deploy_config_on_a_ray_head(ray_head, scorer_registry, images, tm
 
 def test_stalled_connections_without_a_token_take_nothing_down(scorer, images):
     """200 clients send a request's headers, announce a body and stall: without the token each gets
-    its 401 before any body is read, so they hold no replica slot; scoring and health answer on."""
+    its 401 before any body is read, so they hold no replica slot; scoring and health answer on. With
+    the token, a stalled body is cut after body_timeout_s (408)."""
     import socket
 
     port = int(scorer.url.rsplit(":", 1)[1])
@@ -210,6 +211,13 @@ def test_stalled_connections_without_a_token_take_nothing_down(scorer, images):
         assert health_s <= 2 and score_s <= 5, (health_s, score_s)
         answered = sum(b"401" in s.recv(64) for s in stalled[:20])  # the gate's answer, without the body
         assert answered == 20
+        # with the token, a body that stalls is cut at the scorer's body_timeout_s (5 s here): 408
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        stalled.append(slow)
+        t0 = time.monotonic()
+        slow.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        assert b" 408 " in slow.recv(64) and 4 < time.monotonic() - t0 < 15
     finally:
         for s in stalled:
             s.close()
