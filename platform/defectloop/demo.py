@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class DemoConfig:
     steps: int = 500
     seed: int = 0
     keep_running: bool = False
+    parity: bool = False  # after each round, also a model fitted from scratch on the same labels
     # generated data (when no --data): images per category and their size
     n_train: int = 30
     n_test_good: int = 80
@@ -147,11 +149,26 @@ def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sam
 
 
 def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
+    """Mean metrics on the held-out split, with the image AUROC per category (``per_category``)."""
     scores, maps = model.score_features(test.features)
     masks = [None if m is None else (m > 0.5).numpy() for m in test.masks]
     result = evaluate([s.category for s in test.samples], scores.numpy(), np.array([s.label for s in test.samples]),
                       maps.numpy(), masks)
-    return result["mean"]
+    return {**result["mean"], "per_category": {c: m["image_auroc"] for c, m in sorted(result["categories"].items())}}
+
+
+def batch_image_auroc(registry: Path, data: Path, test: Extracted) -> float:
+    """Loop vs batch parity: the held-out image AUROC of a model fitted from scratch (the served
+    version's settings) on what the loop has been taught so far: the training normals, the confirmed
+    defects in the served bank and the images confirmed normal, none held back. The gap to the loop's
+    model is what the loop loses of its labels."""
+    from defectloop.workers.retrain import retrain
+
+    with tempfile.TemporaryDirectory(prefix="defectloop-parity-") as tmp:
+        copy = Path(tmp) / "registry"
+        shutil.copytree(registry, copy, ignore=shutil.ignore_patterns("inbox", "runs"))
+        retrain(str(copy), str(data), full=True, storage=str(Path(tmp) / "runs"))
+        return held_out_metrics(Registry(copy).load(), test)["image_auroc"]
 
 
 class StackClient:
@@ -257,7 +274,9 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
         m = held_out_metrics(registry.load(), test_feats)
         label = registry.label()
         rounds.append({"round": 0, "policy": policy, "shown": 0, "anomalies_found": 0, "image_auroc": m["image_auroc"],
-                       "pixel_auroc": m["pixel_auroc"], "model_version": label})
+                       "pixel_auroc": m["pixel_auroc"], "per_category": m["per_category"], "model_version": label,
+                       # no labels yet: the batch model is the first model
+                       **({"batch_image_auroc": m["image_auroc"]} if cfg.parity else {})})
         print(f"\n{policy}: round 0, {label}: image AUROC {fmt(m['image_auroc'])}, pixel AUROC {fmt(m['pixel_auroc'])}",
               flush=True)
         print(f"{'round':>6s}{'shown':>7s}{'found':>7s}{'image AUROC':>13s}{'pixel AUROC':>13s}{'feedback s':>12s}  version")
@@ -280,11 +299,14 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
                 print(f"  retraining: {outcome['state']} after {retrain_s:.0f} s: {outcome['reason']}", flush=True)
             m = held_out_metrics(registry.load(), test_feats)
             label = registry.label()
+            parity = {"batch_image_auroc": batch_image_auroc(state / "registry", stack_data, test_feats)} if cfg.parity else {}
             rounds.append({"round": r, "policy": policy, "shown": len(shown), "anomalies_found": found,
-                           "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "feedback_s": feedback_s,
-                           "model_version": label, **({"retraining": outcome} if outcome else {})})
+                           "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "per_category": m["per_category"],
+                           **parity, "feedback_s": feedback_s, "model_version": label,
+                           **({"retraining": outcome} if outcome else {})})
             print(f"{r:>6d}{len(shown):>7d}{found:>7d}{fmt(m['image_auroc']):>13s}{fmt(m['pixel_auroc']):>13s}"
-                  f"{feedback_s:>12.1f}  {label}", flush=True)
+                  f"{feedback_s:>12.1f}  {label}"
+                  + (f"  (from scratch on the same labels: {fmt(parity['batch_image_auroc'])})" if parity else ""), flush=True)
         rounds[-1]["queue"] = queue_audit(project, truth, client)
         q = rounds[-1]["queue"]
         print(f"  queue: {q['max_predictions_per_task']} prediction(s) per task at most; open normal images called "

@@ -56,14 +56,18 @@ def overlays(path: Path, images: list[np.ndarray], maps: np.ndarray, titles: lis
 
 
 def learning_curve(path: Path, rounds: list[dict]) -> Path:
-    """Per policy: anomalies found and image AUROC on the held-out split against labels shown."""
+    """Per policy: anomalies found and image AUROC on the held-out split against labels shown (and,
+    with ``--parity``, the AUROC of a model fitted from scratch on the same labels, dashed)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for policy in sorted({r["policy"] for r in rounds}):
         rows = sorted((r for r in rounds if r["policy"] == policy), key=lambda r: r["round"])
         shown = np.cumsum([r["shown"] for r in rows])
         found = np.cumsum([r["anomalies_found"] for r in rows])
         ax1.plot(shown, found, marker="o", label=policy)
-        ax2.plot(shown, [r["image_auroc"] for r in rows], marker="o", label=policy)
+        line, = ax2.plot(shown, [r["image_auroc"] for r in rows], marker="o", label=policy)
+        if all("batch_image_auroc" in r for r in rows):  # --parity: a model fitted from scratch on the same labels
+            ax2.plot(shown, [r["batch_image_auroc"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                     label=f"{policy}: from scratch")
     ax1.set(xlabel="images shown to the annotator", ylabel="anomalies found", title="Finding defects")
     ax2.set(xlabel="images shown to the annotator", ylabel="image AUROC (held-out)", title="Model quality")
     for ax in (ax1, ax2):

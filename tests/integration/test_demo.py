@@ -12,13 +12,14 @@ pytestmark = pytest.mark.slow
 
 def test_demo_runs_the_loop_through_the_stack(label_studio, tmp_path):
     cfg = DemoConfig(out=label_studio.root / "demo", rounds=2, batch=5, steps=100, retrain_every=2, n_train=12,
-                     n_test_good=30, n_test_bad=6, image_size=128, strength=(0.85, 0.85), drift=0.0)
+                     n_test_good=30, n_test_bad=6, image_size=128, strength=(0.85, 0.85), drift=0.0, parity=True)
     # plain defects, no glare: this checks the plumbing, not the (harder) default data
     result = run_demo(cfg, str(tmp_path / "rounds.json"), studio=label_studio)
     rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
     assert rounds == json.loads(json.dumps(result["rounds"]))
-    keys = {"round", "policy", "shown", "anomalies_found", "image_auroc", "pixel_auroc"}
+    keys = {"round", "policy", "shown", "anomalies_found", "image_auroc", "pixel_auroc", "batch_image_auroc", "per_category"}
     assert all(keys <= set(r) for r in rounds)
+    assert all(set(r["per_category"]) == {"tile", "disc", "mesh"} and 0 <= r["batch_image_auroc"] <= 1 for r in rounds)
     assert cfg.policy == "per-category"  # the default
     main = [r for r in rounds if r["policy"] == cfg.policy]
     rand = [r for r in rounds if r["policy"] == "random"]
