@@ -151,6 +151,7 @@ def test_serve_deploy_config_on_a_ray_head(ray_head, scorer_registry, images, tm
     app["runtime_env"]["env_vars"].update(DEFECTLOOP_API_TOKEN="deploy-token", OMP_NUM_THREADS="1")
     dep = app["deployments"][0]
     dep["ray_actor_options"]["num_cpus"] = 1
+    dep["num_replicas"] = 1  # one, so that /v1/model always answers from the replica whose load time is compared
     serve_exe = str(Path(sys.executable).with_name("serve"))
 
     def deploy():
