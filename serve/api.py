@@ -39,7 +39,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = self.get_settings()
-        limit, timeout = int(settings.max_request_mb * 2**20), settings.body_timeout_s
+        limit, timeout = settings.max_request_bytes, settings.body_timeout_s
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await JSONResponse({"detail": f"request body over the {limit} byte limit"}, 413)(scope, receive, send)
@@ -156,7 +156,7 @@ def build_app(ctx: ScoringContext) -> FastAPI:
 
             def fetch(ref: ImageRef) -> bytes:
                 try:
-                    return read_uri(ref.uri, settings.allowed_roots, int(settings.max_request_mb * 2**20))
+                    return read_uri(ref.uri, settings.allowed_roots, settings.max_request_bytes)
                 except PermissionError as e:
                     raise HTTPException(403, str(e)) from e
                 except FileTooLarge as e:

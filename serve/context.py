@@ -113,13 +113,14 @@ class TokenGate:
         self.get_settings = get_settings
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.get_settings().draining and scope.get("path", "") not in OPEN_PATHS:
-            response = JSONResponse({"detail": "this scorer is shutting down: retry shortly (another replica, "
-                                               "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
-            return await response(scope, receive, send)
         if scope["type"] == "http" and scope.get("path", "") not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            if not token_ok(headers.get(b"authorization", b"").decode("latin-1"), self.get_settings()):
+            settings = self.get_settings()
+            authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if settings.draining:
+                response = JSONResponse({"detail": "this scorer is shutting down: retry shortly (another replica, "
+                                                   "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
+                return await response(scope, receive, send)
+            if not token_ok(authorization, settings):
                 response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -88,6 +88,10 @@ class ServeSettings:
         if self.max_batch_size < 1 or self.max_images < 1:
             raise ValueError("max_batch_size and max_images must be >= 1")
 
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
     def torch_device(self) -> str:
         if self.device == "auto":
             import torch

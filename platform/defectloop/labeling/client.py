@@ -11,11 +11,14 @@ import base64
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urljoin, urlparse
 
 import httpx
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 #: what one fetched image may cost, whatever its server does: bytes, and seconds in all (a slow or
@@ -32,6 +35,10 @@ class StudioError(RuntimeError):
 class FetchRefused(StudioError):
     """A fetch this service will not make or finish: a host it may not reach, a redirect to one,
     an image over the byte or time cap."""
+
+
+class _Retry(Exception):
+    """A server error worth another try."""
 
 
 def configured_fetch_hosts() -> list[str]:
@@ -66,7 +73,6 @@ class StudioClient:
     the body of a ``/ls/predict`` request), and a service that fetches any URL it is handed can be
     aimed at internal ones. Redirects are followed only to allowed hosts, a fetch stops at
     ``max_fetch_mb`` and ``fetch_deadline_s``, and an upstream error's body is never passed on.
-    httpx's own redirect following cannot check each hop's host, hence the loop in ``_download``.
     """
 
     def __init__(self, url: str, token: str, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 30.0,
@@ -103,21 +109,31 @@ class StudioClient:
         url = urljoin(self.url, path.lstrip("/"))
         if _origin(url) != _origin(self.url):
             raise FetchRefused(f"{_shown(url)} is not Label Studio's API at {self.url}")
-        last = ""
+        extra = kw.pop("headers", {})
+
+        def once() -> httpx.Response:
+            r = self.http.request(method, url, headers={**(self.headers() if auth else {}), **extra}, **kw)
+            if r.status_code >= 500:
+                raise _Retry(f"HTTP {r.status_code}: {r.text[:200]}")
+            if r.status_code >= 400:
+                raise StudioError(f"Label Studio {method} {_shown(url)}: HTTP {r.status_code}: {r.text[:300]}")
+            return r
+
+        return self._retried(once, f"Label Studio at {self.url}")
+
+    def _retried(self, once: Callable[[], T], what: str, deadline: float | None = None) -> T:
+        """``once()``, tried again with backoff on connection errors and server errors (``_Retry``),
+        up to ``retries`` more times and, if given, not past ``deadline``; other errors raise at once."""
         for attempt in range(self.retries + 1):
             try:
-                headers = {**(self.headers() if auth else {}), **kw.pop("headers", {})}
-                r = self.http.request(method, url, headers=headers, **kw)
-                if r.status_code < 500:
-                    if r.status_code >= 400:
-                        raise StudioError(f"Label Studio {method} {_shown(url)}: HTTP {r.status_code}: {r.text[:300]}")
-                    return r
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise StudioError(f"Label Studio at {self.url} unreachable after {self.retries + 1} tries: {last}")
+                return once()
+            except (httpx.HTTPError, _Retry) as e:
+                last = f"{type(e).__name__}: {e}" if isinstance(e, httpx.HTTPError) else str(e)
+            wait = self.backoff_s * 2**attempt
+            if attempt == self.retries or (deadline is not None and time.monotonic() + wait >= deadline):
+                break
+            time.sleep(wait)
+        raise StudioError(f"{what} unreachable after {attempt + 1} tries: {last}")
 
     def fetch(self, uri: str, task_id: int | None = None) -> bytes:
         """Bytes of a task's media: a Label Studio path (/data/..., /tasks/N/resolve/?fileuri=...), a
@@ -135,19 +151,10 @@ class StudioClient:
     def _download(self, url: str) -> bytes:
         """GET ``url`` within the caps, following redirects to allowed hosts only; retried like ``request``."""
         deadline = time.monotonic() + self.fetch_deadline_s
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                return self._get(url, deadline)
-            except (httpx.HTTPError, _Retry) as e:
-                last = f"{type(e).__name__}: {e}" if isinstance(e, httpx.HTTPError) else str(e)
-            if attempt < self.retries and time.monotonic() + self.backoff_s * 2**attempt < deadline:
-                time.sleep(self.backoff_s * 2**attempt)
-            else:
-                break
-        raise StudioError(f"{_shown(url)} unreachable after {attempt + 1} tries: {last}")
+        return self._retried(lambda: self._get(url, deadline), _shown(url), deadline)
 
     def _get(self, url: str, deadline: float) -> bytes:
+        """One try of ``_download``: the redirect hops (httpx's own following cannot check each hop's host)."""
         for _ in range(MAX_REDIRECTS + 1):
             if _origin(url) not in self.allowed:
                 raise FetchRefused(f"{_shown(url)}: not a host this service fetches from (Label Studio at "
@@ -180,6 +187,3 @@ class StudioClient:
     def close(self) -> None:
         self.http.close()
 
-
-class _Retry(Exception):
-    """A server error worth another try."""

@@ -191,8 +191,7 @@ class LiveLoop:
         fraction = self.runner.hold_back if self.runner else 0.0
         held = {int(e["task_id"]) for e in self.loop.feedback.ledger.values() if held_back(e["image"], fraction)}
         labels = self.loop.confirmed_labels()
-        known = set(self.loop.predictor.task_ids)
-        tasks = [t for t in sorted(labels) if t in known and t in held]
+        tasks = [t for t in sorted(labels) if t in self.loop.predictor.index and t in held]
         return tasks, [labels[t] for t in tasks]
 
     def _held_back_annotations(self) -> set[str]:
@@ -212,7 +211,7 @@ class LiveLoop:
         return model.with_abnormal_bank(bank)
 
     def _auroc(self, model, tasks: list[int], labels: list[int]) -> float:
-        index = {t: i for i, t in enumerate(self.loop.predictor.task_ids)}
+        index = self.loop.predictor.index
         feats = self.loop.predictor.features[[index[t] for t in tasks]]
         scores, _ = model.score_features(feats)
         return auroc(scores.numpy(), np.array(labels))

@@ -85,12 +85,12 @@ class LabelingLoop:
         an abnormal memory has updates to carry them to the scorer."""
         if not isinstance(self.model, AbnormalMemory) or not self.fitted:
             return False
-        labels = {t: y for t, y in self.confirmed_labels().items() if t in self._known}
+        index = self.predictor.index
+        labels = {t: y for t, y in self.confirmed_labels().items() if t in index}
         calibration = self.fitted
         if labels:
             tasks = sorted(labels)
-            known = self._known
-            cats = [self.predictor.categories[known[t]] for t in tasks]
+            cats = [self.predictor.categories[index[t]] for t in tasks]
             calibration = self.fitted.covering(cats, self.predictor.raw_scores(self.model, tasks),
                                                torch.tensor([bool(labels[t]) for t in tasks]),
                                                self.model.config.threshold_quantile)
@@ -106,11 +106,6 @@ class LabelingLoop:
         """Categories whose thresholds the confirmed normals raised: {category: {fitted, threshold, confirmed_normals}}."""
         return {c: {"fitted": self.fitted.threshold(c), "threshold": e.threshold, "confirmed_normals": e.confirmed}
                 for c, e in sorted(self.model.calibration.entries.items()) if e.confirmed}
-
-    @property
-    def _known(self) -> dict[int, int]:
-        """Task id -> its index among the pool's predictions (tasks whose image could be read)."""
-        return {t: i for i, t in enumerate(self.predictor.task_ids)}
 
     def abnormal_entries(self) -> int:
         return len(self.model.abnormal_bank) if isinstance(self.model, AbnormalMemory) else 0

@@ -8,6 +8,7 @@ only those get a new mask: an annotation costs what it changed, not the pool.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -124,11 +125,15 @@ class PoolPredictor:
                 out.append(i)
         return out
 
+    @functools.cached_property
+    def index(self) -> dict[int, int]:
+        """Task id -> its position in ``task_ids`` (the tasks whose image could be read; fixed)."""
+        return {t: i for i, t in enumerate(self.task_ids)}
+
     def raw_scores(self, model: AnomalyModel, task_ids: list[int]) -> torch.Tensor:
         """Image scores of the given tasks under ``model`` (what thresholds are set on)."""
         self.refresh(model)
-        index = {t: i for i, t in enumerate(self.task_ids)}
-        return torch.tensor([self._outcomes[index[t]].score for t in task_ids])
+        return torch.tensor([self._outcomes[self.index[t]].score for t in task_ids])
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

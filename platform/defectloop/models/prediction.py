@@ -38,13 +38,6 @@ def map_operator(n: int, size: int, sigma: float) -> torch.Tensor:
     return up[:, 0].T.contiguous()
 
 
-def resize_map(amap: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Anomaly map at the model's input size -> the original image size (bilinear)."""
-    if amap.shape == (height, width):
-        return amap
-    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
-
-
 @dataclass(frozen=True)
 class Prediction:
     """One image's outcome under one model."""
@@ -57,9 +50,6 @@ class Prediction:
     category: str | None
     known_category: bool  # False: the all-category thresholds were used
     amap: np.ndarray  # S x S smoothed anomaly map at the model's input size
-
-    def map(self, width: int, height: int) -> np.ndarray:
-        return resize_map(self.amap, width, height)
 
     def mask(self, width: int, height: int) -> np.ndarray:
         """H x W bool defect mask: where the map, at the image's size, exceeds the pixel threshold,
