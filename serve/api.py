@@ -109,6 +109,7 @@ def build_app(ctx: ScoringContext) -> FastAPI:
             normal_bank_size=len(m.normal_bank) if m.normal_bank is not None else 0,
             abnormal_bank_size=len(abnormal) if abnormal is not None else 0,
             abnormal_annotations=len(abnormal.annotations) if abnormal is not None else 0,
+            normal_evidence_images=len(m.normal_evidence.annotations) if isinstance(m, AbnormalMemory) else 0,
             thresholds={c: e.threshold for c, e in m.calibration.entries.items()}, loaded_at=served.loaded_at,
             reload_error=ctx.handle.last_error, peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 

@@ -60,6 +60,8 @@ class ModelInfo(BaseModel):
     normal_bank_size: int
     abnormal_bank_size: int
     abnormal_annotations: int
+    normal_evidence_images: int = Field(description="pool images confirmed normal since the version's training, "
+                                                    "read beside its normal bank")
     thresholds: dict[str, float]
     loaded_at: float
     reload_error: str | None
@@ -67,7 +69,7 @@ class ModelInfo(BaseModel):
 
 
 class CategoryMemory(BaseModel):
-    normal: int = Field(description="normal-bank entries of the category")
+    normal: int = Field(description="normal-bank entries of the category, and its confirmed normals' evidence")
     abnormal: int = Field(description="abnormal-bank entries (confirmed and synthetic defects)")
 
 

@@ -7,7 +7,8 @@ Layout (the same on both backends; keys are relative to the registry's root):
     claims/<id>                    written first, only if absent: how concurrent writers agree on ids
     CURRENT, history.json          the id being served; previous CURRENT values, for rollback
     banks/<id>/bNNNN/...           updates of a version by the labels confirmed since its training: the
-                                   abnormal bank, and the thresholds confirmed normals raised
+                                   abnormal bank, the confirmed normals' evidence, and the thresholds
+                                   they raised
     banks/<id>/CURRENT             the bank in force for that version
     labels/normal.json             pool images annotators confirmed normal (read by the retraining)
 
@@ -20,6 +21,7 @@ once into a local cache (versions are immutable, so the cache stays valid).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -30,7 +32,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from defectloop.memory import AbnormalBank
 from defectloop.models import AbnormalMemory, AnomalyModel, Calibration, load_model
 from defectloop.store import LocalStore, S3Config, cache_path, is_s3, local_copy, open_store
 
@@ -220,9 +221,10 @@ class Registry:
 
     def load_update(self, version: str, bank: str, model: AbnormalMemory) -> AbnormalMemory:
         """``model`` (of ``version``, loaded) under one of its bank updates: a twin reading the
-        update's abnormal bank and thresholds (the version's own where the update has none)."""
+        update's banks and thresholds (the version's own where the update has none)."""
         folder = local_copy(self.store, f"banks/{version}/{bank}", "abnormal_bank.json")
-        twin = model.with_abnormal_bank(AbnormalBank.load(folder, index=model.index_factory))
+        twin = copy.copy(model)
+        twin.load_memory(folder)  # new banks on the twin: ``model`` keeps its own
         own = folder / "calibration.json"
         twin.calibration = Calibration.load(own) if own.is_file() else self.calibration(version)  # type: ignore[attr-defined]
         return twin
@@ -241,14 +243,13 @@ class Registry:
         """The bank in force as served: an update's id, or ``TRAINED_BANK``."""
         return self.bank(version) or TRAINED_BANK
 
-    def publish_bank(self, bank: AbnormalBank, version: str | None = None, calibration: Calibration | None = None) -> str:
-        """Save an update of a version (its abnormal bank and, if given, its thresholds) and put it in
-        force; returns the new label."""
+    def publish_bank(self, model: AbnormalMemory, version: str | None = None) -> str:
+        """Save an update of a version (the model's abnormal bank, normal evidence and thresholds,
+        as ``AbnormalMemory.save_memory`` writes them) and put it in force; returns the new label."""
         version = self.resolve(version)
         with tempfile.TemporaryDirectory(prefix="defectloop-bank-") as tmp:
-            bank.save(Path(tmp))
-            if calibration is not None:
-                calibration.save(Path(tmp) / "calibration.json")
+            model.save_memory(Path(tmp))
+            model.calibration.save(Path(tmp) / "calibration.json")
             bank_id = self._claim(f"banks/{version}/claims", "b")
             self.store.upload_dir(Path(tmp), f"banks/{version}/{bank_id}", last=("abnormal_bank.json",))
         self.store.write(f"banks/{version}/CURRENT", bank_id.encode())

@@ -79,7 +79,7 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
 
     feedback = Feedback(model, tmp_path / "state" / "ledger.json",
                         lambda v: load_image(studio.fetch(v.image, v.task_id)))
-    sync = Sync(project, feedback, tmp_path / "state" / "cursor.json", publish=lambda: reg.publish_bank(model.abnormal_bank))
+    sync = Sync(project, feedback, tmp_path / "state" / "cursor.json", publish=lambda: reg.publish_bank(model))
     top, good = shown[0], next(i for i in sample_of if sample_of[i].label == 0)
     gt = load_mask(sample_of[top].mask_path)
     ann = ls.annotations.create(id=top, result=[brush(gt)])
@@ -278,9 +278,9 @@ def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp
 
 
 def test_a_confirmed_normal_raises_its_category_threshold(label_studio, served_registry, tiny_data, tmp_path):
-    """A pool image confirmed normal that the model called anomalous raises its category's threshold
-    at once: published as an update (no mask, no bank change needed), pre-annotations flip for the
-    images it covers, and deleting the verdict gives the fitted threshold back."""
+    """A pool image confirmed normal that the model called anomalous is normal evidence and raises
+    its category's threshold at once: published as an update, pre-annotations flip for the images
+    it covers, and deleting the verdict gives the fitted threshold and scores back."""
     from defectloop.labeling.loop import LabelingLoop
     from defectloop.labeling.policies import make_policy
     from defectloop.models import Calibration
@@ -307,14 +307,18 @@ def test_a_confirmed_normal_raises_its_category_threshold(label_studio, served_r
     ann = ls.annotations.create(id=confirmed, result=[{"type": "choices", "from_name": "verdict", "to_name": "image",
                                                        "value": {"choices": ["normal"]}}])
     timing = loop.apply_feedback()
-    assert timing.sync.published == "v0001-b0001" and not timing.sync.bank_changed
+    assert timing.sync.published == "v0001-b0001" and timing.sync.bank_changed  # the image is normal evidence
     served = Registry(root).load()
-    assert served.calibration.threshold("mesh") == pytest.approx(scores[confirmed])
+    assert len(served.normal_evidence.annotations) == 1
+    # set on its score without its own evidence: what its look-alikes nobody labeled score
+    assert served.calibration.threshold("mesh") == pytest.approx(scores[confirmed], abs=1e-5)
     assert served.calibration.get("mesh").confirmed == 1 and Registry(root).calibration() == fitted
     assert loop.raised_thresholds() == {"mesh": {"fitted": fitted.threshold("mesh"), "threshold": served.calibration.threshold("mesh"),
                                                  "confirmed_normals": 1}}
     decisions = {t["id"]: t["data"]["decision"] for t in project.tasks()}
-    assert {t for t, d in decisions.items() if d == "anomalous"} == {t for t in ids if scores[t] > scores[confirmed]}
+    now = dict(zip(ids, loop.predictor.raw_scores(loop.model, ids).tolist(), strict=True))
+    assert now[confirmed] < scores[confirmed]  # its own evidence
+    assert {t for t, d in decisions.items() if d == "anomalous"} == {t for t in ids if now[t] > served.calibration.threshold("mesh")}
 
     ls.annotations.delete(id=ann.id)
     timing = loop.apply_feedback()

@@ -53,8 +53,10 @@ def test_version_round_trip_bit_exact(s3, model, tiny_features):
     assert handle.served.label == v
     bank = loaded.abnormal_bank
     bank.add(Provenance("s3-ann", "img", "disc", "scratch"), test.features[0].flatten(1).T[:4])
-    assert reg.publish_bank(bank) == f"{v}-b0001"
+    loaded.normal_evidence.add(Provenance("normal:img2", "img2", "disc", "good"), test.features[1].flatten(1).T[:3])
+    assert reg.publish_bank(loaded) == f"{v}-b0001"
     assert handle.refresh() and len(handle.served.model.abnormal_bank) == len(bank)
+    assert len(handle.served.model.normal_evidence) == 3
 
 
 def test_wrong_credentials_give_a_clear_error(s3):

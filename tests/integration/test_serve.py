@@ -117,7 +117,7 @@ def test_hot_reload_under_load(scorer, scorer_registry, images, embedder):
         time.sleep(1)
         model = reg.load()
         model.abnormal_bank.add(Provenance("it-ann-1", "img-x", "disc", "scratch"), model.abnormal_bank.tensors()[0][:5])
-        bank_label = reg.publish_bank(model.abnormal_bank)
+        bank_label = reg.publish_bank(model)
         assert wait_for(bank_label) >= 3
         version = reg.register(reg.load())
         assert wait_for(version) >= 3

@@ -146,6 +146,7 @@ def test_auth(client, defect_png):
     assert anon.get("/v1/model", headers={"Authorization": f"Basic {basic}"}).status_code == 200
     info = client.get("/v1/model").json()
     assert info["model_version"] == "v0001" and info["kind"] == "dmad" and info["normal_bank_size"] > 0
+    assert info["normal_evidence_images"] == 0
     assert set(info["categories"]) == {"tile", "disc", "mesh"}
     # no token: 401 before the body is read (over the body limit, it would otherwise be a 413)
     huge = anon.post("/ls/predict", content=b"{" * (2 * 2**20), headers={"content-type": "application/json"})

@@ -93,11 +93,18 @@ def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
 
 
 def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
+    """A normal verdict is normal evidence for its image until any verdict on it says otherwise; a
+    verdict without a mask adds nothing to the abnormal bank."""
     fb, task, _ = feedback
     before = len(fb.model.abnormal_bank)
-    assert not fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))
-    assert not fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))
-    assert len(fb.model.abnormal_bank) == before
+    evidence = fb.model.normal_evidence
+    assert fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))
+    assert f"normal:{task['data']['image']}" in evidence and len(evidence) > 0
+    assert not fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))  # delivered twice
+    assert fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))  # disputed: no evidence
+    assert len(evidence) == 0 and len(fb.model.abnormal_bank) == before
+    assert fb.apply(Verdict("7", 11, "", "", "deleted")) and len(evidence) > 0  # the dispute withdrawn
+    fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))
     ledger = Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger  # persisted
     assert {k: v["kind"] for k, v in ledger.items()} == {"6": "normal", "7": "anomalous"}
     cancelled = read_annotation({**annotation(8, task, choice="normal"), "was_cancelled": True}, task, CONFIG)
@@ -109,6 +116,7 @@ def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_p
     from defectloop.workers.retrain import confirmed_normals
 
     fb, _, _ = feedback
+    fb.load_image = lambda v: load_image(v.source)
     goods = [s for s in load_split(tiny_data).test if s.label == 0][:3]
     tasks = [{"id": 20 + i, "data": {"image": f"/data/local-files/?d={i}", "category": s.category, "source": str(s.path)}}
              for i, s in enumerate(goods)]

@@ -137,10 +137,7 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
         return model.patch_scores(test.features)
 
     def check(moved: torch.Tensor, before: torch.Tensor) -> None:
-        now = fresh()
-        assert torch.allclose(pool.of(torch.arange(len(test.features))), now, atol=1e-5)
-        changed = ((now - before).abs() > 1e-6).flatten(1).any(1).nonzero()[:, 0]
-        assert set(changed.tolist()) <= set(moved.tolist()) and len(moved) < len(test.features)
+        check_pool(pool, fresh(), moved, before)
 
     assert torch.equal(pool.of(torch.arange(len(test.features))), fresh()) and len(pool.refresh()) == 0
     i = next(k for k, s in enumerate(test.samples) if s.label == 1)
@@ -162,6 +159,50 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
     model.forget(model.abnormal_bank.annotations[0].annotation_id)  # an entry the pool scored against at first
     check(pool.refresh(), before)
     assert len(pool.refresh()) == 0
+
+
+def check_pool(pool, now: torch.Tensor, moved: torch.Tensor, before: torch.Tensor) -> None:
+    """The pool's refreshed scores equal a fresh scoring (``now``), and every image that moved is reported."""
+    assert torch.allclose(pool.of(torch.arange(len(now))), now, atol=1e-5)
+    changed = ((now - before).abs() > 1e-6).flatten(1).any(1).nonzero()[:, 0]
+    assert set(changed.tolist()) <= set(moved.tolist()) and len(moved) < len(now)
+
+
+def test_a_confirmed_normal_is_normal_evidence_at_once(fitted, features, tmp_path):
+    """An image confirmed normal adds, at the coreset ratio, the patches of it the normal memory
+    covers worst: its own score and its look-alikes' drop at once, the pool follows at the cost of
+    what changed, the evidence survives a save, and forgetting it gives the scores back."""
+    from defectloop.data import load_image
+    from defectloop.memory import target_size
+
+    _, test = features
+    fitted["dmad"].save(tmp_path / "m")
+    model = load_model(tmp_path / "m", index=ExactIndex)
+    pool = model.pool_scores(test.features)
+    first = model.patch_scores(test.features)
+    i = max((k for k, s in enumerate(test.samples) if s.label == 0), key=lambda k: float(first[k].max()))
+    prov = Provenance("normal:x", test.samples[i].image_id, test.samples[i].category, "good")
+    held = model.memory_by_category()[prov.category]["normal"]
+    n = model.confirm_normal(prov, load_image(test.samples[i].path))
+    cells = first.shape[1] * first.shape[2]
+    assert n == len(model.normal_evidence) == target_size(cells, model.config.coreset_ratio)
+    moved = pool.refresh()
+    after = model.patch_scores(test.features)
+    check_pool(pool, after, moved, first)
+    assert i in moved.tolist() and float(after[i].max()) < float(first[i].max())
+    assert model.memory_by_category()[prov.category]["normal"] == held + n
+
+    model.save(tmp_path / "m2")
+    again = load_model(tmp_path / "m2", index=ExactIndex)
+    assert torch.allclose(again.patch_scores(test.features), after, atol=1e-5)
+
+    model.confirm_normal(prov, load_image(test.samples[i].path))  # the same image again: replaced, not added
+    assert len(model.normal_evidence) == n
+    check_pool(pool, model.patch_scores(test.features), pool.refresh(), after)
+    assert model.forget("normal:x") and len(model.normal_evidence) == 0
+    moved = pool.refresh()
+    check_pool(pool, model.patch_scores(test.features), moved, after)
+    assert torch.allclose(pool.of(torch.arange(len(test.features))), first, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

@@ -38,32 +38,41 @@ def test_handle_follows_versions_and_bank_updates(registry, test_images):
     model = registry.load()
     feats = model.embedder(img[None])[0].flatten(1).T
     model.abnormal_bank.add(Provenance("ann-1", sample.image_id, sample.category, "scratch"), feats)
-    assert registry.publish_bank(model.abnormal_bank) == "v0001-b0001"
+    assert registry.publish_bank(model) == "v0001-b0001"
     old = handle.served
     assert handle.refresh() and handle.served.label == "v0001-b0001"
     after = handle.score([img], [sample.category])[0].prediction.score
     assert after > before  # nearer a confirmed defect now
     assert old.model.abnormal_bank is not handle.served.model.abnormal_bank  # the old model was left intact
 
+    # then annotators confirm it normal after all: its patches are normal evidence in the next update
+    model.forget("ann-1")
+    model.normal_evidence.add(Provenance("normal:it", sample.image_id, sample.category, "good"), feats)
+    assert registry.publish_bank(model) == "v0001-b0002"
+    assert handle.refresh() and len(handle.served.model.normal_evidence) == len(feats)
+    assert handle.score([img], [sample.category])[0].prediction.score < before
+    assert len(old.model.normal_evidence) == 0
+
     v2 = registry.register(registry.load("v0001"))
     assert handle.refresh() and handle.served.label == v2
     registry.rollback()
-    assert handle.refresh() and handle.served.label == "v0001-b0001"
+    assert handle.refresh() and handle.served.label == "v0001-b0002"
 
 
 def test_a_bank_update_carries_its_thresholds(registry, test_images):
-    """Thresholds raised over confirmed normals travel with the bank update they were set under; an
-    update without them serves the version's own."""
+    """Thresholds raised over confirmed normals travel with the bank update they were set under; the
+    version keeps its own."""
     handle = ModelHandle(registry.location)
     sample, img = next((s, t) for s, t in test_images if s.label == 0)
     model = registry.load()
     fitted = model.calibration
-    raised = fitted.shifted(100.0)
-    assert registry.publish_bank(model.abnormal_bank, calibration=raised) == "v0001-b0001"
+    raised = model.calibration = fitted.shifted(100.0)
+    assert registry.publish_bank(model) == "v0001-b0001"
     assert handle.refresh() and handle.served.model.calibration == raised
     assert handle.score([img], [sample.category])[0].prediction.threshold == raised.threshold(sample.category)
     assert registry.load().calibration == raised and registry.calibration() == fitted  # the version's own is kept
-    assert registry.publish_bank(model.abnormal_bank) == "v0001-b0002"
+    model.calibration = fitted
+    assert registry.publish_bank(model) == "v0001-b0002"
     assert handle.refresh() and handle.served.model.calibration == fitted
 
 

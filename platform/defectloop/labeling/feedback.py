@@ -4,10 +4,11 @@ A Label Studio annotation says one of four things about its image: here are defe
 (brush regions), it is anomalous (no mask), it is normal, or (deleted) nothing any more. Masks
 become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
 (webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
-removes them. Normal and mask-less anomalous verdicts are image-level labels, kept in a ledger (the
-loop's record of what was labeled). The next retraining reads both: the confirmed masks from the
-served bank, and the images confirmed normal from the registry (``Feedback.normal_images``,
-published by the loop), which join the normal training images.
+removes them. An image every verdict calls normal becomes normal evidence keyed by the image (two
+annotators agreeing add it once). All verdicts are image-level labels too, kept in a ledger (the
+loop's record of what was labeled). The next retraining reads the confirmed masks from the served
+bank, and the images confirmed normal from the registry (``Feedback.normal_images``, published by
+the loop), which join the normal training images.
 """
 
 from __future__ import annotations
@@ -90,12 +91,19 @@ class Feedback:
         self.ledger: dict[str, dict] = json.loads(self.ledger_path.read_text()) if self.ledger_path.exists() else {}
 
     def key(self, annotation_id: str) -> str:
+        """The memory's key for an annotation's defect mask."""
         return f"ls:{annotation_id}"
 
+    @staticmethod
+    def normal_key(image: str) -> str:
+        """The memory's key for an image's normal evidence."""
+        return f"normal:{image}"
+
     def apply(self, verdict: Verdict) -> bool:
-        """Apply one verdict; returns whether the model's abnormal memory changed."""
+        """Apply one verdict; returns whether the model's memory changed."""
         model = self.model
         key = self.key(verdict.annotation_id)
+        before = self.ledger.get(verdict.annotation_id)
         changed = False
         if isinstance(model, AbnormalMemory):
             if verdict.kind == "mask":
@@ -108,8 +116,25 @@ class Feedback:
             self.ledger.pop(verdict.annotation_id, None)
         else:
             self.ledger[verdict.annotation_id] = verdict.ledger_entry()
+        if isinstance(model, AbnormalMemory):
+            for image in {verdict.image, before["image"] if before else ""} - {""}:
+                changed |= self._follow_normal(model, image)
         self._save()
         return changed
+
+    def _follow_normal(self, model: AbnormalMemory, image: str) -> bool:
+        """An image is normal evidence while every verdict on it says normal (one that another
+        annotator saw a defect on must not make its defect look normal); returns whether that changed."""
+        key = self.normal_key(image)
+        entries = [e for e in self.ledger.values() if e["image"] == image]
+        if entries and all(e["kind"] == "normal" for e in entries):
+            if key in model.normal_evidence:
+                return False
+            e = entries[0]
+            verdict = Verdict(e["annotation_id"], e["task_id"], image, e["category"], "normal", e.get("source", ""))
+            model.confirm_normal(Provenance(key, image, e["category"], "good"), self.load_image(verdict))
+            return True
+        return model.forget(key)
 
     def normal_images(self) -> list[dict]:
         """Images annotators confirmed normal: {"source", "category", "image"}, once each, for the

@@ -194,21 +194,19 @@ class LiveLoop:
         tasks = [t for t in sorted(labels) if t in self.loop.predictor.index and t in held]
         return tasks, [labels[t] for t in tasks]
 
-    def _held_back_annotations(self) -> set[str]:
+    def _held_back_keys(self) -> set[str]:
+        """The memory's keys for the held-back labels: their masks, and their images' normal evidence."""
         fraction = self.runner.hold_back if self.runner else 0.0
-        return {f"ls:{aid}" for aid, e in self.loop.feedback.ledger.items() if held_back(e["image"], fraction)}
+        held = [(aid, e["image"]) for aid, e in self.loop.feedback.ledger.items() if held_back(e["image"], fraction)]
+        feedback = self.loop.feedback
+        return {feedback.key(aid) for aid, _ in held} | {feedback.normal_key(image) for _, image in held}
 
     def _without(self, model, tasks: list[int]):
-        """The served model with the held-back annotations out of its bank: judged as the candidate is."""
+        """The served model without the held-back labels in its memory: judged as the candidate is."""
         if not isinstance(model, AbnormalMemory):
             return model
-        bank = type(model.abnormal_bank)(model.dim, model.index_factory)
-        feats, group, provs = model.abnormal_bank.tensors()
-        held = self._held_back_annotations()
-        for i, p in enumerate(provs):
-            if p.annotation_id not in held:
-                bank.add(p, feats[group == i])
-        return model.with_abnormal_bank(bank)
+        held = self._held_back_keys()
+        return model.with_memory(model.abnormal_bank.without(held), model.normal_evidence.without(held))
 
     def _auroc(self, model, tasks: list[int], labels: list[int]) -> float:
         index = self.loop.predictor.index
@@ -217,16 +215,17 @@ class LiveLoop:
         return auroc(scores.numpy(), np.array(labels))
 
     def _carry_held_back(self, previous: AbnormalMemory) -> None:
-        """The held-back masks were not trained on, but belong in the served bank: copied over (same
-        backbone, same features) and published."""
+        """The held-back labels were not trained on, but belong in the served memory: their masks and
+        normal evidence copied over (same backbone, same features) and published."""
         model = self.loop.model
-        feats, group, provs = previous.abnormal_bank.tensors()
-        held = self._held_back_annotations()
+        held = self._held_back_keys()
         added = 0
-        for i, p in enumerate(provs):
-            if p.annotation_id in held and p.annotation_id not in model.abnormal_bank:
-                model.abnormal_bank.add(p, feats[group == i])
-                added += 1
+        for old, new in ((previous.abnormal_bank, model.abnormal_bank), (previous.normal_evidence, model.normal_evidence)):
+            feats, group, provs = old.tensors()
+            for i, p in enumerate(provs):
+                if p.annotation_id in held and p.annotation_id not in new:
+                    new.add(p, feats[group == i])
+                    added += 1
         if added:
             self.loop.publish()
             self.loop.select()

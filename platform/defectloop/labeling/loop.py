@@ -65,10 +65,10 @@ class LabelingLoop:
         self._pending = 0  # annotations applied since the last commit
 
     def publish(self) -> str:
-        """A new update of the served version: the abnormal bank, and the thresholds under it."""
+        """A new update of the served version: its banks, and the thresholds under them."""
         assert isinstance(self.model, AbnormalMemory)  # only such a model's memory changes
         self.recalibrate()  # the bank moved the scores of the confirmed normals too
-        return self.registry.publish_bank(self.model.abnormal_bank, self.version, self.model.calibration)
+        return self.registry.publish_bank(self.model, self.version)
 
     def confirmed_labels(self) -> dict[int, int]:
         """Task id -> 1 (confirmed defective: a mask or a verdict) or 0 (confirmed normal); a task
@@ -91,7 +91,7 @@ class LabelingLoop:
         if labels:
             tasks = sorted(labels)
             cats = [self.predictor.categories[index[t]] for t in tasks]
-            calibration = self.fitted.covering(cats, self.predictor.raw_scores(self.model, tasks),
+            calibration = self.fitted.covering(cats, self.calibration_scores(tasks),
                                                torch.tensor([bool(labels[t]) for t in tasks]),
                                                self.model.config.threshold_quantile)
         if calibration == self.model.calibration:
@@ -101,6 +101,22 @@ class LabelingLoop:
                  or "as fitted")
         self.model.calibration = calibration
         return True
+
+    def calibration_scores(self, tasks: list[int]) -> torch.Tensor:
+        """Image scores of labeled tasks, for thresholds: an image that is normal evidence is scored
+        without its own (with it, it scores low and could never show how its look-alikes that
+        nobody labeled yet score: what a threshold is for)."""
+        scores = self.predictor.raw_scores(self.model, tasks)
+        model = self.model
+        if not isinstance(model, AbnormalMemory) or not len(model.normal_evidence):
+            return scores
+        image_of = {int(e["task_id"]): e["image"] for e in self.feedback.ledger.values()}
+        for j, t in enumerate(tasks):
+            key = self.feedback.normal_key(image_of.get(t, ""))
+            if key in model.normal_evidence:
+                twin = model.with_memory(model.abnormal_bank, model.normal_evidence.without({key}))
+                scores[j] = twin.score_features(self.predictor.features[[self.predictor.index[t]]])[0][0]
+        return scores
 
     def raised_thresholds(self) -> dict[str, dict]:
         """Categories whose thresholds the confirmed normals raised: {category: {fitted, threshold, confirmed_normals}}."""

@@ -1,6 +1,6 @@
 """Memory: coreset sampling, nearest-neighbour indexes, normal/abnormal banks."""
 
-from defectloop.memory.banks import AbnormalBank, NormalBank, Provenance
+from defectloop.memory.banks import AbnormalBank, NormalBank, NormalEvidence, Provenance
 from defectloop.memory.coreset import (
     CoresetSampler,
     KCenterGreedy,
@@ -11,4 +11,4 @@ from defectloop.memory.coreset import (
 from defectloop.memory.nn_index import ExactIndex, IndexFactory, IVFIndex, NNIndex, build_index, knn
 
 __all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "IndexFactory", "KCenterGreedy", "NNIndex", "NormalBank",
-           "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "target_size"]
+           "NormalEvidence", "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "target_size"]

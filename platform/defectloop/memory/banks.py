@@ -1,4 +1,5 @@
-"""Normal and abnormal memory banks, saved as safetensors + JSON (never pickle).
+"""Normal and abnormal memory banks, and the confirmed normals' evidence, saved as safetensors +
+JSON (never pickle).
 
 The abnormal bank keeps the provenance of every entry (image, annotation, category, defect label)
 so that re-sending, editing or deleting an annotation replaces or removes its entries instead of
@@ -114,6 +115,12 @@ class AbnormalBank:
         self._changed()
         return True
 
+    def without(self, names: set[str]) -> AbnormalBank:
+        """A copy without the named groups (the kept tensors are shared: they never change in place)."""
+        out = type(self)(self.dim, self.index_factory)
+        out._groups = {name: group for name, group in self._groups.items() if name not in names}
+        return out
+
     def _changed(self) -> None:
         self.version += 1
         self._cache = self._index = None
@@ -152,3 +159,9 @@ class AbnormalBank:
             bank._groups[p["annotation_id"]] = (Provenance(**p), t["features"][t["group"] == i].clone())
         bank.version = meta["version"]
         return bank
+
+
+class NormalEvidence(AbnormalBank):
+    """Patches of pool images annotators confirmed normal, read beside the normal bank until a
+    retraining takes the images into it: the abnormal bank's bookkeeping (grouped, idempotent per
+    key, versioned, saved the same way), with one group per image."""

@@ -1,9 +1,14 @@
-"""The capability of reading an abnormal bank: what annotators confirm changes scores at once.
+"""The capability of a memory annotators write to: what they confirm changes scores at once.
 
 Only a model that scores with an abnormal bank (DMAD) has this capability; the labeling loop asks
-``isinstance(model, AbnormalMemory)`` and talks to it through ``confirm`` and ``forget`` alone, so
-it never needs to know how a mask becomes bank entries. PatchCore and CRAD do not have it: a mask
-confirmed for them is a label for the ledger and the next retraining, not a bank change.
+``isinstance(model, AbnormalMemory)`` and talks to it through ``confirm``, ``confirm_normal`` and
+``forget`` alone, so it never needs to know how a label becomes bank entries. A confirmed defect
+mask adds abnormal entries; an image confirmed normal adds normal evidence: the patches of it the
+normal bank covers worst, read beside that bank until a retraining takes the image into it. On
+the demo, the first round's 10 labels took the loop's held-out image AUROC from 82.6 to 86.5
+(per-category: 6 masks, 4 normals) and to 89.2 (random: 10 normals), where it stayed at 82.6
+without the evidence (a model fitted from scratch on the same labels: 92.0 and 92.7). PatchCore
+and CRAD do not have it: a label confirmed for them waits for the ledger and the next retraining.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ import numpy as np
 import torch
 
 from defectloop.features import PatchEmbedder, image_tensor, mask_cells, mask_tensor
-from defectloop.memory import AbnormalBank, IndexFactory, Provenance
+from defectloop.memory import (
+    AbnormalBank,
+    IndexFactory,
+    NormalBank,
+    NormalEvidence,
+    Provenance,
+    extend_farthest,
+    target_size,
+)
 from defectloop.models.config import ModelConfig
 
 #: entries of annotations by people (not training masks, not synthetic defects)
@@ -30,9 +43,12 @@ class AbnormalMemory:
     dim: int
     index_factory: IndexFactory
     abnormal_bank: AbnormalBank
+    normal_bank: NormalBank | None
+    normal_evidence: NormalEvidence
 
     def init_abnormal_memory(self) -> None:
         self.abnormal_bank = AbnormalBank(self.dim, self.index_factory)
+        self.normal_evidence = NormalEvidence(self.dim, self.index_factory)
 
     @torch.no_grad()
     def confirm(self, provenance: Provenance, image: np.ndarray, mask: np.ndarray) -> int:
@@ -50,17 +66,44 @@ class AbnormalMemory:
         self.abnormal_bank.add(provenance, cells)
         return len(cells)
 
-    def with_abnormal_bank(self, bank: AbnormalBank) -> AbnormalMemory:
-        """A twin of this model that reads ``bank``: it shares the backbone, the normal bank and the
-        head (nothing is copied or reloaded), so swapping banks costs only the bank itself, and
-        requests in flight on this model keep their bank."""
+    @torch.no_grad()
+    def confirm_normal(self, provenance: Provenance, image: np.ndarray) -> int:
+        """An image annotators confirmed normal: the patches of it the normal memory covers worst
+        join the normal evidence, as many as a warm retraining would take into the normal bank
+        (the coreset ratio, farthest first), so a second look-alike image adds little. Idempotent
+        per ``provenance.annotation_id``; returns the number of entries now held for it."""
+        feats = self.embedder(image_tensor(image, self.config.image_size)[None])[0].float()
+        flat = feats.flatten(1).T
+        d, _, _ = self.nearest_normal(flat)
+        cells = flat[extend_farthest(flat, d, target_size(len(flat), self.config.coreset_ratio))]
+        self.normal_evidence.add(provenance, cells)
+        return len(cells)
+
+    def nearest_normal(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each patch: the distance to the nearest normal entry, of the normal bank or the
+        normal evidence; that entry; and its group in ``normal_evidence.tensors()`` (-1: the bank)."""
+        bank = self.normal_bank
+        d, rows = bank.index.search(q)
+        nearest, group = bank.features[rows], torch.full_like(rows, -1)
+        if len(self.normal_evidence):
+            feats, groups, _ = self.normal_evidence.tensors()
+            d_e, rows_e = self.normal_evidence.index.search(q)
+            closer = d_e < d
+            d = torch.where(closer, d_e, d)
+            nearest[closer], group[closer] = feats[rows_e[closer]], groups[rows_e[closer]]
+        return d, nearest, group
+
+    def with_memory(self, abnormal: AbnormalBank, normals: NormalEvidence) -> AbnormalMemory:
+        """A twin of this model that reads these banks: it shares the backbone, the normal bank and
+        the head (nothing is copied or reloaded), so swapping banks costs only the banks, and
+        requests in flight on this model keep theirs."""
         twin = copy.copy(self)  # a shallow copy: the module's submodules and tensors are shared
-        twin.abnormal_bank = bank
+        twin.abnormal_bank, twin.normal_evidence = abnormal, normals
         return twin
 
     def forget(self, annotation_id: str) -> bool:
-        """Remove an annotation's entries; returns whether there were any."""
-        return self.abnormal_bank.remove(annotation_id)
+        """Remove an annotation's entries (abnormal or normal evidence); returns whether there were any."""
+        return self.abnormal_bank.remove(annotation_id) | self.normal_evidence.remove(annotation_id)
 
     def confirmed(self) -> Confirmed:
         """(provenance, features) of the entries people confirmed: what a retraining trains on."""
@@ -70,13 +113,20 @@ class AbnormalMemory:
 
     def memory_by_category(self) -> dict[str, dict[str, int]]:
         out = super().memory_by_category()  # type: ignore[misc]
-        feats, group, provs = self.abnormal_bank.tensors()
-        for i, n in enumerate(torch.bincount(group, minlength=len(provs)).tolist()):
-            out.setdefault(provs[i].category or "?", {"normal": 0, "abnormal": 0})["abnormal"] += n
+        for bank, kind in ((self.abnormal_bank, "abnormal"), (self.normal_evidence, "normal")):
+            _, group, provs = bank.tensors()
+            for i, n in enumerate(torch.bincount(group, minlength=len(provs)).tolist()):
+                out.setdefault(provs[i].category or "?", {"normal": 0, "abnormal": 0})[kind] += n
         return out
 
     def save_memory(self, folder: Path) -> None:
+        """The abnormal bank, and the normal evidence where there is any (``abnormal_bank.json`` last:
+        what marks a bank update complete)."""
+        if len(self.normal_evidence):
+            self.normal_evidence.save(folder, "normal_evidence")
         self.abnormal_bank.save(folder)
 
     def load_memory(self, folder: Path) -> None:
         self.abnormal_bank = AbnormalBank.load(folder, index=self.index_factory)
+        self.normal_evidence = NormalEvidence.load(folder, "normal_evidence", self.index_factory) \
+            if (folder / "normal_evidence.json").is_file() else NormalEvidence(self.dim, self.index_factory)

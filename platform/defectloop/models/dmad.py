@@ -170,10 +170,9 @@ class DMAD(AbnormalMemory, AnomalyModel):
         return torch.full((len(q),), self.no_abnormal()), torch.full((len(q),), -1, dtype=torch.long)
 
     def enhance(self, q: torch.Tensor, d_a: torch.Tensor | None = None) -> Enhanced:
-        """Enhancement of test patches against the current banks (no exclusions); ``d_a`` when known."""
-        bank = self.normal_bank
-        d_n, idx = bank.index.search(q)
-        return Enhanced(q, q - bank.features[idx], d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a)
+        """Enhancement of test patches against the current memory (no exclusions); ``d_a`` when known."""
+        d_n, nearest, _ = self.nearest_normal(q)
+        return Enhanced(q, q - nearest, d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a)
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
@@ -186,45 +185,54 @@ class DMAD(AbnormalMemory, AnomalyModel):
 
 
 class DMADPatchScores(PatchScores):
-    """A pool's patch scores under DMAD, following its abnormal bank at the cost of what changed.
+    """A pool's patch scores under DMAD, following its memory at the cost of what changed.
 
     A patch scores ``base + relu(l_n - l_a)`` (DMADScorer): base (l_n and the heads' correction)
-    depends on the patch, the normal bank and the head, fixed for a model; only d_a, the distance
-    to the nearest abnormal entry, moves with the abnormal bank. So d_a is kept per patch with the
-    annotation of that entry: added entries cost one search of the pool's patches against those
-    entries alone, removed ones a search of the whole bank for the patches that pointed at them.
-    Distances to added entries are exact, so they may be nearer than the served bank's index finds
-    (an IVF above a few hundred entries): never farther.
+    depends on the patch, its nearest normal entry and the head; d_a, the distance to the nearest
+    abnormal entry, moves with the abnormal bank. Both nearest entries are kept per patch with the
+    group (annotation, or confirmed-normal image) they belong to: added entries cost one search of
+    the pool's patches against those entries alone (only they can come nearer), removed ones a
+    search of the whole memory for the patches that pointed at them. Distances to added entries
+    are exact, so they may be nearer than the served banks' index finds (an IVF above a few
+    hundred entries): never farther.
     """
 
     def __init__(self, model: DMAD, feats: torch.Tensor, batch_size: int = 64):
         self.model, self.feats, self.batch_size = model, feats, batch_size
-        bank = model.abnormal_bank
-        self.entries = bank.entries()  # annotation id -> its features, as the scores last saw them
-        self.ids = {name: i for i, name in enumerate(self.entries)}  # annotation id -> number in ``nearest``
+        self.entries = model.abnormal_bank.entries()  # annotation id -> its features, as the scores last saw them
+        self.normals = model.normal_evidence.entries()  # the same for the normal evidence
+        self.ids: dict[str, int] = {}  # group id -> its number in ``nearest`` / ``normal_from`` (-1: none, the bank)
         parts = []
         with torch.no_grad():
             model.eval()
             for start in range(0, len(feats), batch_size):
                 q = self._patches(slice(start, start + batch_size))
                 d_a, rows = model.nearest_abnormal(q)
-                log_dn, base = model.scorer.normal_terms(model.enhance(q, d_a))
-                parts.append((base, log_dn, d_a, self._owners(rows, bank)))
+                d_n, nearest, group = model.nearest_normal(q)
+                log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a))
+                parts.append((base, log_dn, d_a, self._owners(rows, model.abnormal_bank), d_n,
+                              self._numbers(group, model.normal_evidence)))
         b, _, h, w = feats.shape
-        self.base, self.log_dn, self.d_a, self.nearest = (torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(4))
+        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from = (
+            torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(6))
         self.shape = (h, w)
 
     def _patches(self, images: slice) -> torch.Tensor:
         f = self.feats[images]
         return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
 
+    def _numbers(self, group: torch.Tensor, bank: AbnormalBank) -> torch.Tensor:
+        """Groups of ``bank``'s tensors -> their numbers in ``self.ids`` (-1 stays -1)."""
+        _, _, provs = bank.tensors()
+        if not provs:
+            return torch.full_like(group, -1)
+        number = torch.tensor([self.ids.setdefault(p.annotation_id, len(self.ids)) for p in provs])
+        return torch.where(group >= 0, number[group.clamp_min(0)], -1)
+
     def _owners(self, rows: torch.Tensor, bank: AbnormalBank) -> torch.Tensor:
         """Rows of ``bank``'s tensors -> numbers of their annotations in ``self.ids`` (-1 for none)."""
-        _, group, provs = bank.tensors()
-        if not provs:
-            return torch.full_like(rows, -1)
-        number = torch.tensor([self.ids.setdefault(p.annotation_id, len(self.ids)) for p in provs])
-        return torch.where(rows >= 0, number[group[rows.clamp_min(0)]], -1)
+        return self._numbers(torch.where(rows >= 0, bank.tensors()[1][rows.clamp_min(0)], -1)
+                             if len(bank) else torch.full_like(rows, -1), bank)
 
     def of(self, images: torch.Tensor) -> torch.Tensor:
         d_a = self.d_a[images]
@@ -244,30 +252,75 @@ class DMADPatchScores(PatchScores):
 
     @torch.no_grad()
     def refresh(self) -> torch.Tensor:
-        bank = self.model.abnormal_bank
-        now = bank.entries()
-        gone = [name for name, t in self.entries.items() if now.get(name) is not t]  # removed or edited
-        added = {name: t for name, t in now.items() if self.entries.get(name) is not t}
-        self.entries = now
-        if not gone and not added:
+        abnormal, normals = self.model.abnormal_bank.entries(), self.model.normal_evidence.entries()
+        if _same(self.entries, abnormal) and _same(self.normals, normals):
             return torch.zeros(0, dtype=torch.long)
         everything = torch.arange(len(self.feats))
         before = self.of(everything)
+        self._follow_normals(normals)
+        self._follow_abnormal(abnormal)
+        return (self.of(everything) != before).flatten(1).any(1).nonzero()[:, 0]
+
+    def _changes(self, old: dict[str, torch.Tensor], now: dict[str, torch.Tensor]
+                 ) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """(groups removed or edited, groups added or edited) between two ``entries()``."""
+        gone = [name for name, t in old.items() if now.get(name) is not t]
+        return gone, {name: t for name, t in now.items() if old.get(name) is not t}
+
+    def _nearer(self, added: dict[str, torch.Tensor]):
+        """For each batch of pool images, the patches that one of the ``added`` groups' entries is
+        nearer to: (batch slice, distances, entries' rows in the added features, group numbers per row)."""
+        numbers = torch.tensor([self.ids.setdefault(name, len(self.ids)) for name in added])
+        owner = numbers.repeat_interleave(torch.tensor([len(t) for t in added.values()]))
+        feats = torch.cat(list(added.values()))
+        index = self.model.index_factory(feats)
+        n_cells = self.d_a.shape[1]
+        for start in range(0, len(self.feats), self.batch_size):
+            at = slice(start, start + self.batch_size)
+            d, rows = index.search(self._patches(at))
+            yield at, d.view(-1, n_cells), rows.view(-1, n_cells), owner, feats
+
+    def _follow_normals(self, now: dict[str, torch.Tensor]) -> None:
+        gone, added = self._changes(self.normals, now)
+        self.normals = now
+        model = self.model
+        if gone:  # patches whose nearest normal entry left: searched again against the whole memory
+            stale = torch.isin(self.normal_from, torch.tensor([self.ids[name] for name in gone])).nonzero()
+            img, cell = stale[:, 0], stale[:, 1]
+            d, nearest, group = model.nearest_normal(self.feats.flatten(2)[img, :, cell].float())
+            self._renormal(img, cell, d, nearest, self._numbers(group, model.normal_evidence))
+        if added:
+            for at, d, rows, owner, feats in self._nearer(added):
+                cells = (d < self.d_n[at]).nonzero()
+                img, cell = cells[:, 0] + at.start, cells[:, 1]
+                r = rows[cells[:, 0], cells[:, 1]]
+                self._renormal(img, cell, d[cells[:, 0], cells[:, 1]], feats[r], owner[r])
+
+    def _renormal(self, img: torch.Tensor, cell: torch.Tensor, d_n: torch.Tensor, nearest: torch.Tensor,
+                  number: torch.Tensor) -> None:
+        """New nearest normal entries for some patches: their base scores computed again."""
+        if not len(img):
+            return
+        q = self.feats.flatten(2)[img, :, cell].float()
+        log_dn, base = self.model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, self.d_a[img, cell]))
+        self.base[img, cell], self.log_dn[img, cell], self.d_n[img, cell], self.normal_from[img, cell] = base, log_dn, d_n, number
+
+    def _follow_abnormal(self, now: dict[str, torch.Tensor]) -> None:
+        gone, added = self._changes(self.entries, now)
+        self.entries = now
         if gone:  # patches whose nearest entry left: searched again against the whole bank
             stale = torch.isin(self.nearest, torch.tensor([self.ids[name] for name in gone])).nonzero()
             img, cell = stale[:, 0], stale[:, 1]
             q = self.feats.flatten(2)[img, :, cell].float()
             d, rows = self.model.nearest_abnormal(q)
-            self.d_a[img, cell], self.nearest[img, cell] = d, self._owners(rows, bank)
+            self.d_a[img, cell], self.nearest[img, cell] = d, self._owners(rows, self.model.abnormal_bank)
         if added:  # only the new entries can come nearer
-            numbers = torch.tensor([self.ids.setdefault(name, len(self.ids)) for name in added])
-            owner = numbers.repeat_interleave(torch.tensor([len(t) for t in added.values()]))
-            index = self.model.index_factory(torch.cat(list(added.values())))
-            n_cells = self.d_a.shape[1]
-            for start in range(0, len(self.feats), self.batch_size):
-                d, rows = index.search(self._patches(slice(start, start + self.batch_size)))
-                d, rows = d.view(-1, n_cells), rows.view(-1, n_cells)
-                nearer = d < self.d_a[start:start + self.batch_size]
-                self.d_a[start:start + self.batch_size][nearer] = d[nearer]
-                self.nearest[start:start + self.batch_size][nearer] = owner[rows[nearer]]
-        return (self.of(everything) != before).flatten(1).any(1).nonzero()[:, 0]
+            for at, d, rows, owner, _ in self._nearer(added):
+                nearer = d < self.d_a[at]
+                self.d_a[at][nearer] = d[nearer]
+                self.nearest[at][nearer] = owner[rows[nearer]]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two ``entries()`` hold the same groups: the same tensors (an edit replaces its tensor)."""
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
