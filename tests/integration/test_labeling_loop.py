@@ -118,9 +118,13 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
     assert len(model.abnormal_bank) == before and f"ls:{ann.id}" not in model.abnormal_bank
     assert Registry(root).load().abnormal_bank.annotations == model.abnormal_bank.annotations
 
-    # re-prediction under the new label: only the scorer runs again
-    project.push_predictions(predictor.predictions(model), reg.label())
+    # re-prediction under the new label: only the scorer runs again; every prediction is replaced
+    # (one request), one per task, and a second push writes nothing
+    assert project.push_predictions(predictor.predictions(model), reg.label()) == len(tasks)
     assert project.model_version() == "v0001-b0003"
+    preds = list(ls.predictions.list(project=project.id))
+    assert sorted(p.task for p in preds) == sorted(tasks_by_id) and {p.model_version for p in preds} == {"v0001-b0003"}
+    assert project.push_predictions(predictor.predictions(model), reg.label()) == 0
 
 
 def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypatch, capsys):

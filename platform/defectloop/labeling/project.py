@@ -146,7 +146,7 @@ class LabelingProject:
         """Make each task's one prediction ({task, result, score}) the given one, under ``model_version``,
         which becomes the project's; returns how many predictions were written.
 
-        Unchanged predictions are not written again, a changed one is updated in place, and a task's
+        Unchanged predictions are not written again, changed ones are replaced, and a task's
         superseded predictions (older versions, duplicates) are deleted: annotators see one current
         prediction per task, and re-ranking after a bank update costs only what changed. A prediction's
         ``decision`` (normal/anomalous) goes into its task's data, where the Data Manager shows it as a
@@ -155,21 +155,25 @@ class LabelingProject:
         from label_studio_sdk import PredictionRequest
 
         current = self._current_predictions()
-        new, digests, written = [], {}, 0
+        new, digests, replaced = [], {}, []
         for p in predictions:
             digest = _digest(p, model_version)
             have = current.get(p["task"])
-            if have is None:
-                new.append(PredictionRequest(task=p["task"], result=p["result"], score=p["score"],
-                                             model_version=model_version))
-                digests[p["task"]] = digest
-            elif have[1] != digest:
-                self.ls.predictions.update(id=have[0], result=p["result"], score=p["score"], model_version=model_version)
-                current[p["task"]] = (have[0], digest)
-                written += 1
+            if have is not None and have[1] == digest:
+                continue
+            if have is not None:
+                replaced.append(p["task"])
+            new.append(PredictionRequest(task=p["task"], result=p["result"], score=p["score"], model_version=model_version))
+            digests[p["task"]] = digest
+        if replaced:  # one request for all: an update in place per prediction cost one each (a normal
+            # confirmed as evidence moves most of its category's scores)
+            self.ls.actions.create(id="delete_tasks_predictions", project=self.id,
+                                   selected_items={"all": False, "included": replaced})
         for i in range(0, len(new), 500):
             self.ls.projects.import_predictions(id=self.id, request=new[i:i + 500])
-        if new:  # the ids of imported predictions: read back once (what they say is what we sent)
+        if new:  # the ids of imported predictions: read back once (what they say is what we sent,
+            # or, for the others, what was known of them: a digest of Label Studio's copy can differ)
+            digests = {**{task: d for task, (_, d) in current.items()}, **digests}
             self._predictions = None
             for task, (pred_id, _) in self._current_predictions().items():
                 if task in digests:
@@ -177,7 +181,7 @@ class LabelingProject:
         self._write_decisions({p["task"]: p["decision"] for p in predictions if "decision" in p})
         if self.model_version() != model_version:
             self.ls.projects.update(id=self.id, model_version=model_version)
-        return written + len(new)
+        return len(new)
 
     def _write_decisions(self, decisions: dict[int, str]) -> None:
         """Task data ``decision`` where it differs (the data is replaced whole: the rest is kept)."""
