@@ -18,7 +18,7 @@ import yaml
 #: fields a running replica applies without a restart (Serve ``reconfigure``)
 RELOADABLE = frozenset({"model", "version", "poll_s", "max_batch_size", "batch_wait_s", "api_token", "auth",
                         "max_images", "max_request_mb", "body_timeout_s", "max_megapixels", "label_studio_url",
-                        "label_studio_token", "draining"})
+                        "label_studio_token", "draining", "max_requests_per_client"})
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ServeSettings:
     max_images: int = 64  # per request
     max_request_mb: float = 200.0
     body_timeout_s: float = 30.0  # a request's body must be complete this long after it starts (else 408)
+    max_requests_per_client: int = 32  # in flight per client address and replica (else 429): no client fills a replica
     max_megapixels: float = 50.0  # per image: decompression-bomb guard
     max_event_mb: float = 16.0  # per Label Studio webhook event (a brush mask of a 20 MP image is a few MB)
     max_batch_size: int = 16  # images per model forward (@serve.batch)
@@ -85,8 +86,8 @@ class ServeSettings:
         if self.auth and not self.api_token:
             raise ValueError("auth is on but no API token is set (DEFECTLOOP_API_TOKEN); "
                              "use auth: false only for a local demo")
-        if self.max_batch_size < 1 or self.max_images < 1:
-            raise ValueError("max_batch_size and max_images must be >= 1")
+        if self.max_batch_size < 1 or self.max_images < 1 or self.max_requests_per_client < 1:
+            raise ValueError("max_batch_size, max_images and max_requests_per_client must be >= 1")
 
     @property
     def max_request_bytes(self) -> int:

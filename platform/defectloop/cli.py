@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(out=out, data=Path(args.data) if args.data else None, rounds=args.rounds, batch=args.batch,
                      defect_rate=args.defect_rate, pool_normals=args.pool_normals, policy=args.policy,
                      retrain_every=args.retrain_every, steps=args.steps, seed=args.seed, keep_running=args.keep_running,
-                     parity=args.parity)
+                     parity=args.parity, image_level=tuple(_categories(args.image_level) or ()))
     t0 = time.perf_counter()
     run_demo(cfg, args.json)
     print(f"\ndone in {(time.perf_counter() - t0) / 60:.1f} min. Outputs in {out}:\n"
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="leave Label Studio and the scorer up at the end")
     d.add_argument("--parity", action="store_true",
                    help="after each round, also fit a model from scratch on the same labels (batch_image_auroc; a fit per round)")
+    d.add_argument("--image-level", metavar="CATS",
+                   help="comma-separated categories the annotator labels normal/anomalous without drawing masks")
     d.add_argument("--json", help="also write the report (the rounds of every policy) here")
     d.set_defaults(func=cmd_demo)
     return p

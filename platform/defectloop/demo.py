@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class DemoConfig:
     seed: int = 0
     keep_running: bool = False
     parity: bool = False  # after each round, also a model fitted from scratch on the same labels
+    image_level: tuple[str, ...] = ()  # categories the annotator labels without drawing masks
     # generated data (when no --data): images per category and their size
     n_train: int = 30
     n_test_good: int = 80
@@ -134,14 +136,16 @@ def brush_result(mask: np.ndarray, label: str, config: LabelConfig) -> dict:
             "original_height": h, "value": {"format": "rle", "rle": BrushRLE().encode(mask), "brushlabels": [label]}}
 
 
-def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sample]) -> int:
-    """The simulated annotator: labels tasks through the Label Studio API; returns the anomalies found."""
+def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sample],
+             image_level: Collection[str] = ()) -> int:
+    """The simulated annotator: labels tasks through the Label Studio API (a verdict, and the defect's
+    mask where there is one, except in the ``image_level`` categories); returns the anomalies found."""
     config, found = project.config, 0
     for t in task_ids:
         s = truth[t]
         result = [{"type": "choices", "from_name": config.choices, "to_name": config.image,
                    "value": {"choices": [ANOMALOUS if s.label else NORMAL]}}]
-        if s.label and s.mask_path is not None and config.brush:
+        if s.label and s.mask_path is not None and config.brush and s.category not in image_level:
             result.append(brush_result(load_mask(s.mask_path), config.defect_label(s.defect), config))
         project.ls.annotations.create(id=t, result=result)
         found += s.label
@@ -288,7 +292,7 @@ def run_policy(cfg: DemoConfig, policy: str, stack_data: Path, truth_by_path: di
                 print("the pool is fully labeled")
                 break
             t0 = time.perf_counter()
-            found = annotate(project, shown, truth)
+            found = annotate(project, shown, truth, cfg.image_level)
             labeled.update(shown)
             client.wait_applied(len(labeled))
             feedback_s = time.perf_counter() - t0

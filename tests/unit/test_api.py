@@ -156,6 +156,51 @@ def test_auth(client, defect_png):
     assert health["reload_failed"] is False and "reload_error" not in health
 
 
+def test_one_client_cannot_take_a_replica(ctx):
+    """Past ``max_requests_per_client`` requests in flight, a client gets 429 (before its body is
+    read) while another client is still served; a finished request frees its place."""
+    from defectloop.serve.context import TokenGate
+
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    settings = ctx.settings.updated({"max_requests_per_client": 2})
+    gate = TokenGate(slow_app, lambda: settings)
+
+    async def call(client: str, path: str = "/v1/score", token: str = TOKEN) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "client": (client, 1234),
+                 "headers": [(b"authorization", f"Bearer {token}".encode())]}
+        await gate(scope, receive, send)
+        return sent[0]["status"]
+
+    async def scenario() -> None:
+        first = [asyncio.create_task(call("10.0.0.1")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert await call("10.0.0.1") == 429  # answered at once, while its two wait
+        assert await call("10.0.0.1", token="wrong") == 401  # auth first
+        other = asyncio.create_task(call("10.0.0.2"))
+        await asyncio.sleep(0.05)
+        assert not other.done() and gate.in_flight == {"10.0.0.1": 2, "10.0.0.2": 1}
+        release.set()
+        assert await asyncio.gather(*first, other) == [200, 200, 200]
+        assert gate.in_flight == {} and await call("10.0.0.1") == 200
+        assert await call("10.0.0.1", path="/v1/health", token="") == 200  # open paths: no gate at all
+
+    asyncio.run(scenario())
+
+
 def test_health_names_no_file_when_a_reload_fails(client, ctx):
     assert ctx.handle.served  # loaded: what follows is a later reload's failure
     ctx.handle.last_error = "OSError: /secret/registry/versions/v0002/weights.safetensors: corrupt"

@@ -93,17 +93,23 @@ def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
 
 
 def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
-    """A normal verdict is normal evidence for its image until any verdict on it says otherwise; a
-    verdict without a mask adds nothing to the abnormal bank."""
+    """A normal verdict is normal evidence for its image until any verdict on it says otherwise; an
+    anomalous verdict without a mask adds the image's most anomalous patches as weak positives."""
     fb, task, _ = feedback
-    before = len(fb.model.abnormal_bank)
+    bank = fb.model.abnormal_bank
+    before = len(bank)
     evidence = fb.model.normal_evidence
     assert fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))
     assert f"normal:{task['data']['image']}" in evidence and len(evidence) > 0
     assert not fb.apply(read_annotation(annotation(6, task, choice="normal"), task, CONFIG))  # delivered twice
     assert fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))  # disputed: no evidence
-    assert len(evidence) == 0 and len(fb.model.abnormal_bank) == before
+    cells = (fb.model.config.image_size // 8) ** 2
+    weak = [p for p in bank.annotations if p.annotation_id == "ls:7"]
+    assert len(evidence) == 0 and len(bank) == before + max(1, round(0.01 * cells))
+    assert weak[0].source == "weak" and weak[0] in [p for p, _ in fb.model.confirmed()]  # the retraining's too
+    assert not fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))  # delivered twice
     assert fb.apply(Verdict("7", 11, "", "", "deleted")) and len(evidence) > 0  # the dispute withdrawn
+    assert len(bank) == before
     fb.apply(read_annotation(annotation(7, task, choice="anomalous"), task, CONFIG))
     ledger = Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger  # persisted
     assert {k: v["kind"] for k, v in ledger.items()} == {"6": "normal", "7": "anomalous"}

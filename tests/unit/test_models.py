@@ -219,6 +219,23 @@ def test_retraining_uses_confirmed_defects(tiny_features, small_config, confirme
         assert all(p.annotation_id in model.abnormal_bank for p, _ in confirmed)
         assert [p for p, _ in model.confirmed()] == [p for p, _ in confirmed]
         assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed) > 0
+        # an image called anomalous without a mask: its top patches, at once and in the next fit, down-weighted
+        from dataclasses import replace
+
+        from defectloop.data import load_image
+
+        i = next(k for k, s in enumerate(test.samples) if s.label == 1 and f"ls:{s.image_id}" not in model.abnormal_bank)
+        prov = Provenance("ls:weak", test.samples[i].image_id, test.samples[i].category)
+        before = float(model.score_features(test.features[i:i + 1])[0][0])
+        k = model.confirm_anomalous(prov, load_image(test.samples[i].path))
+        assert k == max(1, round(model.config.dmad.weak_patches * test.features[0, 0].numel()))
+        assert float(model.score_features(test.features[i:i + 1])[0][0]) > before
+        weak = [(p, c) for p, c in model.confirmed() if p.source == "weak"]
+        assert [p for p, _ in weak] == [replace(prov, source="weak")] and len(weak[0][1]) == k
+        again = create_model(small_config(kind))
+        stats = Fitter(again).fit(train, confirmed=model.confirmed())
+        assert stats["real_abnormal_patches"] == sum(len(c) for _, c in confirmed)  # the weak ones are not "real"
+        assert "ls:weak" in again.abnormal_bank
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

@@ -4,8 +4,9 @@ A Label Studio annotation says one of four things about its image: here are defe
 (brush regions), it is anomalous (no mask), it is normal, or (deleted) nothing any more. Masks
 become abnormal-bank entries keyed by the annotation id, so the same annotation delivered twice
 (webhook and sync) or edited later leaves exactly the entries of its latest version, and a deletion
-removes them. An image every verdict calls normal becomes normal evidence keyed by the image (two
-annotators agreeing add it once). All verdicts are image-level labels too, kept in a ledger (the
+removes them. An image called anomalous without a mask adds weak positives (its most anomalous
+patches) the same way. An image every verdict calls normal becomes normal evidence keyed by the
+image (two annotators agreeing add it once). All verdicts are image-level labels too, kept in a ledger (the
 loop's record of what was labeled). The next retraining reads the confirmed masks from the served
 bank, and the images confirmed normal from the registry (``Feedback.normal_images``, published by
 the loop), which join the normal training images.
@@ -110,7 +111,11 @@ class Feedback:
                 prov = Provenance(key, verdict.image, verdict.category, "+".join(verdict.defects) or "defect")
                 model.confirm(prov, self.load_image(verdict), verdict.mask)
                 changed = True
-            else:  # deleted, or edited into a verdict without a mask
+            elif verdict.kind == "anomalous":  # no mask: weak positives (the image's most anomalous patches)
+                if (before or {}).get("kind") != "anomalous" or key not in model.abnormal_bank:
+                    model.confirm_anomalous(Provenance(key, verdict.image, verdict.category), self.load_image(verdict))
+                    changed = True
+            else:  # deleted, or edited into a normal verdict
                 changed = model.forget(key)
         if verdict.kind in ("deleted", "empty"):
             self.ledger.pop(verdict.annotation_id, None)

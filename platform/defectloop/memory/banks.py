@@ -64,7 +64,7 @@ class Provenance:
     image_id: str
     category: str = ""
     defect: str = ""
-    source: str = "annotation"  # or "synthetic"
+    source: str = "annotation"  # a drawn mask; or "weak" (an image called anomalous: its top patches), "synthetic"
 
 
 class AbnormalBank:

@@ -14,6 +14,7 @@ and CRAD do not have it: a label confirmed for them waits for the ledger and the
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,22 @@ class AbnormalMemory:
         return len(cells)
 
     @torch.no_grad()
+    def confirm_anomalous(self, provenance: Provenance, image: np.ndarray) -> int:
+        """An image annotators called anomalous without drawing the defect: a bag of its most
+        anomalous patches under the current model (``dmad.weak_patches`` of them, at least one)
+        joins the abnormal bank as weak positives (``source="weak"``). The defect is among them
+        where the model already points at it, so some may be normal: a retraining weights them as
+        it weights synthetic defects, a fifth of a drawn mask, and no defect type is read from them.
+        They are what a category annotated without masks learns from. Idempotent per
+        ``provenance.annotation_id``; returns the number of entries held for it."""
+        feats = self.embedder(image_tensor(image, self.config.image_size)[None]).float()
+        scores = self.patch_scores(feats)[0].flatten()  # type: ignore[attr-defined]
+        k = max(1, round(self.config.dmad.weak_patches * len(scores)))
+        cells = feats[0].flatten(1).T[scores.topk(k).indices]
+        self.abnormal_bank.add(replace(provenance, source="weak"), cells)
+        return len(cells)
+
+    @torch.no_grad()
     def confirm_normal(self, provenance: Provenance, image: np.ndarray) -> int:
         """An image annotators confirmed normal: the patches of it the normal memory covers worst
         join the normal evidence, as many as a warm retraining would take into the normal bank
@@ -106,10 +123,11 @@ class AbnormalMemory:
         return self.abnormal_bank.remove(annotation_id) | self.normal_evidence.remove(annotation_id)
 
     def confirmed(self) -> Confirmed:
-        """(provenance, features) of the entries people confirmed: what a retraining trains on."""
+        """(provenance, features) of the entries people confirmed, masks and weak positives: what a
+        retraining trains on."""
         feats, group, provs = self.abnormal_bank.tensors()
         return [(p, feats[group == i]) for i, p in enumerate(provs)
-                if p.source == "annotation" and not p.annotation_id.startswith("train:")]
+                if p.source in ("annotation", "weak") and not p.annotation_id.startswith("train:")]
 
     def memory_by_category(self) -> dict[str, dict[str, int]]:
         out = super().memory_by_category()  # type: ignore[misc]

@@ -24,7 +24,8 @@ class DMADConfig:
     batch_size: int = 1024
     lr: float = 1e-3
     real_weight: float = 5.0
-    synthetic_weight: float = 1.0
+    synthetic_weight: float = 1.0  # also the weight of weak positives (an image called anomalous, no mask)
+    weak_patches: float = 0.01  # an image called anomalous without a mask: its most anomalous patches, this share
     synthetic_per_category: int = 8
     train_patches: int = 100_000
 

@@ -83,7 +83,8 @@ def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: C
                       ids: dict[str, int]) -> tuple[Examples, Examples]:
     """Rebuild the abnormal bank (every worker the same) and return this worker's real and synthetic
     examples: annotated training masks, synthetic defects (the cold start, and extra negatives), and
-    annotators' confirmed defects (on pool images: each gets an owner id of its own in ``ids``)."""
+    annotators' confirmed defects (on pool images: each gets an owner id of its own in ``ids``; weak
+    positives count with the synthetic ones)."""
     cfg = model.config.dmad
     found: list[tuple[Provenance, torch.Tensor]] = []
     real, synthetic = Examples([], []), Examples([], [])
@@ -100,7 +101,8 @@ def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: C
     for prov, _ in confirmed:
         ids.setdefault(prov.image_id, len(train.samples) + len(ids))
     for prov, cells in list(confirmed)[comm.rank::comm.world]:  # trained on: shared out among the workers
-        real.add(cells, ids[prov.image_id])
+        # weak positives (a bag of an image's top patches, no mask) weigh what synthetic defects do
+        (synthetic if prov.source == "weak" else real).add(cells, ids[prov.image_id])
     bank = AbnormalBank(model.dim, model.index_factory)
     for part in comm.all_gather(found):
         for prov, cells in part:
