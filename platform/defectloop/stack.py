@@ -80,7 +80,9 @@ def neutral_pool(pool: list[PoolImage], folder: Path) -> list[PoolImage]:
     answer away to the annotator. The path relative to the data folder stays in each task's meta."""
     out = []
     for img in pool:
-        src = Path(img.uri)
+        # the file itself: link(2) does not follow a symlink (the demo's data folder is of links), and a
+        # link to a link outside Label Studio's document root is refused there
+        src = Path(img.uri).resolve()
         name = hashlib.sha256((img.path or img.uri).encode()).hexdigest()[:16] + src.suffix.lower()
         dst = folder / img.category / name
         if not dst.exists():

@@ -1,5 +1,7 @@
 """Label Studio glue without a server: brush RLE codec (bit-exact with the SDK), label config, event inbox."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from label_studio_sdk.converter import brush as sdk
@@ -77,3 +79,22 @@ def test_inbox_is_durable_and_ordered(tmp_path):
     again.done(a)
     assert [e["action"] for _, e in inbox.pending()] == ["START_TRAINING"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_neutral_pool_holds_files_not_links_out_of_it(tmp_path):
+    """The demo's data folder is of symlinks to the real images (``--data`` anywhere): the pool Label
+    Studio serves must hold the images themselves under neutral names, never a link that resolves
+    outside its document root (Label Studio refuses those)."""
+    from defectloop.labeling.project import PoolImage
+    from defectloop.stack import neutral_pool
+
+    outside = tmp_path / "data" / "screw" / "test" / "scratch_head"
+    outside.mkdir(parents=True)
+    (outside / "003.png").write_bytes(b"png bytes")
+    link = tmp_path / "root" / "stack-data" / "screw" / "test" / "scratch_head" / "test-003.png"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside / "003.png")
+    (out,) = neutral_pool([PoolImage(str(link), "screw", "screw/test/scratch_head/test-003.png")], tmp_path / "root" / "pool")
+    path = Path(out.uri)
+    assert path.resolve().is_relative_to(tmp_path / "root" / "pool") and not path.is_symlink()
+    assert path.read_bytes() == b"png bytes" and "scratch" not in path.name and out.category == "screw"
