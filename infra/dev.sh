@@ -9,6 +9,11 @@ VENV=${DEFECTLOOP_VENV:-.venv}
 stamp="$VENV/.defectloop-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setting up $VENV (first run takes a few minutes)..." >&2
+  # the install is about 7.5 GB (torch's CUDA libraries); pip fails late and vaguely when the disk fills
+  free_gb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "${free_gb:-0}" -lt 10 ]; then
+    echo "warning: ${free_gb} GB free on $(pwd): the install needs about 10 GB while it runs" >&2
+  fi
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -e '.[dev]'

@@ -293,9 +293,8 @@ def cmd_label(args: argparse.Namespace) -> int:
               f"({kinds['mask']} with masks, {kinds['anomalous']} anomalous without, {kinds['normal']} normal)\n"
               f"model {loop.label} (project shows {loop.project.model_version()}), abnormal bank "
               f"{loop.abnormal_entries()} entries; policy {ws.policy}, batch {ws.batch}")
-        for cat, r in loop.raised_thresholds().items():
-            print(f"threshold of {cat} raised over {r['confirmed_normals']} confirmed normal image(s): "
-                  f"{r['fitted']:.3f} -> {r['threshold']:.3f}")
+        for cat, r in loop.label_thresholds().items():
+            print(f"threshold of {cat} moved by {r['labels']} confirmed image(s): {r['fitted']:.3f} -> {r['threshold']:.3f}")
         _print_live_status(Path(args.state), loop)
         return 0
     # one turn of the live loop, the same code the service runs: webhook events, the polling sync, a

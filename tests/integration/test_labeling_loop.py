@@ -281,10 +281,12 @@ def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp
         assert scorer.stop() is not None
 
 
-def test_a_confirmed_normal_raises_its_category_threshold(label_studio, served_registry, tiny_data, tmp_path):
+def test_confirmed_labels_move_their_category_threshold_at_once(label_studio, served_registry, tiny_data, tmp_path):
     """A pool image confirmed normal that the model called anomalous is normal evidence and raises
     its category's threshold at once: published as an update, pre-annotations flip for the images
-    it covers, and deleting the verdict gives the fitted threshold and scores back."""
+    it covers. A confirmed defect then puts the threshold halfway between the two, each scored
+    without the memory its own label added. Deleting the normal verdict gives the fitted threshold
+    back (defects alone do not move it)."""
     from defectloop.labeling.loop import LabelingLoop
     from defectloop.labeling.policies import make_policy
     from defectloop.models import Calibration
@@ -316,15 +318,26 @@ def test_a_confirmed_normal_raises_its_category_threshold(label_studio, served_r
     assert len(served.normal_evidence.annotations) == 1
     # set on its score without its own evidence: what its look-alikes nobody labeled score
     assert served.calibration.threshold("mesh") == pytest.approx(scores[confirmed], abs=1e-5)
-    assert served.calibration.get("mesh").confirmed == 1 and Registry(root).calibration() == fitted
-    assert loop.raised_thresholds() == {"mesh": {"fitted": fitted.threshold("mesh"), "threshold": served.calibration.threshold("mesh"),
-                                                 "confirmed_normals": 1}}
+    assert served.calibration.get("mesh").labels == 1 and Registry(root).calibration() == fitted
+    assert loop.label_thresholds() == {"mesh": {"fitted": fitted.threshold("mesh"), "threshold": served.calibration.threshold("mesh"),
+                                                "labels": 1}}
     decisions = {t["id"]: t["data"]["decision"] for t in project.tasks()}
     now = dict(zip(ids, loop.predictor.raw_scores(loop.model, ids).tolist(), strict=True))
     assert now[confirmed] < scores[confirmed]  # its own evidence
     assert {t for t, d in decisions.items() if d == "anomalous"} == {t for t in ids if now[t] > served.calibration.threshold("mesh")}
 
+    # a confirmed defect: scored without its own mask's entries too, the threshold goes halfway between the two
+    defect = next(t for t in ids if truth[name_of[t]].label == 1)
+    unlabeled = float(loop.predictor.raw_scores(loop.model, [defect])[0])
+    ls.annotations.create(id=defect, result=[brush(load_mask(truth[name_of[defect]].mask_path))])
+    assert loop.apply_feedback().sync.published == "v0001-b0002"
+    assert float(loop.predictor.raw_scores(loop.model, [defect])[0]) > unlabeled  # its own entries
+    both = loop.calibration_scores([confirmed, defect])
+    assert float(both[1]) == pytest.approx(unlabeled, abs=1e-5)
+    assert Registry(root).load().calibration.threshold("mesh") == pytest.approx(float(both.mean()), abs=1e-5)
+    assert loop.label_thresholds()["mesh"]["labels"] == 2
+
     ls.annotations.delete(id=ann.id)
     timing = loop.apply_feedback()
-    assert timing.sync.published == "v0001-b0002" and Registry(root).load().calibration == fitted
-    assert set(t["data"]["decision"] for t in project.tasks()) == {"anomalous"} and loop.raised_thresholds() == {}
+    assert timing.sync.published == "v0001-b0003" and Registry(root).load().calibration == fitted
+    assert set(t["data"]["decision"] for t in project.tasks()) == {"anomalous"} and loop.label_thresholds() == {}

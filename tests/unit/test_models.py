@@ -1,5 +1,5 @@
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -73,29 +73,42 @@ def test_a_category_with_few_held_back_images_is_not_calibrated_on_their_maximum
     assert lonely.threshold("a") == pytest.approx(4.0 + z * np.sqrt(2) * 0.4, rel=1e-3)
 
 
-def test_confirmed_normals_raise_their_category_threshold_never_over_a_defect():
-    """A pool image confirmed normal that scores above its threshold is a false alarm seen: the
-    threshold rises to cover it (the highest such score while there are few), never above a confirmed
-    defect's score, never below the fitted one, and only in its own category. Normalised scores
-    (the queue's order) stay on the fitted threshold."""
+def test_confirmed_labels_move_their_category_threshold():
+    """Confirmed pool images move their category's threshold: normals alone raise it over them (the
+    highest while there are few); normals and defects put it halfway across the gap that
+    misclassifies the fewest of them; a handful of normals never lowers it, enough of them do. Only
+    in its own category; normalised scores (the queue's order) stay on the fitted threshold."""
     fitted = Calibration.fit(["a"] * 20 + ["b"] * 20, torch.linspace(0, 1, 40), torch.linspace(0, 3, 40), 0.99)
     cats = ["a", "a", "a", "a", "b", "c"]
     scores = torch.tensor([2.0, 3.0, 0.2, 2.5, 5.0, 9.0])  # a: normals 2.0, 0.2 and 3.0; a defect at 2.5
     anomalous = torch.tensor([False, False, False, True, False, False])
-    cal = fitted.covering(cats, scores, anomalous, 0.99)
-    assert cal.threshold("a") == 2.0  # 3.0 is above the defect: not covered
-    assert cal.decide(2.0, "a") == "normal" and cal.decide(2.4, "a") == "anomalous"
-    assert cal.get("a").confirmed == 3 and cal.methods()["a"] == "quantile+confirmed"
-    assert cal.get("a").as_fitted() == fitted.get("a") and cal.pixel_threshold("a") == fitted.pixel_threshold("a")
+    cal = fitted.from_labels(cats, scores, anomalous, 0.99)
+    assert cal.threshold("a") == pytest.approx(2.25)  # the 3.0 normal is wrong either way: the cut misses one
+    assert cal.decide(2.2, "a") == "normal" and cal.decide(2.3, "a") == "anomalous"
+    assert cal.get("a").labels == 4 and cal.methods()["a"] == "quantile+labels"
+    assert cal.get("a").fitted == fitted.threshold("a") and cal.get("a").as_fitted() == fitted.get("a")
+    assert cal.pixel_threshold("a") == fitted.pixel_threshold("a")
     assert cal.normalise(2.2, "a") == fitted.normalise(2.2, "a") > 0.5  # the queue's order: as fitted
-    assert cal.threshold("b") == 5.0 and cal.get("b").confirmed == 1
+    assert cal.threshold("b") == 5.0 and cal.get("b").labels == 1  # normals only: raised over them
     assert cal.threshold("c") == fitted.threshold("c")  # a category of its own thresholds only: "*" stays as fitted
     assert cal.get(ANY_CATEGORY) == fitted.get(ANY_CATEGORY)
-    low = fitted.covering(["a"], torch.tensor([-1.0]), torch.tensor([False]), 0.99)
-    assert low == fitted  # below the fitted threshold: nothing to cover, never lowered
-    many = fitted.covering(["a"] * 300, torch.linspace(1, 4, 300), torch.zeros(300, dtype=torch.bool), 0.99)
+    low = fitted.from_labels(["a"], torch.tensor([-1.0]), torch.tensor([False]), 0.99)
+    assert low == fitted  # a normal below the fitted threshold: nothing to raise, never lowered
+    many = fitted.from_labels(["a"] * 300, torch.linspace(1, 4, 300), torch.zeros(300, dtype=torch.bool), 0.99)
     assert 3.9 < many.threshold("a") < 4.0  # 300 normals: their 99% quantile, not the highest
+    # defects under the fitted threshold (0.49): three normals below them do not lower it, twelve do
+    assert fitted.threshold("a") == pytest.approx(0.49, abs=0.01)
+    few = fitted.from_labels(["a"] * 6, torch.tensor([0.0, 0.05, 0.1, 0.3, 0.35, 0.4]), torch.arange(6) >= 3, 0.99)
+    assert few == fitted
+    normals = torch.linspace(0.0, 0.11, 12)
+    lowered = fitted.from_labels(["a"] * 15, torch.cat([normals, torch.tensor([0.3, 0.35, 0.4])]),
+                                 torch.arange(15) >= 12, 0.99)
+    assert lowered.threshold("a") == pytest.approx((0.11 + 0.3) / 2) and lowered.get("a").labels == 15
     assert Calibration.loads(json.dumps({c: asdict(e) for c, e in cal.entries.items()})) == cal
+    # a version saved when confirmed normals could only raise a threshold
+    old = {c: {k: v for k, v in asdict(e).items() if k not in ("labels", "fitted")} for c, e in cal.entries.items()}
+    old["a"].update(confirmed=3, raised_from=fitted.threshold("a"))
+    assert Calibration.loads(json.dumps(old)).get("a") == replace(cal.get("a"), labels=3)
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])
@@ -149,6 +162,7 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
     assert i in moved.tolist()
     check(moved, before)
     assert pool.defects(torch.tensor([i])) == ["scratch"]  # its own mask is its nearest abnormal memory
+    assert torch.allclose(pool.without(i, {"ls-7"}), before[i], atol=1e-5)  # as its look-alikes see the memory
     before = fresh()
     model.abnormal_bank.add(prov, cells[:1])  # an edit: fewer cells
     check(pool.refresh(), before)
@@ -190,6 +204,7 @@ def test_a_confirmed_normal_is_normal_evidence_at_once(fitted, features, tmp_pat
     after = model.patch_scores(test.features)
     check_pool(pool, after, moved, first)
     assert i in moved.tolist() and float(after[i].max()) < float(first[i].max())
+    assert torch.allclose(pool.without(i, {"normal:x"}), first[i], atol=1e-5)  # without its own evidence
     assert model.memory_by_category()[prov.category]["normal"] == held + n
 
     model.save(tmp_path / "m2")

@@ -238,7 +238,7 @@ class LiveLoop:
         return {"model_version": self.loop.version, "bank_label": self.loop.label,
                 "pending_events": len(self.inbox.pending()), "quarantined": quarantined,
                 "retraining": asdict(self.retraining), "confirmed_masks": self.confirmed_masks(),
-                "labeled_tasks": len(self.loop.labeled()), "raised_thresholds": self.loop.raised_thresholds(),
+                "labeled_tasks": len(self.loop.labeled()), "label_thresholds": self.loop.label_thresholds(),
                 "pid": os.getpid(), "started_at": self.started_at}
 
     def save(self) -> None:

@@ -80,9 +80,9 @@ class LabelingLoop:
         return out
 
     def recalibrate(self) -> bool:
-        """The version's fitted thresholds, raised over the pool images confirmed normal
-        (``Calibration.covering``); returns whether the model's thresholds changed. Only a model with
-        an abnormal memory has updates to carry them to the scorer."""
+        """The version's fitted thresholds, moved by the pool images annotators confirmed
+        (``Calibration.from_labels``); returns whether the model's thresholds changed. Only a model
+        with an abnormal memory has updates to carry them to the scorer."""
         if not isinstance(self.model, AbnormalMemory) or not self.fitted:
             return False
         index = self.predictor.index
@@ -91,37 +91,32 @@ class LabelingLoop:
         if labels:
             tasks = sorted(labels)
             cats = [self.predictor.categories[index[t]] for t in tasks]
-            calibration = self.fitted.covering(cats, self.calibration_scores(tasks),
-                                               torch.tensor([bool(labels[t]) for t in tasks]),
-                                               self.model.config.threshold_quantile)
+            calibration = self.fitted.from_labels(cats, self.calibration_scores(tasks),
+                                                  torch.tensor([bool(labels[t]) for t in tasks]),
+                                                  self.model.config.threshold_quantile)
         if calibration == self.model.calibration:
             return False
-        raised = {c: e.threshold for c, e in calibration.entries.items() if e.confirmed}
-        log.info("thresholds over the confirmed normals: %s", ", ".join(f"{c} {t:.3f}" for c, t in sorted(raised.items()))
-                 or "as fitted")
+        log.info("thresholds from the confirmed labels: %s", ", ".join(
+            f"{c} {e.fitted:.3f} -> {e.threshold:.3f}" for c, e in sorted(calibration.entries.items()) if e.labels)
+            or "as fitted")
         self.model.calibration = calibration
         return True
 
     def calibration_scores(self, tasks: list[int]) -> torch.Tensor:
-        """Image scores of labeled tasks, for thresholds: an image that is normal evidence is scored
-        without its own (with it, it scores low and could never show how its look-alikes that
-        nobody labeled yet score: what a threshold is for)."""
-        scores = self.predictor.raw_scores(self.model, tasks)
-        model = self.model
-        if not isinstance(model, AbnormalMemory) or not len(model.normal_evidence):
-            return scores
-        image_of = {int(e["task_id"]): e["image"] for e in self.feedback.ledger.values()}
-        for j, t in enumerate(tasks):
-            key = self.feedback.normal_key(image_of.get(t, ""))
-            if key in model.normal_evidence:
-                twin = model.with_memory(model.abnormal_bank, model.normal_evidence.without({key}))
-                scores[j] = twin.score_features(self.predictor.features[[self.predictor.index[t]]])[0][0]
-        return scores
+        """Image scores of labeled tasks, for thresholds, each scored without the memory its own
+        labels added (its normal evidence, its mask's or verdict's abnormal entries): with it, a
+        normal scores low and a defect high, and neither shows how its look-alikes that nobody
+        labeled yet score, which is what a threshold is for."""
+        own: dict[int, set[str]] = {}
+        for e in self.feedback.ledger.values():
+            own.setdefault(int(e["task_id"]), set()).update(
+                {self.feedback.normal_key(e["image"]), self.feedback.key(e["annotation_id"])})
+        return self.predictor.raw_scores_without(self.model, tasks, [own.get(t, set()) for t in tasks])
 
-    def raised_thresholds(self) -> dict[str, dict]:
-        """Categories whose thresholds the confirmed normals raised: {category: {fitted, threshold, confirmed_normals}}."""
-        return {c: {"fitted": self.fitted.threshold(c), "threshold": e.threshold, "confirmed_normals": e.confirmed}
-                for c, e in sorted(self.model.calibration.entries.items()) if e.confirmed}
+    def label_thresholds(self) -> dict[str, dict]:
+        """Categories whose thresholds the confirmed labels moved: {category: {fitted, threshold, labels}}."""
+        return {c: {"fitted": e.fitted, "threshold": e.threshold, "labels": e.labels}
+                for c, e in sorted(self.model.calibration.entries.items()) if e.labels}
 
     def abnormal_entries(self) -> int:
         return len(self.model.abnormal_bank) if isinstance(self.model, AbnormalMemory) else 0

@@ -114,7 +114,7 @@ class PoolPredictor:
 
     def _flipped(self, old: Calibration, new: Calibration) -> list[int]:
         """Images whose outcome a change of thresholds moves: where only a category's image threshold
-        moved (``Calibration.covering``), those scored between the two; else all of the category."""
+        moved (``Calibration.from_labels``), those scored between the two; else all of the category."""
         out = []
         for i, (cat, o) in enumerate(zip(self.categories, self._outcomes, strict=True)):
             a, b = old.get(cat), new.get(cat)
@@ -134,6 +134,15 @@ class PoolPredictor:
         """Image scores of the given tasks under ``model`` (what thresholds are set on)."""
         self.refresh(model)
         return torch.tensor([self._outcomes[self.index[t]].score for t in task_ids])
+
+    def raw_scores_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
+        """Image scores of the given tasks, each as if the named memory groups were not there
+        (``PatchScores.without``)."""
+        self.refresh(model)
+        if not task_ids:
+            return torch.zeros(0)
+        maps = torch.stack([self._scores.without(self.index[t], g) for t, g in zip(task_ids, groups, strict=True)])
+        return torch.tensor([p.score for p in model.predict_patches(maps, [self.categories[self.index[t]] for t in task_ids])])
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

@@ -30,12 +30,12 @@ class Threshold:
     normal_std: float
     n: int  # held-back normal images it was set from
     method: str = "quantile"  # or "robust": too few images for a quantile (see Calibration.fit)
-    confirmed: int = 0  # pool images confirmed normal that raised it (see Calibration.covering)
-    raised_from: float | None = None  # the fitted threshold, where confirmed normals raised it
+    labels: int = 0  # confirmed pool images (normals and defects) that set it (see Calibration.from_labels)
+    fitted: float | None = None  # the fitted threshold, where labels moved it
 
     def as_fitted(self) -> Threshold:
-        """This entry before confirmed normals raised it."""
-        return self if self.raised_from is None else replace(self, threshold=self.raised_from, confirmed=0, raised_from=None)
+        """This entry before labels moved it."""
+        return self if self.fitted is None else replace(self, threshold=self.fitted, labels=0, fitted=None)
 
 
 class Calibration:
@@ -79,22 +79,30 @@ class Calibration:
             entries[cat] = Threshold(image_t, pixel_t, float(v.mean()), std, len(v), method)
         return cls(entries)
 
-    def covering(self, categories: Sequence[str], scores: torch.Tensor, anomalous: torch.Tensor,
-                 quantile: float) -> Calibration:
-        """These thresholds, raised where pool images annotators confirmed normal score above them.
+    def from_labels(self, categories: Sequence[str], scores: torch.Tensor, anomalous: torch.Tensor,
+                    quantile: float) -> Calibration:
+        """These (fitted) thresholds, moved by the pool images annotators confirmed.
 
         The fitted thresholds come from normal training images held back; the pool is what they are
-        applied to, and it may not look like the training images (new lighting, a new batch). Every
-        confirmed normal the model calls anomalous is a false alarm seen: per category, the image
-        threshold rises to the ``quantile`` of its confirmed normals' scores (the highest of them
-        while there are fewer than 1 / (1 - quantile)), so that their kind stops being pre-annotated
-        anomalous without waiting for a retraining. It never rises to a confirmed defect's score (an
-        image confirmed both ways, or a normal that looks just like a defect, must not hide the
-        defects) and is never lowered: the fitted one is the floor. Only the decision moves: the
-        normalised scores stay on the fitted threshold (``normalise``), so that a raise rewrites
-        the predictions it flips, not every prediction of the category.
-        ``anomalous``: per image, True for a confirmed defect (mask or verdict), False for a normal.
-        Categories without thresholds of their own are left to the all-category ones.
+        applied to, and it may not look like the training images (new lighting, a new batch). Per
+        category, on the confirmed images' scores (``anomalous``: True for a confirmed defect, mask
+        or verdict; False for a normal):
+        - normals and defects: the cut that misclassifies the fewest of them, in the middle of the
+          widest gap between neighbouring scores (a one-dimensional maximum margin: where they are
+          separated, halfway between the highest normal and the lowest defect). Confirmed defects
+          are the ones the model ranks highest, so a threshold right under the lowest of them would
+          hide the fainter ones nobody has labeled yet; one right over the highest normal would
+          flag their look-alikes;
+        - normals only: raised to the ``quantile`` of their scores (the highest while there are
+          fewer than 1 / (1 - quantile)): every confirmed normal the model calls anomalous is a
+          false alarm seen; never lowered (nothing says the fitted one is too high);
+        - defects only: as fitted (nothing says where normals end).
+        Below MIN_CALIBRATION confirmed normals, labels only raise a threshold: a handful of normals
+        says little about the tail of the unlabeled ones, and a threshold lowered on them floods the
+        queue with false alarms (what ``fit`` guards against too). Only the decision moves: the
+        normalised scores stay on the fitted threshold (``normalise``), so that a move rewrites the
+        predictions it flips, not every prediction of the category. Categories without thresholds
+        of their own are left to the all-category ones.
         """
         entries = dict(self.entries)
         for cat in sorted(set(categories)):
@@ -103,18 +111,23 @@ class Calibration:
                 continue
             idx = torch.tensor([i for i, c in enumerate(categories) if c == cat])
             bad = anomalous[idx]
-            normal, defects = scores[idx][~bad], scores[idx][bad]
-            if len(defects):
-                normal = normal[normal < defects.min()]
-            raised = float(normal.float().quantile(quantile, interpolation="higher")) if len(normal) else entry.threshold
-            if raised > entry.threshold:
-                entries[cat] = replace(entry, threshold=raised, confirmed=int((~bad).sum()), raised_from=entry.threshold)
+            normal, defects = scores[idx][~bad].float(), scores[idx][bad].float()
+            if not len(normal):
+                continue
+            if not len(defects):
+                moved = max(float(normal.quantile(quantile, interpolation="higher")), entry.threshold)
+            elif len(normal) < MIN_CALIBRATION:
+                moved = max(_widest_cut(normal, defects), entry.threshold)
+            else:
+                moved = _widest_cut(normal, defects)
+            if moved != entry.threshold:
+                entries[cat] = replace(entry, threshold=moved, labels=len(idx), fitted=entry.threshold)
         return Calibration(entries)
 
     def methods(self) -> dict[str, str]:
         """How each category's thresholds were set: "quantile" or "robust" (too few images), and
-        "+confirmed" where confirmed normal pool images raised them."""
-        return {c: e.method + ("+confirmed" if e.confirmed else "") for c, e in self.entries.items()}
+        "+labels" where confirmed pool images moved them."""
+        return {c: e.method + ("+labels" if e.labels else "") for c, e in self.entries.items()}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -179,8 +192,23 @@ class Calibration:
     @classmethod
     def loads(cls, text: str) -> Calibration:
         raw = json.loads(text)
-        # versions calibrated before the pixel threshold existed cut maps at the image threshold
-        return cls({c: Threshold(**{"pixel_threshold": e["threshold"], **e}) for c, e in raw.items()})
+        # versions calibrated before the pixel threshold existed cut maps at the image threshold;
+        # before labels could lower a threshold, confirmed normals raised it ("confirmed", "raised_from")
+        old = {"confirmed": "labels", "raised_from": "fitted"}
+        return cls({c: Threshold(**{"pixel_threshold": e["threshold"], **{old.get(k, k): v for k, v in e.items()}})
+                    for c, e in raw.items()})
+
+
+def _widest_cut(normal: torch.Tensor, defects: torch.Tensor) -> float:
+    """The score cut that misclassifies the fewest labeled images (normals above it, defects at or
+    below it), halfway across the widest gap between neighbouring scores among those cuts."""
+    values = torch.cat([normal, defects]).unique()  # sorted
+    if len(values) == 1:  # every label at one score: nothing separates them
+        return float(values[0])
+    cuts, gaps = (values[1:] + values[:-1]) / 2, values[1:] - values[:-1]
+    errors = (normal[None] > cuts[:, None]).sum(1) + (defects[None] <= cuts[:, None]).sum(1)
+    fewest = errors == errors.min()
+    return float(cuts[fewest][gaps[fewest].argmax()])
 
 
 def _robust(v: torch.Tensor, values: torch.Tensor, groups: list[list[int]], widen: float) -> float:

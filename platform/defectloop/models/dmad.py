@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectloop.memory import AbnormalBank, IndexFactory, build_index
+from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, build_index
 from defectloop.models.abnormal_memory import AbnormalMemory
 from defectloop.models.base import AnomalyModel
 from defectloop.models.config import ModelConfig
@@ -251,6 +251,30 @@ class DMADPatchScores(PatchScores):
         return [known.get(names.get(int(n), "")) if close else None for n, close in zip(nearest, near, strict=True)]
 
     @torch.no_grad()
+    def without(self, image: int, groups: set[str]) -> torch.Tensor:
+        """Only the patches whose nearest normal or abnormal entry is in ``groups`` change: they are
+        searched again, exactly, against the evidence and the abnormal entries outside them (the
+        normal bank through its index). A twin model without the groups would rebuild the banks'
+        indexes (a k-means above a few hundred entries) for every image asked about."""
+        numbers = torch.tensor([self.ids[name] for name in groups if name in self.ids], dtype=torch.long)
+        base, log_dn, d_a = self.base[image].clone(), self.log_dn[image].clone(), self.d_a[image].clone()
+        stale_a, stale_n = torch.isin(self.nearest[image], numbers), torch.isin(self.normal_from[image], numbers)
+        q = self.feats[image].flatten(1).T.float()
+        model = self.model
+        if stale_a.any():
+            d_a[stale_a] = _nearest_outside(model.abnormal_bank, groups, q[stale_a], model.no_abnormal())[0]
+        if stale_n.any():
+            qn = q[stale_n]
+            d_n, rows = model.normal_bank.index.search(qn)
+            nearest = model.normal_bank.features[rows]
+            d_e, e = _nearest_outside(model.normal_evidence, groups, qn, float("inf"))
+            closer = d_e < d_n
+            nearest[closer] = e[closer]
+            d_n = torch.where(closer, d_e, d_n)
+            log_dn[stale_n], base[stale_n] = model.scorer.normal_terms(Enhanced(qn, qn - nearest, d_n, d_a[stale_n]))
+        return (base + model.scorer.abnormal_term(log_dn, d_a)).view(self.shape)
+
+    @torch.no_grad()
     def refresh(self) -> torch.Tensor:
         abnormal, normals = self.model.abnormal_bank.entries(), self.model.normal_evidence.entries()
         if _same(self.entries, abnormal) and _same(self.normals, normals):
@@ -319,6 +343,18 @@ class DMADPatchScores(PatchScores):
                 nearer = d < self.d_a[at]
                 self.d_a[at][nearer] = d[nearer]
                 self.nearest[at][nearer] = owner[rows[nearer]]
+
+
+def _nearest_outside(bank: AbnormalBank, groups: set[str], q: torch.Tensor, none: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distance to the nearest entry of ``bank`` outside the named groups, and that entry
+    (``none`` and zeros where there is no such entry)."""
+    feats, group, provs = bank.tensors()
+    keep = ~torch.isin(group, torch.tensor([i for i, p in enumerate(provs) if p.annotation_id in groups], dtype=torch.long))
+    if not keep.any():
+        return torch.full((len(q),), none), torch.zeros_like(q)
+    d, rows = ExactIndex(feats[keep]).search(q)
+    return d, feats[keep][rows]
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

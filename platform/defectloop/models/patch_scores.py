@@ -39,6 +39,11 @@ class PatchScores:
         """Indices of the images whose patch scores changed since the last refresh (or creation)."""
         return torch.zeros(0, dtype=torch.long)
 
+    def without(self, image: int, groups: set[str]) -> torch.Tensor:
+        """Patch scores (H x W) of one image as if the named memory groups (annotations, normal
+        evidence) were not there: here, a memory without groups, its scores."""
+        return self.scores[image]
+
     def defects(self, images: torch.Tensor) -> list[str | None]:
         """Per image, the defect type its most anomalous patch resembles, where the memory knows one."""
         return [None] * len(images)
