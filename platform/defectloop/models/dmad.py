@@ -202,6 +202,7 @@ class DMADPatchScores(PatchScores):
         self.entries = model.abnormal_bank.entries()  # annotation id -> its features, as the scores last saw them
         self.normals = model.normal_evidence.entries()  # the same for the normal evidence
         self.ids: dict[str, int] = {}  # group id -> its number in ``nearest`` / ``normal_from`` (-1: none, the bank)
+        self._bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _bank_nearest
         parts = []
         with torch.no_grad():
             model.eval()
@@ -265,7 +266,7 @@ class DMADPatchScores(PatchScores):
             d_a[stale_a] = _nearest_outside(model.abnormal_bank, groups, q[stale_a], model.no_abnormal())[0]
         if stale_n.any():
             qn = q[stale_n]
-            d_n, rows = model.normal_bank.index.search(qn)
+            d_n, rows = (t[stale_n] for t in self._bank_nearest(image, q))
             nearest = model.normal_bank.features[rows]
             d_e, e = _nearest_outside(model.normal_evidence, groups, qn, float("inf"))
             closer = d_e < d_n
@@ -273,6 +274,13 @@ class DMADPatchScores(PatchScores):
             d_n = torch.where(closer, d_e, d_n)
             log_dn[stale_n], base[stale_n] = model.scorer.normal_terms(Enhanced(qn, qn - nearest, d_n, d_a[stale_n]))
         return (base + model.scorer.abnormal_term(log_dn, d_a)).view(self.shape)
+
+    def _bank_nearest(self, image: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to the nearest normal-bank entry and its row, per patch of one image: fixed for
+        the version, so searched once per image asked about (labeled images: a few)."""
+        if image not in self._bank:
+            self._bank[image] = self.model.normal_bank.index.search(q)
+        return self._bank[image]
 
     @torch.no_grad()
     def refresh(self) -> torch.Tensor:
