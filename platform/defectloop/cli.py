@@ -240,6 +240,31 @@ def log_to_file(path: Path, verbose: bool) -> Path:
     return path
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from defectloop.store import is_s3
+    from defectloop.workers.ingest import ingest, pool_sources
+
+    config = _model_config(args)
+    sources = pool_sources(args.pool)
+    if not sources:
+        print(f"no images below {args.pool}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    rows = ingest(sources, args.cache, config, concurrency=args.concurrency, batch_size=args.batch_size,
+                  num_cpus=args.cpus_per_actor, ray_address=args.ray_address,
+                  roots=[] if is_s3(args.pool) else [args.pool])
+    seconds = time.perf_counter() - t0
+    embedded, failed = sum(r.embedded for r in rows), [r for r in rows if r.error]
+    nodes = sorted({r.node for r in rows if r.embedded})
+    print(f"{len(rows)} images in {seconds:.1f} s: {embedded} embedded ({embedded / seconds:.1f} img/s) on "
+          f"{len(nodes)} node(s), {len(rows) - embedded - len(failed)} already cached, {len(failed)} unreadable")
+    for r in failed:
+        print(f"  {r.source}: {r.error}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**r.__dict__, "size": list(r.size)} for r in rows], indent=1))
+    return 1 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the Ray Serve scorer on local Ray (or a cluster) in the foreground."""
     import secrets
@@ -449,6 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON list of the results instead of a line per image")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_score)
+
+    ig = sub.add_parser("ingest", help="embed a pool into the feature cache with Ray Data (once per image and backbone)")
+    ig.add_argument("--pool", required=True, help="folder or s3://bucket/prefix of images (recursive)")
+    ig.add_argument("--cache", required=True, help="feature cache: folder or s3://bucket/prefix")
+    ig.add_argument("--concurrency", type=int, help="backbone actors (default: one per --cpus-per-actor of the cluster)")
+    ig.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ig.add_argument("--batch-size", type=int, default=16)
+    ig.add_argument("--ray-address", help="Ray cluster to use (default: start a local one)")
+    ig.add_argument("--json", help="write one row per image here (source, digest, size, embedded, node)")
+    model_opts(ig)
+    ig.set_defaults(func=cmd_ingest)
 
     v = sub.add_parser("serve", help="HTTP scoring service + Label Studio ML backend on Ray Serve (foreground)")
     src = v.add_mutually_exclusive_group()

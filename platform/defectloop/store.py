@@ -131,6 +131,9 @@ class LocalStore(Store):
         finally:
             tmp.unlink()
 
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
     def keys(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -230,6 +233,13 @@ class S3Store(Store):
     def read(self, key: str) -> bytes:
         r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return r["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"stat {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except FileNotFoundError:
+            return False
 
     def stamp(self, key: str) -> str:
         r = self._call(f"stat {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))

@@ -186,3 +186,22 @@ def test_confirmed_normals_from_an_s3_pool(s3, tiny_data, tmp_path):
     pool.delete("disc/good.png")
     (again,), _ = confirmed_normals(reg, tmp_path / "pool-cache")  # from the cache, not S3
     assert again.path == sample.path
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_feature_cache_by_content(s3, tmp_path, where):
+    """Features kept by image content and backbone, in float16, with the image's size; another
+    backbone or input size is another cache."""
+    from defectloop.features.cache import FeatureCache, content_hash
+
+    store = open_store(fresh("features") if where == "s3" else tmp_path / "features")
+    cache = FeatureCache(store, "tf_efficientnet_lite0", None, 128)
+    digest = content_hash(b"an image's bytes")
+    assert digest not in cache and len(cache) == 0
+    f = torch.randn(152, 16, 16)
+    cache.put(digest, f, (640, 480))
+    got = cache.get(digest)
+    assert digest in cache and len(cache) == 1 and got.size == (640, 480) and torch.equal(got.features, f.half())
+    assert digest not in FeatureCache(store, "tf_efficientnet_lite0", None, 256)
+    with pytest.raises(FileNotFoundError):
+        cache.get(content_hash(b"another image"))

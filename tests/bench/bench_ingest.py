@@ -1,0 +1,107 @@
+"""Pool ingestion through Ray Data against the bare backbone in this process, on the same cores.
+
+    python tests/bench/bench_ingest.py [--images N] [--size PX] [--data DIR]
+
+Prints, measured in one run: images/s of the bare backbone (read, decode, embed; batches of 16 (``--batch-size``),
+every core's threads), of ``defectloop ingest``'s pipeline (Ray Data, one backbone actor per
+core, actor start included), their ratio; the cache's disk per image; and what float16 costs
+the scores: nearest-neighbour image scores of 64 pool images against a bank of 64 others, from
+float32 and from the cached float16 features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from defectloop.data import read_image
+from defectloop.data.synthetic import make_dataset
+from defectloop.features import PatchEmbedder, image_tensor, load_backbone
+from defectloop.features.cache import content_hash
+from defectloop.models import ModelConfig
+from defectloop.workers.ingest import cache_for, ingest, pool_sources
+
+
+def bare(sources: list[str], size: int, embedder: PatchEmbedder, batch_size: int) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    feats, batch = [], []
+    with torch.no_grad():
+        for s in sources:
+            img, _ = read_image(Path(s).read_bytes(), size)
+            batch.append(image_tensor(img, size))
+            if len(batch) == batch_size:
+                feats.append(embedder(torch.stack(batch)).float())
+                batch = []
+        if batch:
+            feats.append(embedder(torch.stack(batch)).float())
+    return len(sources) / (time.perf_counter() - t0), torch.cat(feats)
+
+
+def image_scores(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """PatchCore's image score: the largest patch distance to the nearest bank patch."""
+    b = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1])
+    out = []
+    for q in queries:
+        d = torch.cdist(q.flatten(1).T, b).min(1).values
+        out.append(d.max())
+    return torch.stack(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--data", help="a folder of images (default: generated)")
+    ap.add_argument("--batch-size", type=int, default=16, help="images per batch, both ways")
+    args = ap.parse_args()
+    import ray
+
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data:
+            sources = pool_sources(args.data)[: args.images]
+        else:
+            per_cat = max(1, args.images // 3)
+            data = make_dataset(Path(tmp) / "data", n_train=per_cat - 10, n_test_good=5, n_test_bad=5, size=args.size)
+            sources = [s for s in pool_sources(str(data)) if "ground_truth" not in s][: args.images]
+        config = ModelConfig(image_size=args.size)
+        torch.set_num_threads(cores)
+        embedder = PatchEmbedder(load_backbone(config.backbone))
+        bare(sources[:16], args.size, embedder, args.batch_size)  # warm-up
+        bare_ips, f32 = bare(sources, args.size, embedder, args.batch_size)
+
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+        cache = str(Path(tmp) / "cache")
+        ingest(sources[:cores * 2], str(Path(tmp) / "warm"), config, concurrency=cores)  # Ray Data's own warm-up
+        t0 = time.perf_counter()
+        rows = ingest(sources, cache, config, concurrency=cores, batch_size=args.batch_size)
+        ray_s = time.perf_counter() - t0
+        ray.shutdown()
+        assert sum(r.embedded for r in rows) == len(sources)
+        files = [p for p in Path(cache).rglob("*.safetensors")]
+        disk = sum(p.stat().st_size for p in files) / len(files)
+        store = cache_for(cache, config)
+        f16 = torch.stack([store.get(content_hash(Path(s).read_bytes())).features.float() for s in sources])
+
+    n = min(64, len(sources) // 2)  # a bank of n images, n queries: enough to see the ranking move
+    s32, s16 = image_scores(f32[:n], f32[n:2 * n]), image_scores(f16[:n], f16[n:2 * n])
+    rank32, rank16 = s32.argsort().argsort().float(), s16.argsort().argsort().float()
+    spearman = float(torch.corrcoef(torch.stack([rank32, rank16]))[0, 1])
+    print(f"{len(sources)} images at {args.size} px, {cores} cores, backbone {config.backbone}")
+    print(f"bare backbone in-process      {bare_ips:7.1f} img/s")
+    print(f"Ray Data ingestion ({cores} actors) {len(sources) / ray_s:7.1f} img/s  "
+          f"ratio {len(sources) / ray_s / bare_ips:.2f}x")
+    print(f"cache: {disk / 1024:.0f} KiB per image (float16 {tuple(f16.shape[1:])}); "
+          f"{disk * 100_000 / 2**30:.1f} GiB per 100,000 images")
+    print(f"float16 vs float32 image scores: max |diff| {float((s32 - s16).abs().max()) / float(s32.std()):.2e} "
+          f"of their spread, Spearman {spearman:.5f}")
+    print(f"features: max |f16 - f32| {float((f16 - f32).abs().max()):.2e} (feature scale {float(f32.abs().max()):.1f})")
+
+
+if __name__ == "__main__":
+    main()
