@@ -18,10 +18,10 @@ from starlette.responses import JSONResponse
 
 from defectloop.models import AbnormalMemory
 from defectloop.serve.context import ScoringContext, TokenGate, decode, require_token, score_arrays
-from defectloop.serve.fetch import FileTooLarge, read_uri
 from defectloop.serve.ml_backend import build_router
 from defectloop.serve.schemas import BanksInfo, ImageRef, ModelInfo, ScoreRequest, ScoreResponse
 from defectloop.serve.settings import ServeSettings
+from defectloop.store import FileTooLarge, read_uri
 
 log = logging.getLogger(__name__)
 

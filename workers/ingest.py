@@ -22,8 +22,7 @@ import numpy as np
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.workspace import pool_images
 from defectloop.models import ModelConfig
-from defectloop.serve.fetch import read_uri
-from defectloop.store import is_s3, open_store
+from defectloop.store import is_s3, open_store, read_uri
 
 log = logging.getLogger(__name__)
 

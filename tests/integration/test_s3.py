@@ -12,8 +12,7 @@ from defectloop.labeling.workspace import pool_images
 from defectloop.memory import Provenance
 from defectloop.registry import Registry
 from defectloop.scoring import ModelHandle
-from defectloop.serve.fetch import read_uri
-from defectloop.store import S3Config, StoreError, open_store
+from defectloop.store import S3Config, StoreError, open_store, read_uri
 from defectloop.workers.train import arrow_filesystem
 
 pytestmark = pytest.mark.slow
