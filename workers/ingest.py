@@ -22,7 +22,7 @@ import numpy as np
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.workspace import pool_images
 from defectloop.models import ModelConfig
-from defectloop.store import is_s3, open_store, read_uri
+from defectloop.store import is_s3, read_uri
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ def pool_sources(location: str) -> list[str]:
     return [p.uri for p in pool_images(location)]
 
 
-def cache_for(location: str, config: ModelConfig) -> FeatureCache:
-    return FeatureCache(open_store(location), config.backbone, config.backbone_checkpoint, config.image_size)
-
-
 class _Embed:
     """A Ray Data actor: the backbone, loaded once, and the cache it writes to."""
 
@@ -58,7 +54,8 @@ class _Embed:
         torch.set_num_threads(threads)
         self.config = ModelConfig.from_dict(config)
         self.embedder = PatchEmbedder(load_backbone(self.config.backbone, self.config.backbone_checkpoint))
-        self.cache = cache_for(cache, self.config)
+        c = self.config
+        self.cache = FeatureCache.open(cache, c.backbone, c.backbone_checkpoint, c.image_size)
         self.node = ray.get_runtime_context().get_node_id()
         self.roots = roots  # local sources are read below these folders only, as regular files
 

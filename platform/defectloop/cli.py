@@ -304,7 +304,7 @@ def cmd_label(args: argparse.Namespace) -> int:
             raise ValueError("label init needs --url (or LABEL_STUDIO_URL), --registry and --pool")
         loop = wsp.init(args.state, url, token, args.registry, args.pool, args.title,
                         _categories(args.defects) or ["defect"], args.document_root, args.policy, args.batch,
-                        args.retrain_after, args.scorer, scorer_token)
+                        args.retrain_after, args.scorer, scorer_token, args.feature_cache)
         print(f"project {loop.project.id}: {len(loop.tasks)} tasks, predictions {loop.label}; "
               f"{loop.project.url}/projects/{loop.project.id} (tab 'Most anomalous first')"
               + (f"; ML backend {args.scorer}/ls" if args.scorer else ""))
@@ -395,7 +395,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            policy=args.policy, batch=args.batch, retrain_after=args.retrain_after,
                            reconcile_s=args.reconcile_s, replicas=args.replicas,
                            model=json.loads(Path(config_file).read_text()) if config_file else None,
-                           label_studio_url=args.label_studio_url))
+                           label_studio_url=args.label_studio_url, feature_cache=args.feature_cache))
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -531,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--policy", default="per-category", choices=list(POLICIES))
     lb.add_argument("--batch", type=int, default=20)
     lb.add_argument("--retrain-after", type=int, default=20, help="confirmed anomalies that trigger a retraining")
+    lb.add_argument("--feature-cache", help="init: feature cache by image content (folder or s3://) that "
+                    "`defectloop ingest` fills: cached images are not embedded again")
     lb.add_argument("--inbox", help="the scorer's event inbox (webhooks), e.g. <registry>/inbox")
     lb.add_argument("--data", help="training data (MVTec layout) to retrain on: in a child process, or as a Ray job "
                                    "with --ray-address")
@@ -561,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--batch", type=int, default=20, help="tasks the ranking puts first")
     up.add_argument("--retrain-after", type=int, default=20, help="new confirmed masks that start a retraining")
     up.add_argument("--reconcile-s", type=float, default=120.0, help="seconds between polling syncs")
+    up.add_argument("--feature-cache", help="feature cache by image content (folder or s3://) that `defectloop ingest` "
+                    "fills: the pool's cached images are not embedded again")
     up.add_argument("--replicas", type=int, default=None, help="scorer replicas (default: 2 on 4 cores or more, else 1)")
     up.add_argument("--config", help="JSON settings of the first model (default: $DEFECTLOOP_CONFIG, else the defaults)")
     up.add_argument("--label-studio-url", help="use this Label Studio (token in LABEL_STUDIO_API_KEY) instead of "

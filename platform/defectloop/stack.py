@@ -54,6 +54,7 @@ class StackConfig:
     label_studio_token: str | None = None  # its token (default: LABEL_STUDIO_API_KEY)
     title: str = "defectloop"  # of the Label Studio project
     document_root: Path | None = None  # the attached Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: that variable)
+    feature_cache: str | None = None  # a feature cache by image content (`defectloop ingest`), folder or s3://
 
 
 def pool_of(data: Path) -> tuple[list[PoolImage], list[Sample], bool]:
@@ -207,6 +208,7 @@ class Stack:
             try:
                 LabelingProject(url, token, ws.project_id)
                 ws.scorer = None  # the scorer's port is new: connect it again
+                ws.feature_cache = self.cfg.feature_cache or ws.feature_cache
                 return ws
             except Exception as e:  # noqa: BLE001 - the project is gone: make a new one
                 log.warning("project %s of %s is gone (%s): creating a new one", ws.project_id, label_state, e)
@@ -215,7 +217,8 @@ class Stack:
         project = LabelingProject.create(url, token, self.cfg.title, pool, defects, document_root=self.document_root(),
                                          policy=self.cfg.policy)
         ws = Workspace(url, project.id, str(registry.location), str(self.state / "pool"), self.cfg.policy, self.cfg.batch,
-                       self.cfg.retrain_after, data=str(data) if mvtec else None)  # retrainings fit on */train
+                       self.cfg.retrain_after, data=str(data) if mvtec else None,  # retrainings fit on */train
+                       feature_cache=self.cfg.feature_cache)
         ws.save(label_state)
         return ws
 

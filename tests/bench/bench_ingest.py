@@ -22,9 +22,9 @@ import torch
 from defectloop.data import read_image
 from defectloop.data.synthetic import make_dataset
 from defectloop.features import PatchEmbedder, image_tensor, load_backbone
-from defectloop.features.cache import content_hash
+from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.models import ModelConfig
-from defectloop.workers.ingest import cache_for, ingest, pool_sources
+from defectloop.workers.ingest import ingest, pool_sources
 
 
 def bare(sources: list[str], size: int, embedder: PatchEmbedder, batch_size: int) -> tuple[float, torch.Tensor]:
@@ -85,7 +85,7 @@ def main() -> None:
         assert sum(r.embedded for r in rows) == len(sources)
         files = [p for p in Path(cache).rglob("*.safetensors")]
         disk = sum(p.stat().st_size for p in files) / len(files)
-        store = cache_for(cache, config)
+        store = FeatureCache.open(cache, config.backbone, None, args.size)
         f16 = torch.stack([store.get(content_hash(Path(s).read_bytes())).features.float() for s in sources])
 
     n = min(64, len(sources) // 2)  # a bank of n images, n queries: enough to see the ranking move

@@ -66,7 +66,7 @@ def test_labeling_loop_with_label_studio(label_studio, served_registry, tiny_dat
     reg = Registry(root)
     model = reg.load()
     studio = StudioClient(label_studio.url, label_studio.token, retries=1)
-    predictor = PoolPredictor(model, tasks, lambda t: load_image(studio.fetch(t["data"]["image"], t["id"])),
+    predictor = PoolPredictor(model, tasks, lambda t: studio.fetch(t["data"]["image"], t["id"]),
                               project.config)
     project.push_predictions(predictor.predictions(model), reg.label())
     assert project.model_version() == "v0001"

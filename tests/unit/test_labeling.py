@@ -98,3 +98,34 @@ def test_the_neutral_pool_holds_files_not_links_out_of_it(tmp_path):
     path = Path(out.uri)
     assert path.resolve().is_relative_to(tmp_path / "root" / "pool") and not path.is_symlink()
     assert path.read_bytes() == b"png bytes" and "scratch" not in path.name and out.category == "screw"
+
+
+def test_pool_features_come_from_the_feature_cache(served_registry, tiny_data, tmp_path, monkeypatch):
+    """A pool embedded once fills the feature cache by image content; a second pool over the same
+    images (another project, a restart without its own saved features) embeds nothing and
+    predicts the same, up to float16."""
+    import torch
+
+    from defectloop.features.cache import FeatureCache
+    from defectloop.labeling.predict import PoolPredictor
+    from defectloop.registry import Registry
+
+    model = Registry(served_registry).load()
+    images = sorted(tiny_data.glob("*/test/*/*.png"))[:12]
+    tasks = [{"id": i + 1, "data": {"image": str(p), "category": p.parts[-4]}} for i, p in enumerate(images)]
+    tasks.append({"id": 99, "data": {"image": str(tmp_path / "gone.png"), "category": "disc"}})  # unreadable
+    config = LabelConfig.parse(build_label_config(["scratch"]))
+    c = model.config
+    cache = FeatureCache.open(str(tmp_path / "features"), c.backbone, c.backbone_checkpoint, c.image_size)
+
+    def fetch(t: dict) -> bytes:
+        return Path(t["data"]["image"]).read_bytes()
+
+    first = PoolPredictor(model, tasks, fetch, config, batch_size=5, features=cache)
+    assert len(cache) == len(images) and first.task_ids == [t["id"] for t in tasks[:-1]]
+    monkeypatch.setattr(model.embedder, "forward", lambda x: pytest.fail("embedded a cached image"))
+    second = PoolPredictor(model, tasks, fetch, config, features=cache)
+    assert second.task_ids == first.task_ids and second.sizes == first.sizes and second.categories == first.categories
+    assert torch.allclose(second.features, first.features, atol=1e-2 * float(first.features.abs().max()))
+    ids = first.task_ids
+    assert torch.allclose(second.raw_scores(model, ids), first.raw_scores(model, ids), atol=1e-2)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
-from defectloop.store import Store, join
+from defectloop.store import Store, join, open_store
 
 
 def content_hash(data: bytes) -> str:
@@ -42,6 +42,11 @@ class FeatureCache:
         self.store = store
         spec = json.dumps({"backbone": backbone, "checkpoint": checkpoint, "image_size": image_size}, sort_keys=True)
         self.prefix = f"{backbone}-{image_size}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+    @classmethod
+    def open(cls, location: str, backbone: str, checkpoint: str | None, image_size: int) -> FeatureCache:
+        """The cache in a folder or under an ``s3://`` prefix."""
+        return cls(open_store(location), backbone, checkpoint, image_size)
 
     def _key(self, digest: str) -> str:
         return join(self.prefix, digest[:2], f"{digest}.safetensors")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from defectloop.data import load_image
+from defectloop.features.cache import FeatureCache
 from defectloop.labeling.client import StudioClient
 from defectloop.labeling.events import LabelEvent
 from defectloop.labeling.feedback import Feedback
@@ -45,7 +46,7 @@ class FeedbackTiming:
 class LabelingLoop:
     def __init__(self, project: LabelingProject, registry: Registry, state_dir: str | Path, policy: SelectionPolicy,
                  batch: int = 20, cache_features: bool = False, scorer: ScorerClient | None = None,
-                 scorer_wait_s: float = 120.0):
+                 scorer_wait_s: float = 120.0, feature_cache: str | None = None):
         self.project, self.registry, self.policy, self.batch = project, registry, policy, batch
         self.scorer, self.scorer_wait_s = scorer, scorer_wait_s
         self.state_dir = Path(state_dir)
@@ -54,9 +55,11 @@ class LabelingLoop:
         self.version = registry.resolve()
         self.fitted = registry.calibration(self.version)  # the thresholds recalibrate() starts from
         self.tasks = list(project.tasks())
-        key = project.config.image_key
-        self.predictor = PoolPredictor(self.model, self.tasks, lambda t: load_image(self.studio.fetch(t["data"][key], t["id"])),
-                                       project.config, cache=self.state_dir / "pool_features.safetensors" if cache_features else None)
+        key, cfg = project.config.image_key, self.model.config
+        self.predictor = PoolPredictor(self.model, self.tasks, lambda t: self.studio.fetch(t["data"][key], t["id"]),
+                                       project.config, cache=self.state_dir / "pool_features.safetensors" if cache_features else None,
+                                       features=FeatureCache.open(feature_cache, cfg.backbone, cfg.backbone_checkpoint,
+                                                                  cfg.image_size) if feature_cache else None)
         self.embeddings = self.predictor.features.mean((2, 3)).numpy() if len(self.predictor.task_ids) else None
         self.feedback = Feedback(self.model, self.state_dir / "ledger.json",
                                  lambda v: load_image(self.studio.fetch(v.image, v.task_id)))

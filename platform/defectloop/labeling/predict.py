@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from defectloop.data import read_image
 from defectloop.features import image_tensor
+from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig, prediction_regions
 from defectloop.models import AnomalyModel, Calibration, PatchScores
@@ -42,8 +43,13 @@ class Outcome:
 class PoolPredictor:
     """Features of the pool's tasks, and their predictions under a given model."""
 
-    def __init__(self, model: AnomalyModel, tasks: list[dict], load: Callable[[dict], np.ndarray],
-                 config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None, cache: Path | None = None):
+    def __init__(self, model: AnomalyModel, tasks: list[dict], fetch: Callable[[dict], bytes],
+                 config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None, cache: Path | None = None,
+                 features: FeatureCache | None = None):
+        """``fetch``: a task's image file, as bytes. ``cache``: this pool's features, saved after the
+        first embedding (a restart reads them back). ``features``: a feature cache by image content
+        (``defectloop ingest`` fills one on a Ray cluster): images it holds are not embedded, and
+        those it lacks are embedded here and put into it."""
         self.config = config
         self.codec = codec or BrushRLE()
         self._scores: PatchScores | None = None  # the pool's patch scores under the last model asked for
@@ -59,25 +65,45 @@ class PoolPredictor:
         self.task_ids: list[int] = []
         self.sizes: list[tuple[int, int]] = []  # (width, height) of the original images
         self.categories: list[str] = []
-        feats = []
         size = model.config.image_size
-        batch: list[torch.Tensor] = []
+        feats: list[torch.Tensor | None] = []  # per task: cached features, or None until its batch is embedded
+        hits = 0
+        batch: list[tuple[int, str, torch.Tensor]] = []  # (position, digest, input) waiting for the backbone
+
+        def embed() -> None:
+            out = model.embedder(torch.stack([x for _, _, x in batch])).float()
+            for (pos, digest, _), f in zip(batch, out, strict=True):
+                feats[pos] = f
+                if features is not None:
+                    features.put(digest, f, self.sizes[pos])
+            batch.clear()
+
         for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
             try:
-                img = load(t)
+                data = fetch(t)
+                digest = content_hash(data)
+                hit = features.get(digest) if features is not None and digest in features else None
+                img = None if hit else read_image(data, size)
             except Exception as e:  # an unreadable image is left out of the predictions and reported
                 log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
                 continue
             self.task_ids.append(t["id"])
-            self.sizes.append((img.shape[1], img.shape[0]))
             self.categories.append(str(t["data"].get("category", "")))
-            batch.append(image_tensor(img, size))
+            if hit:
+                self.sizes.append(hit.size)
+                feats.append(hit.features.float())
+                hits += 1
+                continue
+            self.sizes.append(img[1])
+            feats.append(None)
+            batch.append((len(feats) - 1, digest, image_tensor(img[0], size)))
             if len(batch) == batch_size:
-                feats.append(model.embedder(torch.stack(batch)))
-                batch = []
+                embed()
         if batch:
-            feats.append(model.embedder(torch.stack(batch)))
-        self.features = torch.cat(feats) if feats else torch.zeros(0)
+            embed()
+        if features is not None:
+            log.info("pool: %d of %d images' features from the feature cache", hits, len(tasks))
+        self.features = torch.stack(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"features": self.features.contiguous()}, str(cache))

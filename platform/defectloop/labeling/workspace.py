@@ -37,6 +37,7 @@ class Workspace:
     retrain_after: int = 20  # new confirmed masks that start a retraining (labeling/live.py)
     scorer: str | None = None  # the scorer service's URL, connected as the project's ML backend
     data: str | None = None  # training data (MVTec layout) a retraining fits on
+    feature_cache: str | None = None  # a feature cache by image content (folder or s3://; `defectloop ingest`)
 
     @staticmethod
     def path(state: str | Path) -> Path:
@@ -71,12 +72,12 @@ def pool_images(pool: str) -> list[PoolImage]:
 
 def init(state: str | Path, url: str, token: str, registry: str, pool: str, title: str, defects: list[str],
          document_root: str | None, policy: str, batch: int, retrain_after: int, scorer: str | None = None,
-         scorer_token: str | None = None) -> LabelingLoop:
+         scorer_token: str | None = None, feature_cache: str | None = None) -> LabelingLoop:
     images = pool_images(pool)
     project = LabelingProject.create(url, token, title, images, defects, document_root=document_root, policy=policy)
     if scorer:
         project.connect_scorer(scorer, scorer_token)
-    ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after, scorer=scorer)
+    ws = Workspace(url, project.id, registry, pool, policy, batch, retrain_after, scorer=scorer, feature_cache=feature_cache)
     ws.save(state)
     loop = open_loop(state, token, ws, scorer_token)
     loop.push()
@@ -91,4 +92,4 @@ def open_loop(state: str | Path, token: str, ws: Workspace | None = None, scorer
     project = LabelingProject(ws.url, token, ws.project_id)
     scorer = ScorerClient(ws.scorer, scorer_token) if ws.scorer and watch_scorer else None
     return LabelingLoop(project, Registry(ws.registry), state, make_policy(ws.policy), ws.batch, cache_features=True,
-                        scorer=scorer, scorer_wait_s=scorer_wait_s)
+                        scorer=scorer, scorer_wait_s=scorer_wait_s, feature_cache=ws.feature_cache)
