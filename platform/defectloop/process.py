@@ -142,6 +142,29 @@ def ray_head(temp_dir: str | Path, num_cpus: int | None = None, env: dict[str, s
     return head
 
 
+def ray_worker(address: str, log: str | Path, num_cpus: int | None = None) -> ManagedProcess:
+    """``ray start --address ADDR --block``: a second node of ``ray_head``'s cluster, on this machine
+    (its agents on ports of their own, like the head's). Not started yet; it serves no HTTP (ready:
+    when the head's dashboard lists it, ``alive_nodes``)."""
+    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port")]
+    exe = Path(sys.executable).with_name("ray")
+    run_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    run_env.pop("RAY_ADDRESS", None)
+    cpus = [f"--num-cpus={num_cpus}"] if num_cpus else []
+    return ManagedProcess("ray-worker", [str(exe), "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                                         *cpus, *agents, "--block"], run_env, "", log)
+
+
+def alive_nodes(head: ManagedProcess) -> int:
+    """How many nodes the head's dashboard lists as alive (0 while it cannot tell)."""
+    try:
+        nodes = httpx.get(f"{head.url}/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return 0
+    return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+
 def free_port() -> int:
     import socket
 

@@ -1,12 +1,13 @@
 """Pool ingestion through Ray Data against the bare backbone in this process, on the same cores.
 
-    python tests/bench/bench_ingest.py [--images N] [--size PX] [--data DIR]
+    python tests/bench/bench_ingest.py [--images N] [--size PX] [--data DIR] [--nodes]
 
-Prints, measured in one run: images/s of the bare backbone (read, decode, embed; batches of 16 (``--batch-size``),
-every core's threads), of ``defectloop ingest``'s pipeline (Ray Data, one backbone actor per
+Prints, measured in one run: images/s of the bare backbone (read, decode, embed; batches of 16,
+``--batch-size``; every core's threads), of ``defectloop ingest``'s pipeline (Ray Data, one backbone actor per
 core, actor start included), their ratio; the cache's disk per image; and what float16 costs
 the scores: nearest-neighbour image scores of 64 pool images against a bank of 64 others, from
-float32 and from the cached float16 features.
+float32 and from the cached float16 features. ``--nodes``: the pipeline on two one-CPU Ray nodes
+of this machine (``ray start --head`` and ``ray start --address``) against one.
 """
 
 from __future__ import annotations
@@ -52,12 +53,42 @@ def image_scores(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def on_nodes(n: int, sources: list[str], config: ModelConfig, tmp: str, batch_size: int) -> float:
+    """images/s of ``defectloop ingest``'s pipeline on a cluster of ``n`` one-CPU nodes on this machine
+    (``ray start --head`` and ``ray start --address``), one actor per node."""
+    import ray
+
+    from defectloop.process import alive_nodes, ray_head, ray_worker
+
+    head = ray_head(Path(tmp) / f"n{n}", num_cpus=1).start().wait_ready("/api/version", 120)
+    workers = [ray_worker(head.address, Path(tmp) / f"n{n}-worker{i}.log", num_cpus=1).start() for i in range(n - 1)]
+    try:
+        deadline = time.monotonic() + 120
+        while alive_nodes(head) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"waited 120 s for {n} Ray nodes")
+            time.sleep(0.5)
+        ray.init(address=head.address, logging_level="ERROR")
+        ingest(sources[:n * 2], str(Path(tmp) / f"warm{n}"), config, concurrency=n)  # Ray Data's own warm-up
+        t0 = time.perf_counter()
+        rows = ingest(sources, str(Path(tmp) / f"cache{n}"), config, concurrency=n, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        assert len({r.node for r in rows if r.embedded}) == n, "not every node embedded"
+        return len(sources) / seconds
+    finally:
+        ray.shutdown()
+        for w in workers:
+            w.stop(30)
+        head.stop(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--data", help="a folder of images (default: generated)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per batch, both ways")
+    ap.add_argument("--nodes", action="store_true", help="also: two one-CPU Ray nodes against one")
     args = ap.parse_args()
     import ray
 
@@ -87,6 +118,11 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in files) / len(files)
         store = FeatureCache.open(cache, config.backbone, None, args.size)
         f16 = torch.stack([store.get(content_hash(Path(s).read_bytes())).features.float() for s in sources])
+
+        if args.nodes:
+            one = on_nodes(1, sources, config, tmp, args.batch_size)
+            two = on_nodes(2, sources, config, tmp, args.batch_size)
+            print(f"one 1-CPU node {one:.1f} img/s, two 1-CPU nodes {two:.1f} img/s: {two / one:.2f}x")
 
     n = min(64, len(sources) // 2)  # a bank of n images, n queries: enough to see the ranking move
     s32, s16 = image_scores(f32[:n], f32[n:2 * n]), image_scores(f16[:n], f16[n:2 * n])

@@ -109,3 +109,31 @@ def test_ingestion_killed_halfway_embeds_each_image_once(ray_head, tmp_path):
             ref = embedder(image_tensor(load_image(p), SIZE)[None])[0].float()
         scale = float(ref.abs().max())
         assert torch.allclose(a, b, atol=1e-2 * scale) and torch.allclose(a, ref, atol=1e-2 * scale)
+
+
+def test_ingestion_spreads_over_two_nodes(tmp_path_factory):
+    """Two one-CPU Ray nodes on this machine (``ray start --head`` and ``ray start --address``): the
+    ingestion's two backbone actors run one on each, and both embed."""
+    from defectloop.process import alive_nodes, ray_head, ray_worker
+
+    temp = tmp_path_factory.mktemp("ray2")
+    head = ray_head(temp / "h", num_cpus=1).start().wait_ready("/api/version", 120)
+    worker = ray_worker(head.address, temp / "worker.log", num_cpus=1).start()
+    try:
+        wait_for("the second node to join the cluster", lambda: alive_nodes(head) == 2, 120)
+        # enough work that the actor which starts second still finds some (an actor takes 5-10 s to start)
+        pool = make_dataset(temp / "pool", n_train=80, n_test_good=0, n_test_bad=0, size=256, seed=4)
+        out = temp / "rows.json"
+        cmd = ingest_command(pool, temp / "cache", head.address, out)
+        cmd[cmd.index("--concurrency") + 1] = "2"
+        cmd[cmd.index("--image-size") + 1] = "256"
+        run = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": head.address}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows = json.loads(out.read_text())
+        assert rows and all(r["embedded"] for r in rows)
+        nodes = {r["node"] for r in rows}
+        assert len(nodes) == 2, f"all {len(rows)} images embedded on {nodes}"
+    finally:
+        worker.stop(30)
+        head.stop(30)
