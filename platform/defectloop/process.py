@@ -156,6 +156,13 @@ def ray_worker(address: str, log: str | Path, num_cpus: int | None = None) -> Ma
                                          *cpus, *agents, "--block"], run_env, "", log)
 
 
+def driver_env(head: ManagedProcess) -> dict[str, str]:
+    """The environment of a driver process (a `defectloop` command) for ``ray_head``'s cluster: its
+    address, and token auth off as on the head (a ``ray.init`` in this process sets
+    RAY_AUTH_MODE=token in its environment, and a driver that inherits it never gets its actors)."""
+    return {**os.environ, "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"}
+
+
 def alive_nodes(head: ManagedProcess) -> int:
     """How many nodes the head's dashboard lists as alive (0 while it cannot tell)."""
     try:

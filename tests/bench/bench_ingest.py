@@ -53,12 +53,14 @@ def image_scores(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def on_nodes(n: int, sources: list[str], config: ModelConfig, tmp: str, batch_size: int) -> float:
-    """images/s of ``defectloop ingest``'s pipeline on a cluster of ``n`` one-CPU nodes on this machine
-    (``ray start --head`` and ``ray start --address``), one actor per node."""
-    import ray
+def on_nodes(n: int, pool: str, config: ModelConfig, tmp: str, batch_size: int) -> float:
+    """images/s of ``defectloop ingest`` (its own driver process, actor start included) on a cluster
+    of ``n`` one-CPU nodes on this machine (``ray start --head`` and ``ray start --address``)."""
+    import json
+    import subprocess
+    import sys
 
-    from defectloop.process import alive_nodes, ray_head, ray_worker
+    from defectloop.process import alive_nodes, driver_env, ray_head, ray_worker
 
     head = ray_head(Path(tmp) / f"n{n}", num_cpus=1).start().wait_ready("/api/version", 120)
     workers = [ray_worker(head.address, Path(tmp) / f"n{n}-worker{i}.log", num_cpus=1).start() for i in range(n - 1)]
@@ -68,15 +70,19 @@ def on_nodes(n: int, sources: list[str], config: ModelConfig, tmp: str, batch_si
             if time.monotonic() > deadline:
                 raise RuntimeError(f"waited 120 s for {n} Ray nodes")
             time.sleep(0.5)
-        ray.init(address=head.address, logging_level="ERROR")
-        ingest(sources[:n * 2], str(Path(tmp) / f"warm{n}"), config, concurrency=n)  # Ray Data's own warm-up
+        out = Path(tmp) / f"rows{n}.json"
         t0 = time.perf_counter()
-        rows = ingest(sources, str(Path(tmp) / f"cache{n}"), config, concurrency=n, batch_size=batch_size)
+        run = subprocess.run([sys.executable, "-m", "defectloop.cli", "ingest", "--pool", pool, "--cache", str(Path(tmp) / f"c{n}"),
+                        "--ray-address", head.address, "--concurrency", str(n), "--batch-size", str(batch_size),
+                        "--image-size", str(config.image_size), "--json", str(out)], env=driver_env(head),
+                             capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-        assert len({r.node for r in rows if r.embedded}) == n, "not every node embedded"
-        return len(sources) / seconds
+        if run.returncode:
+            raise RuntimeError(f"defectloop ingest on {n} node(s) failed:\n{run.stdout[-1000:]}\n{run.stderr[-3000:]}")
+        rows = json.loads(out.read_text())
+        assert len({r["node"] for r in rows if r["embedded"]}) == n, "not every node embedded"
+        return len(rows) / seconds
     finally:
-        ray.shutdown()
         for w in workers:
             w.stop(30)
         head.stop(30)
@@ -119,10 +125,15 @@ def main() -> None:
         store = FeatureCache.open(cache, config.backbone, None, args.size)
         f16 = torch.stack([store.get(content_hash(Path(s).read_bytes())).features.float() for s in sources])
 
-        if args.nodes:
-            one = on_nodes(1, sources, config, tmp, args.batch_size)
-            two = on_nodes(2, sources, config, tmp, args.batch_size)
-            print(f"one 1-CPU node {one:.1f} img/s, two 1-CPU nodes {two:.1f} img/s: {two / one:.2f}x")
+        if args.nodes:  # the pool as one folder of the chosen images
+            pool = Path(tmp) / "pool"
+            pool.mkdir()
+            for i, src in enumerate(sources):
+                (pool / f"{i:05d}{Path(src).suffix}").write_bytes(Path(src).read_bytes())
+            one = on_nodes(1, str(pool), config, tmp, args.batch_size)
+            two = on_nodes(2, str(pool), config, tmp, args.batch_size)
+            print(f"defectloop ingest (driver and actor start included): one 1-CPU node {one:.1f} img/s, "
+                  f"two 1-CPU nodes {two:.1f} img/s: {two / one:.2f}x")
 
     n = min(64, len(sources) // 2)  # a bank of n images, n queries: enough to see the ranking move
     s32, s16 = image_scores(f32[:n], f32[n:2 * n]), image_scores(f16[:n], f16[n:2 * n])

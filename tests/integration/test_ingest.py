@@ -20,6 +20,7 @@ from defectloop.data.synthetic import make_dataset
 from defectloop.features import PatchEmbedder, image_tensor, load_backbone
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.models import ModelConfig
+from defectloop.process import driver_env
 from defectloop.store import LocalStore
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def test_ingestion_killed_halfway_embeds_each_image_once(ray_head, tmp_path):
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(p.read_bytes())
     cache = tmp_path / "cache"
-    env = {**os.environ, "RAY_ADDRESS": ray_head.address}
+    env = driver_env(ray_head)
 
     first = subprocess.Popen(ingest_command(pool_images, cache, ray_head.address, tmp_path / "first.json"), env=env,
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,8 +128,7 @@ def test_ingestion_spreads_over_two_nodes(tmp_path_factory):
         cmd = ingest_command(pool, temp / "cache", head.address, out)
         cmd[cmd.index("--concurrency") + 1] = "2"
         cmd[cmd.index("--image-size") + 1] = "256"
-        run = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": head.address}, capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run(cmd, env=driver_env(head), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         rows = json.loads(out.read_text())
         assert rows and all(r["embedded"] for r in rows)
