@@ -113,7 +113,8 @@ def ingest(sources: list[str], cache: str, config: ModelConfig, concurrency: int
     ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=blocks)
     roots = roots if roots is not None else sorted({str(Path(s).parent) for s in sources if not is_s3(s)})
     out = ds.map_batches(_Embed, fn_constructor_args=(config.to_dict(), cache, max(1, int(num_cpus)), roots),
-                         batch_size=batch_size, concurrency=concurrency, num_cpus=num_cpus, batch_format="numpy")
+                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+                         batch_format="numpy")
     rows = {r["source"]: r for r in out.iter_rows()}
     result = [Ingested(s, r["digest"], (int(r["width"]), int(r["height"])), bool(r["embedded"]), r["node"], r["error"])
               for s in sources for r in [rows[s]]]
