@@ -72,8 +72,9 @@ class _Embed:
             try:
                 data = read_uri(source, self.roots)
                 digest = content_hash(data)
-                if digest in self.cache:
-                    rows.append([source, digest, 0, 0, False, ""])
+                hit = self.cache.find(digest)
+                if hit is not None:
+                    rows.append([source, digest, *hit.size, False, ""])
                     continue
                 img, (w, h) = read_image(data, size)
                 todo.append((len(rows), image_tensor(img, size)))
@@ -85,9 +86,6 @@ class _Embed:
                 feats = self.embedder(torch.stack([t for _, t in todo])).float()
             for (i, _), f in zip(todo, feats, strict=True):
                 self.cache.put(rows[i][1], f, (rows[i][2], rows[i][3]))
-        for row in rows:  # sizes of the cached ones, from the cache
-            if row[1] and not row[4]:
-                row[2], row[3] = self.cache.get(row[1]).size
         cols = list(zip(*rows, strict=True))
         return {"source": np.array(cols[0], dtype=object), "digest": np.array(cols[1], dtype=object),
                 "width": np.array(cols[2]), "height": np.array(cols[3]), "embedded": np.array(cols[4]),

@@ -127,17 +127,9 @@ def ray_head(temp_dir: str | Path, num_cpus: int | None = None, env: dict[str, s
     (Ray's socket paths are limited to ~100 characters).
     """
     port, dashboard = free_port(), free_port()
-    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "ray-client-server-port")]
-    exe = Path(sys.executable).with_name("ray")
-    run_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    run_env.pop("RAY_ADDRESS", None)
-    cpus = [f"--num-cpus={num_cpus}"] if num_cpus else []
-    head = ManagedProcess("ray-head", [str(exe), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                                       f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                                       f"--temp-dir={temp_dir}", *cpus, *agents, "--block"],
-                          run_env, f"http://127.0.0.1:{dashboard}", Path(temp_dir) / "head.log")
+    head = _ray_start("ray-head", ["--head", f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                                   f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}"],
+                      num_cpus, env, f"http://127.0.0.1:{dashboard}", Path(temp_dir) / "head.log")
     head.address, head.temp_dir = f"127.0.0.1:{port}", str(temp_dir)
     return head
 
@@ -146,14 +138,20 @@ def ray_worker(address: str, log: str | Path, num_cpus: int | None = None) -> Ma
     """``ray start --address ADDR --block``: a second node of ``ray_head``'s cluster, on this machine
     (its agents on ports of their own, like the head's). Not started yet; it serves no HTTP (ready:
     when the head's dashboard lists it, ``alive_nodes``)."""
-    agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port")]
-    exe = Path(sys.executable).with_name("ray")
-    run_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return _ray_start("ray-worker", [f"--address={address}"], num_cpus, None, "", log)
+
+
+def _ray_start(name: str, args: list[str], num_cpus: int | None, env: dict[str, str] | None, url: str,
+               log: str | Path) -> ManagedProcess:
+    """``ray start ... --block`` of a node on 127.0.0.1, its agents on free ports, token auth off."""
+    agents = [f"--{a}={free_port()}" for a in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                               "metrics-export-port", "runtime-env-agent-port")]
+    run_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     run_env.pop("RAY_ADDRESS", None)
     cpus = [f"--num-cpus={num_cpus}"] if num_cpus else []
-    return ManagedProcess("ray-worker", [str(exe), "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-                                         *cpus, *agents, "--block"], run_env, "", log)
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", *args, "--node-ip-address=127.0.0.1", *cpus, *agents,
+           "--block"]
+    return ManagedProcess(name, cmd, run_env, url, log)
 
 
 def driver_env(head: ManagedProcess) -> dict[str, str]:

@@ -204,3 +204,4 @@ def test_feature_cache_by_content(s3, tmp_path, where):
     assert digest not in FeatureCache(store, "tf_efficientnet_lite0", None, 256)
     with pytest.raises(FileNotFoundError):
         cache.get(content_hash(b"another image"))
+    assert cache.find(content_hash(b"another image")) is None and cache.find(digest).size == (640, 480)

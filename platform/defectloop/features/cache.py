@@ -63,5 +63,12 @@ class FeatureCache:
         w, h = t["size"].tolist()
         return Cached(t["features"], (w, h))
 
+    def find(self, digest: str) -> Cached | None:
+        """The entry, or None where there is none: one read, not a check and then a read."""
+        try:
+            return self.get(digest)
+        except FileNotFoundError:
+            return None
+
     def __len__(self) -> int:
         return len(self.store.keys(self.prefix))

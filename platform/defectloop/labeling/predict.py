@@ -82,7 +82,7 @@ class PoolPredictor:
             try:
                 data = fetch(t)
                 digest = content_hash(data)
-                hit = features.get(digest) if features is not None and digest in features else None
+                hit = features.find(digest) if features is not None else None
                 img = None if hit else read_image(data, size)
             except Exception as e:  # an unreadable image is left out of the predictions and reported
                 log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
