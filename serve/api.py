@@ -9,59 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
 
 from defectloop.models import AbnormalMemory
-from defectloop.serve.context import ScoringContext, TokenGate, decode, require_token, score_arrays
+from defectloop.serve.context import ScoringContext, decode, require_token, score_arrays
 from defectloop.serve.ml_backend import build_router
 from defectloop.serve.schemas import BanksInfo, ImageRef, ModelInfo, ScoreRequest, ScoreResponse
-from defectloop.serve.settings import ServeSettings
 from defectloop.store import FileTooLarge, read_uri
 
 log = logging.getLogger(__name__)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``max_request_mb`` (413), counted as they arrive,
-    and bodies not complete within ``body_timeout_s`` of the request (408): a client that announces
-    a body and stalls holds a replica's request slot only that long."""
-
-    def __init__(self, app, get_settings: Callable[[], ServeSettings]):
-        self.app = app
-        self.get_settings = get_settings
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        settings = self.get_settings()
-        limit, timeout = settings.max_request_bytes, settings.body_timeout_s
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await JSONResponse({"detail": f"request body over the {limit} byte limit"}, 413)(scope, receive, send)
-        seen, complete = 0, False
-        deadline = asyncio.get_running_loop().time() + timeout
-
-        async def limited():
-            nonlocal seen, complete
-            if complete:  # after the body: a wait for the client's disconnect, with no deadline
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except TimeoutError:
-                raise HTTPException(408, f"request body not complete within {timeout:g} s") from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-                if seen > limit:
-                    raise HTTPException(413, f"request body over the {limit} byte limit")
-            return message
-
-        return await self.app(scope, limited, send)
 
 
 SCORE_BODY = {
@@ -79,8 +38,6 @@ def build_app(ctx: ScoringContext) -> FastAPI:
                   description="Anomaly scores, heatmaps and predicted defect masks for inspection images, from "
                               "the unified model in the registry. Authenticate with `Authorization: Bearer <token>`.")
     app.state.ctx = ctx
-    app.add_middleware(BodyLimit, get_settings=lambda: ctx.settings)
-    app.add_middleware(TokenGate, get_settings=lambda: ctx.settings)  # added last: runs first
     auth = [Depends(require_token)]
 
     @app.get("/v1/health", summary="Liveness and the model version in force (no auth)")

@@ -1,4 +1,5 @@
-"""The Ray Serve application: one scorer deployment with the FastAPI ingress of ``serve.api``.
+"""The Ray Serve application: the ``Gateway`` ingress (``serve.gateway``: auth, body limits,
+failover) in front of the ``Scorer`` replicas, which run the FastAPI app of ``serve.api``.
 
     serve run defectloop.serve.app:app            # settings from DEFECTLOOP_* / DEFECTLOOP_SERVE_CONFIG
     serve deploy serve/config.yaml                 # settings as builder args + user_config
@@ -20,13 +21,16 @@ import signal
 import threading
 
 import torch
+from fastapi import HTTPException
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
 from defectloop.serve.api import build_app
 from defectloop.serve.context import ScoringContext
+from defectloop.serve.gateway import Answer, call_asgi, gateway_app
 from defectloop.serve.loop import LoopService
 from defectloop.serve.settings import ServeSettings
 
@@ -36,7 +40,6 @@ MAX_ONGOING = 128
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING, health_check_period_s=10, graceful_shutdown_timeout_s=20)
-@serve.ingress()
 class Scorer:
     def __init__(self, loop: DeploymentHandle | None = None, **settings):
         self.settings = ServeSettings.load(**settings)
@@ -48,6 +51,11 @@ class Scorer:
         self.ctx = ScoringContext(self.handle, self.score_one, self.settings, EventInbox(self.settings.inbox_dir()),
                                   loop_status=self.loop_status if loop is not None else None)
         self._apply_batching()
+        self.app = build_app(self.ctx)
+
+    async def respond(self, scope: dict, body: bytes) -> Answer:
+        """One HTTP request, relayed by the gateway."""
+        return await call_asgi(self.app, scope, body)
 
     def _apply_batching(self) -> None:
         self.score_one.set_max_batch_size(self.settings.max_batch_size)
@@ -80,8 +88,39 @@ class Scorer:
         if self.handle._served is None:
             raise RuntimeError("no model loaded")
 
+
+@serve.deployment(max_ongoing_requests=2 * MAX_ONGOING, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.ingress()
+class Gateway:
+    """The HTTP ingress: gates a request, reads its body, and has a scorer replica answer it; when
+    that replica dies mid-request, another one (or its replacement) gets it, for ``failover_s``."""
+
+    def __init__(self, scorer: DeploymentHandle, **settings):
+        self.scorer = scorer
+        self.settings = ServeSettings.load(**settings)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.settings = self.settings.updated(user_config or {})
+
+    async def forward(self, scope: dict, body: bytes) -> Answer:
+        deadline, tries = asyncio.get_running_loop().time() + self.settings.failover_s, 0
+        while True:
+            tries += 1
+            try:
+                return await self.scorer.respond.remote(scope, body)
+            except RayActorError as e:  # the replica died (or is unreachable) before it answered
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    log.error("gateway: %s %s: no scorer replica answered within %g s (%d tries)",
+                              scope.get("method"), scope.get("path"), self.settings.failover_s, tries)
+                    raise HTTPException(503, "no scorer replica is available: retry shortly",
+                                        headers={"Retry-After": "5"}) from e
+                log.warning("gateway: a scorer replica died under %s %s (%s): sending it again",
+                            scope.get("method"), scope.get("path"), type(e).__name__)
+                await asyncio.sleep(min(0.05 * 2**tries, 1.0, left))
+
     def __serve_build_asgi_app__(self):
-        return build_app(self.ctx)
+        return gateway_app(self.forward, lambda: self.settings)
 
 
 def build(args: dict) -> serve.Application:
@@ -106,14 +145,17 @@ def application(args: dict, replicas: int | None = None, gpus: float = 0.0,
     if replicas > 1 and not args.get("threads"):
         args = {**args, "threads": max(1, (os.cpu_count() or 1) // replicas)}
     settings = ServeSettings.load(**args)
-    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
-                            **({"user_config": user_config} if user_config is not None else {}))
-    if not settings.loop_state:
-        return scorer.bind(**args)
-    return scorer.bind(loop=LoopService.options(ray_actor_options={"num_cpus": 0.5}).bind(**args), **args)
+    configured = {"user_config": user_config} if user_config is not None else {}
+    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1}, **configured)
+    if settings.loop_state:
+        scorer = scorer.bind(loop=LoopService.options(ray_actor_options={"num_cpus": 0.5}).bind(**args), **args)
+    else:
+        scorer = scorer.bind(**args)
+    # the gateway relays and waits: no core of its own (it would take one from scoring)
+    return Gateway.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}, **configured).bind(scorer, **args)
 
 
-app = Scorer.bind()
+app = Gateway.bind(Scorer.bind())
 
 
 def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

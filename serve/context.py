@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPBasic, HTTPBearer
-from starlette.responses import JSONResponse
 
 from defectloop.data import ImageError, ImageTooLarge, read_image
 from defectloop.features import image_tensor
@@ -95,52 +93,13 @@ def token_ok(authorization: str, settings: ServeSettings) -> bool:
 
 def require_token(request: Request, _bearer: Annotated[object, Security(BEARER)] = None,
                   _basic: Annotated[object, Security(BASIC)] = None) -> None:
-    """The route's auth (``TokenGate`` checked it before the body was read; this documents it in
-    OpenAPI and guards the app where it runs without the gate)."""
+    """The route's auth (the gateway's ``TokenGate`` checked it before the body was read; this
+    documents it in OpenAPI and guards the scoring app wherever it is called)."""
     if not token_ok(request.headers.get("authorization", ""), request.app.state.ctx.settings):
         raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
 
 UNAUTHORIZED = "missing or wrong API token (Authorization: Bearer <token>)"
-
-
-class TokenGate:
-    """ASGI middleware, before a byte of a request's body is read, on every route but ``OPEN_PATHS``:
-    503 while the scorer drains; 401 without the token (FastAPI reads a body before it runs the
-    route's dependencies, so an unauthenticated client could otherwise make the service take in a
-    body); 429 to a client with ``max_requests_per_client`` requests in flight on this replica
-    already (one client, however authenticated, must not take all of a replica's
-    ``max_ongoing_requests`` from the others)."""
-
-    def __init__(self, app, get_settings: Callable[[], ServeSettings]):
-        self.app = app
-        self.get_settings = get_settings
-        self.in_flight: Counter[str] = Counter()  # per client address; changed in the event loop's thread only
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        settings = self.get_settings()
-        authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        client = (scope.get("client") or ("unknown",))[0]
-        if settings.draining:
-            response = JSONResponse({"detail": "this scorer is shutting down: retry shortly (another replica, "
-                                               "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
-        elif not token_ok(authorization, settings):
-            response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
-        elif self.in_flight[client] >= settings.max_requests_per_client:
-            response = JSONResponse({"detail": f"{settings.max_requests_per_client} requests of this client are in "
-                                               "flight already: retry when one has finished"}, 429,
-                                    headers={"Retry-After": "1"})
-        else:
-            self.in_flight[client] += 1
-            try:
-                return await self.app(scope, receive, send)
-            finally:
-                self.in_flight[client] -= 1
-                if not self.in_flight[client]:
-                    del self.in_flight[client]
-        return await response(scope, receive, send)
 
 
 class Decoded(NamedTuple):

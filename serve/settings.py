@@ -18,7 +18,8 @@ import yaml
 #: fields a running replica applies without a restart (Serve ``reconfigure``)
 RELOADABLE = frozenset({"model", "version", "poll_s", "max_batch_size", "batch_wait_s", "api_token", "auth",
                         "max_images", "max_request_mb", "body_timeout_s", "max_megapixels", "label_studio_url",
-                        "label_studio_token", "draining", "max_requests_per_client"})
+                        "label_studio_token", "draining", "max_requests_per_client",
+                        "failover_s"})
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ServeSettings:
     reconcile_s: float = 120.0  # how often the polling sync looks for what the webhooks missed
     hold_back: float = 0.2  # share of confirmed labels a retraining leaves out, to be judged on
     ray_dashboard: str | None = None  # submit retrainings there (Ray Jobs API); else child processes
+    failover_s: float = 30.0  # how long the gateway sends a request again while scorer replicas die (a restart takes ~10 s)
     draining: bool = False  # shutting down: new requests get 503 while those in flight finish (set on SIGTERM)
 
     @classmethod

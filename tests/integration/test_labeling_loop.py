@@ -7,7 +7,6 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from label_studio_sdk import LabelStudio
@@ -183,8 +182,7 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
 
 def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp_path):
     """The scorer connected as ML backend (its webhook authenticated), serving each bank the loop
-    publishes; killed during a round: the loop retries, reports, loses nothing, and picks it up again.
-    At the end (its own scorer, so it may): stopped with SIGTERM under load, it drains."""
+    publishes; killed during a round: the loop retries, reports, loses nothing, and picks it up again."""
     import os
     import sys
     import threading
@@ -246,37 +244,6 @@ def test_loop_waits_for_the_scorer(label_studio, served_registry, tiny_data, tmp
         threading.Timer(2.0, scorer.start).start()
         back = loop.check_scorer()
         assert back.ok and back.served == "v0001-b0002" and back.waited_s >= 2
-
-        # SIGTERM under load (8 clients): every request it had taken is answered 200; later ones get
-        # 503 (Retry-After), find the route gone or the service closing, and none is answered 500
-        images = [Path(p.uri).read_bytes() for p in pool[:8]]
-        outcomes, sigterm_at = [], [float("inf")]
-
-        def client() -> None:
-            while True:
-                t0 = time.monotonic()
-                try:
-                    r = httpx.post(f"{scorer.url}/v1/score?heatmap=true&mask=true", headers={"Authorization": f"Bearer {token}"},
-                                   files=[("files", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)], timeout=120)
-                    outcomes.append((t0 < sigterm_at[0], r.status_code))
-                except httpx.ConnectError:  # the service is gone: nothing was taken
-                    return
-                except httpx.HTTPError as e:
-                    outcomes.append((t0 < sigterm_at[0], type(e).__name__))
-                    return
-
-        clients = [threading.Thread(target=client) for _ in range(8)]
-        for c in clients:
-            c.start()
-        time.sleep(3)
-        sigterm_at[0] = time.monotonic()
-        assert scorer.stop() == 0
-        for c in clients:
-            c.join(60)
-        before = [code for taken, code in outcomes if taken]
-        after = [code for taken, code in outcomes if not taken]
-        assert before and set(before) == {200}, outcomes
-        assert not [c for c in after if isinstance(c, int) and c >= 500 and c != 503], outcomes
     finally:
         assert scorer.stop() is not None
 

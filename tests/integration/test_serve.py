@@ -222,3 +222,102 @@ def test_stalled_connections_without_a_token_take_nothing_down(scorer, images):
     finally:
         for s in stalled:
             s.close()
+
+
+def scorer_replica_pids(server_pid: int) -> set[int]:
+    """PIDs of the scorer replicas of the service ``server_pid`` runs (Ray names a replica's process
+    after it; the local Ray it started, and so its workers, are its descendants)."""
+    from pathlib import Path
+
+    from defectloop.process import descendants
+
+    pids = set()
+    for pid, _ in descendants(server_pid):
+        try:
+            if b"ServeReplica:defectloop:Scorer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def test_replica_faults_lose_no_request(scorer_registry, images, tmp_path):
+    """Two scorer replicas under 8 clients: one SIGKILLed gives no failed request (the gateway sends
+    what it had in flight to the other), and the p99 stays under 5 s. Then SIGTERM of the service
+    drains: every request a replica had taken is answered 200; later ones get 503 or find it gone."""
+    import os
+    import signal
+    import sys
+
+    from defectloop.process import ManagedProcess, free_port
+
+    port = free_port()
+    server = ManagedProcess("replicas", [sys.executable, "-m", "defectloop.cli", "serve", "--registry",
+                                         str(scorer_registry), "--port", str(port), "--replicas", "2"],
+                            {**os.environ, "DEFECTLOOP_API_TOKEN": AUTH["Authorization"].split()[1],
+                             "DEFECTLOOP_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+                            f"http://127.0.0.1:{port}", tmp_path / "replicas.log")
+    server.start().wait_ready("/v1/health", 180)
+    stop = threading.Event()
+    try:
+        deadline = time.monotonic() + 60
+        while len(replicas := scorer_replica_pids(server.pid)) < 2:
+            assert time.monotonic() < deadline, f"2 scorer replicas did not start: {replicas}"
+            time.sleep(0.5)
+        outcomes: list[tuple[float, float, int | str]] = []  # (sent, answered, status or error)
+        signal_at = [float("inf")]
+
+        files = [("files", (f"{i}.png", d, "image/png")) for i, d in enumerate((images["bad"] * 8)[:8])]
+
+        def client() -> None:  # 8 images a request: the killed replica has requests mid-way
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = httpx.post(f"{server.url}/v1/score?heatmap=true&mask=true", headers=AUTH, files=files,
+                                   timeout=60)
+                    outcomes.append((t0, time.monotonic(), r.status_code))
+                except httpx.ConnectError:  # the service is gone (after SIGTERM): nothing was taken
+                    return
+                except httpx.HTTPError as e:
+                    outcomes.append((t0, time.monotonic(), type(e).__name__))
+                    if t0 > signal_at[0]:
+                        return
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+        for c in clients:
+            c.start()
+        time.sleep(4)
+        victim = min(replicas)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline = killed_at + 120  # Serve starts a replacement: clients go on until it serves
+        while len(scorer_replica_pids(server.pid) - {victim}) < 2:
+            assert time.monotonic() < deadline, "no replacement for the killed scorer replica"
+            time.sleep(0.5)
+        time.sleep(3)
+        during = [o for o in outcomes if o[1] >= killed_at]
+        failed = [o for o in outcomes if o[2] != 200]
+        latency = sorted(t1 - t0 for t0, t1, _ in during)
+        p99 = latency[int(0.99 * (len(latency) - 1))]
+        span = outcomes[-1][1] - killed_at
+        print(f"SIGKILL of a scorer replica under 8 clients: {len(during)} requests answered after it in "
+              f"{span:.1f} s ({len(during) / span:.1f} req/s), {len(failed)} failed, p99 {p99:.2f} s, "
+              f"max {latency[-1]:.2f} s")
+        assert not failed, failed
+        assert p99 < 5, f"p99 {p99:.2f} s during the replica kill"
+
+        # SIGTERM under load: the requests taken before it finish (200); the others get 503 at the
+        # gate (Retry-After), 404 once the application is deleted, or find the proxy closed; none
+        # gets another 5xx
+        signal_at[0] = time.monotonic()
+        assert server.stop() == 0
+        stop.set()
+        for c in clients:
+            c.join(60)
+        after = [o for o in outcomes if o[1] >= signal_at[0]]
+        assert any(o[0] < signal_at[0] and o[2] == 200 for o in after), f"nothing in flight finished: {after}"
+        assert not [o for o in after if isinstance(o[2], int) and o[2] not in (200, 404, 503)], after
+        assert not [o for o in after if o[0] < signal_at[0] and not isinstance(o[2], int)], after
+    finally:
+        stop.set()
+        assert server.stop() is not None

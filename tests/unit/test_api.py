@@ -17,6 +17,7 @@ from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle
 from defectloop.serve.api import build_app
 from defectloop.serve.context import ScoringContext
+from defectloop.serve.gateway import local_gateway
 from defectloop.serve.settings import ServeSettings
 
 TOKEN = "s3cret-token"
@@ -38,7 +39,7 @@ def ctx(served_copy, tmp_path):
 
 @pytest.fixture()
 def client(ctx):
-    c = TestClient(build_app(ctx))
+    c = TestClient(local_gateway(build_app(ctx), lambda: ctx.settings))  # the path of every request: gateway, then app
     c.headers["Authorization"] = f"Bearer {TOKEN}"
     return c
 
@@ -159,7 +160,7 @@ def test_auth(client, defect_png):
 def test_one_client_cannot_take_a_replica(ctx):
     """Past ``max_requests_per_client`` requests in flight, a client gets 429 (before its body is
     read) while another client is still served; a finished request frees its place."""
-    from defectloop.serve.context import TokenGate
+    from defectloop.serve.gateway import TokenGate
 
     release = asyncio.Event()
 

@@ -31,10 +31,11 @@ def check_serve_config(cfg: dict) -> None:
         builder = getattr(importlib.import_module(module), attr)
         assert callable(builder)
         assert set(app.get("args", {})) <= names, app["args"]
+        assert [d["name"] for d in app["deployments"]] == ["Scorer", "Gateway"]
         for dep in app["deployments"]:
-            assert dep["name"] == "Scorer"
             assert set(dep.get("user_config", {})) <= names
-            assert dep.get("max_ongoing_requests", 0) >= dep.get("user_config", {}).get("max_batch_size", 16)
+        scorer = app["deployments"][0]
+        assert scorer.get("max_ongoing_requests", 0) >= scorer.get("user_config", {}).get("max_batch_size", 16)
 
 
 def check_env(env: dict[str, str]) -> None:
