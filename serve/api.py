@@ -50,9 +50,8 @@ def build_app(ctx: ScoringContext) -> FastAPI:
         except Exception as e:  # no loadable model at all
             log.error("health: no model loaded: %s", e)
             raise HTTPException(503, "no model loaded (see the service's log)") from e
-        ready = not ctx.io.saturated and not ctx.settings.draining
-        status = "draining" if ctx.settings.draining else "ok" if ready else "saturated"
-        return {"status": status, "ready": ready, "model_version": served.version,
+        ready = not ctx.io.saturated  # while draining, the gateway answers 503 for this replica
+        return {"status": "ok" if ready else "saturated", "ready": ready, "model_version": served.version,
                 "bank_version": served.bank, "reload_failed": ctx.handle.last_error is not None}
 
     @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, summary="The model being served")

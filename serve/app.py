@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import torch
 from fastapi import HTTPException
@@ -102,6 +103,11 @@ class Gateway:
     def reconfigure(self, user_config: dict) -> None:
         self.settings = self.settings.updated(user_config or {})
 
+    def drain(self) -> str:
+        """From now on answer every request 503 (the service is stopping); this replica's id."""
+        self.settings = self.settings.updated({"draining": True})
+        return serve.get_replica_context().replica_id.unique_id
+
     async def forward(self, scope: dict, body: bytes) -> Answer:
         deadline, tries = asyncio.get_running_loop().time() + self.settings.failover_s, 0
         while True:
@@ -136,8 +142,7 @@ def default_replicas(cpus: int | None = None) -> int:
     return 2 if (cpus or os.cpu_count() or 1) >= 4 else 1
 
 
-def application(args: dict, replicas: int | None = None, gpus: float = 0.0,
-                user_config: dict | None = None) -> serve.Application:
+def application(args: dict, replicas: int | None = None, gpus: float = 0.0) -> serve.Application:
     """The scorer (``default_replicas`` unless told), plus the live loop when the settings name a
     labeling setup (``loop_state``). Replicas share the cores: each gets its part as torch threads
     unless ``threads`` is set."""
@@ -145,17 +150,29 @@ def application(args: dict, replicas: int | None = None, gpus: float = 0.0,
     if replicas > 1 and not args.get("threads"):
         args = {**args, "threads": max(1, (os.cpu_count() or 1) // replicas)}
     settings = ServeSettings.load(**args)
-    configured = {"user_config": user_config} if user_config is not None else {}
-    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1}, **configured)
+    scorer = Scorer.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": 1})
     if settings.loop_state:
         scorer = scorer.bind(loop=LoopService.options(ray_actor_options={"num_cpus": 0.5}).bind(**args), **args)
     else:
         scorer = scorer.bind(**args)
     # the gateway relays and waits: no core of its own (it would take one from scoring)
-    return Gateway.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}, **configured).bind(scorer, **args)
+    return Gateway.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind(scorer, **args)
 
 
 app = Gateway.bind(Scorer.bind())
+
+
+def drain_gateways(replicas: int, within_s: float = 10.0) -> None:
+    """Have every gateway replica answer 503 from now on. A handle call reaches one replica, so call
+    until each has answered (or ``within_s``: one missed keeps taking requests until the route is
+    withdrawn, and Serve still lets it finish them). Not a ``user_config`` change: ``serve.run``
+    versions a deployment anew each time, so that would restart every replica just to stop it."""
+    handle = serve.get_deployment_handle("Gateway", "defectloop")
+    seen: set[str] = set()
+    deadline = time.monotonic() + within_s
+    while len(seen) < replicas and time.monotonic() < deadline:
+        seen.add(handle.drain.remote().result(timeout_s=within_s))
+    log.info("draining %d of %d gateway replicas", len(seen), replicas)
 
 
 def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
@@ -179,11 +196,10 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
         while not stop.wait(0.5):
             pass
         print("shutting down the scorer: finishing the requests in flight...", flush=True)
-        # first the replicas answer new requests 503 (a user_config change, applied in place), then the
-        # application goes: its replicas finish what is in flight (graceful_shutdown_timeout_s) while
-        # the proxy still holds the connections. Tearing Serve down at once dropped them ("server
-        # disconnected without sending a response").
-        serve.run(application(args, replicas, gpus, user_config={"draining": True}), name="defectloop", route_prefix="/")
+        # first the gateways answer new requests 503, then the application goes: its replicas finish
+        # what is in flight (graceful_shutdown_timeout_s) while the proxy still holds the connections.
+        # Tearing Serve down at once dropped them ("server disconnected without sending a response").
+        drain_gateways(replicas or default_replicas())
         serve.delete("defectloop")
     finally:
         try:

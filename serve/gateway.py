@@ -90,7 +90,7 @@ async def call_asgi(app, scope: dict, body: bytes) -> Answer:
 
 class TokenGate:
     """ASGI middleware, before a byte of a request's body is read, on every route but ``OPEN_PATHS``:
-    503 while the service drains; 401 without the token (FastAPI reads a body before it runs the
+    503 while the service drains (on every route); 401 without the token (FastAPI reads a body before it runs the
     route's dependencies, so an unauthenticated client could otherwise make the service take in a
     body); 429 to a client with ``max_requests_per_client`` requests in flight on this gateway
     replica already (one client, however authenticated, must not take all of the service's
@@ -102,15 +102,19 @@ class TokenGate:
         self.in_flight: Counter[str] = Counter()  # per client address; changed in the event loop's thread only
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = self.get_settings()
+        if settings.draining:  # health included: a readiness probe sees it
+            response = JSONResponse({"status": "draining", "ready": False,
+                                     "detail": "this scorer is shutting down: retry shortly (another replica, "
+                                               "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
+            return await response(scope, receive, send)
+        if scope.get("path", "") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
         authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         client = (scope.get("client") or ("unknown",))[0]
-        if settings.draining:
-            response = JSONResponse({"detail": "this scorer is shutting down: retry shortly (another replica, "
-                                               "or the service once restarted)"}, 503, headers={"Retry-After": "5"})
-        elif not token_ok(authorization, settings):
+        if not token_ok(authorization, settings):
             response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers={"WWW-Authenticate": "Bearer"})
         elif self.in_flight[client] >= settings.max_requests_per_client:
             response = JSONResponse({"detail": f"{settings.max_requests_per_client} requests of this client are in "

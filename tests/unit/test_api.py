@@ -197,7 +197,10 @@ def test_one_client_cannot_take_a_replica(ctx):
         release.set()
         assert await asyncio.gather(*first, other) == [200, 200, 200]
         assert gate.in_flight == {} and await call("10.0.0.1") == 200
-        assert await call("10.0.0.1", path="/v1/health", token="") == 200  # open paths: no gate at all
+        assert await call("10.0.0.1", path="/v1/health", token="") == 200  # open paths: no token needed
+        nonlocal settings
+        settings = settings.updated({"draining": True})  # stopping: 503 everywhere, health included
+        assert await call("10.0.0.1") == 503 and await call("10.0.0.1", path="/v1/health", token="") == 503
 
     asyncio.run(scenario())
 
