@@ -170,8 +170,11 @@ def drain_gateways(replicas: int, within_s: float = 10.0) -> None:
     handle = serve.get_deployment_handle("Gateway", "defectloop")
     seen: set[str] = set()
     deadline = time.monotonic() + within_s
-    while len(seen) < replicas and time.monotonic() < deadline:
-        seen.add(handle.drain.remote().result(timeout_s=within_s))
+    while len(seen) < replicas and (left := deadline - time.monotonic()) > 0:
+        try:
+            seen.add(handle.drain.remote().result(timeout_s=left))
+        except Exception as e:  # a replica dying or slow to answer: the application is deleted all the same
+            log.warning("draining a gateway replica: %s", e)
     log.info("draining %d of %d gateway replicas", len(seen), replicas)
 
 
@@ -188,6 +191,7 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handler
         signal.signal(sig, lambda *_: stop.set())
     args = dataclasses.asdict(settings)
+    replicas = replicas or default_replicas()
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(args, replicas, gpus), name="defectloop", route_prefix="/")
@@ -199,7 +203,7 @@ def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int =
         # first the gateways answer new requests 503, then the application goes: its replicas finish
         # what is in flight (graceful_shutdown_timeout_s) while the proxy still holds the connections.
         # Tearing Serve down at once dropped them ("server disconnected without sending a response").
-        drain_gateways(replicas or default_replicas())
+        drain_gateways(replicas)
         serve.delete("defectloop")
     finally:
         try:

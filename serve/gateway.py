@@ -4,8 +4,8 @@ Ray Serve's proxy hands an HTTP request to one replica and answers 500 when that
 it (SIGKILL, out-of-memory kill, lost node): Serve does not send an HTTP request again. So the
 ingress is a light gateway (``serve.app.Gateway``) that holds the client's request itself: its
 ``TokenGate`` and ``BodyLimit`` answer a request that is not allowed before reading its body, the
-body is read once, and the request is passed (ASGI scope and body, ``Forwarded``) to a scorer
-replica, which runs the scoring app on it (``call_asgi``). When the replica dies mid-request, the
+body is read once, and the request (its ASGI scope, ``forwardable``, and body) is passed to a
+scorer replica, which runs the scoring app on it (``call_asgi``) and returns the ``Answer``. When the replica dies mid-request, the
 gateway sends it again to another one. Every route may be sent twice: scoring is a pure function
 of the request and the served version, and the inbox stores a webhook event once.
 
@@ -89,10 +89,10 @@ async def call_asgi(app, scope: dict, body: bytes) -> Answer:
 
 
 class TokenGate:
-    """ASGI middleware, before a byte of a request's body is read, on every route but ``OPEN_PATHS``:
-    503 while the service drains (on every route); 401 without the token (FastAPI reads a body before it runs the
-    route's dependencies, so an unauthenticated client could otherwise make the service take in a
-    body); 429 to a client with ``max_requests_per_client`` requests in flight on this gateway
+    """ASGI middleware, before a byte of a request's body is read: 503 on every route while the
+    service drains; on every route but ``OPEN_PATHS``, 401 without the token (FastAPI reads a body
+    before it runs the route's dependencies, so an unauthenticated client could otherwise make the
+    service take in a body) and 429 to a client with ``max_requests_per_client`` requests in flight on this gateway
     replica already (one client, however authenticated, must not take all of the service's
     request slots from the others)."""
 
