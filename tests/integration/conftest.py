@@ -37,14 +37,15 @@ def scorer_registry(served_registry, tmp_path_factory) -> Path:
 def scorer(scorer_registry, s3, tmp_path_factory):
     """The session's scorer; after ``s3``, so that the S3 endpoint (where Label Studio's presigned
     URLs point) is among the hosts it fetches from."""
-    port = free_port()
+    port, uris = free_port(), tmp_path_factory.mktemp("uris")  # the folder JSON requests may name
     env = {**os.environ, "DEFECTLOOP_API_TOKEN": SCORER_TOKEN, "DEFECTLOOP_POLL_S": "0.5",
-           "DEFECTLOOP_THREADS": "2", "DEFECTLOOP_BODY_TIMEOUT_S": "5", "RAY_USAGE_STATS_ENABLED": "0"}
+           "DEFECTLOOP_THREADS": "2", "DEFECTLOOP_BODY_TIMEOUT_S": "5", "DEFECTLOOP_ALLOWED_ROOTS": str(uris),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     server = ManagedProcess("scorer", [sys.executable, "-m", "defectloop.cli", "serve", "--registry",
                                        str(scorer_registry), "--port", str(port)],
                             env, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("logs") / "scorer.log")
     server.start().wait_ready("/v1/health", 180)
-    server.token = SCORER_TOKEN
+    server.token, server.uris = SCORER_TOKEN, uris
     yield server
     code = server.stop()
     assert code == 0, f"scorer did not shut down cleanly ({code}):\n{server.tail()}"

@@ -321,3 +321,26 @@ def test_replica_faults_lose_no_request(scorer_registry, images, tmp_path):
     finally:
         stop.set()
         assert server.stop() is not None
+
+
+def test_a_fifo_uri_and_bad_webhooks_over_http(scorer, images):
+    """Over the real service: a FIFO named by a JSON request gets 400 at once (reading it would
+    block a thread for ever), and scoring goes on; a webhook event over max_event_mb (16) gets 413,
+    a malformed one 4xx, and one delivered twice is stored once."""
+    import os
+
+    pipe = scorer.uris / "pipe.png"
+    os.mkfifo(pipe)
+    t0 = time.monotonic()
+    r = httpx.post(f"{scorer.url}/v1/score", json={"images": [{"uri": str(pipe)}]}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and time.monotonic() - t0 < 5, r.text
+    assert score(scorer.url, images["bad"][0]).status_code == 200
+    hook = f"{scorer.url}/ls/webhook"
+    big = {"action": "ANNOTATION_CREATED", "annotation": {"id": 9, "task": 1, "result": [{"x": "y" * 17 * 2**20}]}}
+    assert httpx.post(hook, json=big, headers=AUTH, timeout=60).status_code == 413
+    for payload in (b"[1, 2]", b"{\"no_action\": 1}", b"{broken"):
+        r = httpx.post(hook, content=payload, headers={**AUTH, "content-type": "application/json"}, timeout=30)
+        assert r.status_code in (400, 422), (payload, r.status_code)
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 77, "task": 1, "result": []}}
+    first, again = (httpx.post(hook, json=event, headers=AUTH, timeout=30) for _ in range(2))
+    assert first.status_code == again.status_code == 201 and first.json()["event_id"] == again.json()["event_id"]
