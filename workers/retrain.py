@@ -7,6 +7,9 @@ RayJob (infra/k8s/rayjob-retrain.yaml). It fits with the current version's setti
 when --workers is given) and learns from what annotators confirmed: the defects in the served
 abnormal bank are trained on as real anomalies (they stay in the new version's bank), and the pool
 images they confirmed normal (the registry's labels/normal.json) join the normal training images.
+The labels held back (``--hold-back``) are not trained on: the normals are calibrated on, and with
+the held-back defective images (labels/defective.json) they judge, per category, whether the
+learned head serves or the banks' score alone (models/head_choice.py).
 By default it fits warm from the current version: the normal bank keeps its entries and gains
 the new normal images' patches it does not cover, and the learned head continues from its weights,
 so labels refine the served model instead of a fresh draw replacing it (``--full``: everything
@@ -32,14 +35,16 @@ from defectloop.workers.train import train_model
 log = logging.getLogger("defectloop.retrain")
 
 
-def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back: float = 0.0
-                      ) -> tuple[list[Sample], list[Sample]]:
-    """Pool images annotators confirmed normal, as normal samples (S3 ones downloaded once): (to train
-    on, held back), those held back (``held_back``) being left out of training to judge the new version.
+def confirmed_images(reg: Registry, label: str = "normal", cache: Path = CACHE_DIR / "pool", hold_back: float = 0.0
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """Pool images annotators confirmed ``label`` ("normal" or "defective"), as samples (S3 ones
+    downloaded once): (to train on, held back), those held back (``held_back``) being left out of
+    training to judge the new version. Defective ones carry no mask: what a retraining learns from
+    them comes through the served abnormal bank; held back, they judge the learned head.
 
     One that cannot be read any more is skipped with a warning: it is one image among many."""
     train, held = [], []
-    for entry in reg.normals():
+    for entry in reg.labels(label):
         src = entry["source"]
         path = Path(src)
         try:
@@ -51,10 +56,10 @@ def confirmed_normals(reg: Registry, cache: Path = CACHE_DIR / "pool", hold_back
             elif not path.is_file():
                 raise FileNotFoundError("no such file")
         except Exception as e:  # noqa: BLE001 - any storage error: skip this image, keep the rest
-            log.warning("skipping the confirmed-normal image %s: %s", src, e)
+            log.warning("skipping the confirmed-%s image %s: %s", label, src, e)
             continue
         side = held if held_back(entry.get("image") or entry["source"], hold_back) else train
-        side.append(Sample(path, entry["category"]))
+        side.append(Sample(path, entry["category"], *((1, "confirmed") if label == "defective" else ())))
     return train, held
 
 
@@ -79,17 +84,20 @@ def retrain(registry: str, data: str, categories: list[str] | None = None, anoma
     if settings:
         config = config.with_settings(settings)
         full = True  # other settings make another model: nothing to continue from
-    normals, calibration = ([s for s in side if not categories or s.category in categories]
-                            for side in confirmed_normals(reg, hold_back=hold_back))
+    def ours(samples: list[Sample]) -> list[Sample]:
+        return [s for s in samples if not categories or s.category in categories]
+
+    normals, calibration = map(ours, confirmed_images(reg, "normal", hold_back=hold_back))
+    defects = ours(confirmed_images(reg, "defective", hold_back=hold_back)[1])
     base = f"{registry.rstrip('/')}/versions/{current}" if current and not full else None
     log.info("retraining %s from %s (%s, training on %d confirmed annotations and %d images confirmed normal)",
              config.kind, data, f"warm from {current}" if base else f"from scratch, current {current or 'none'}",
              len(labels), len(normals))
     model, stats = train_model(config, data, categories, anomalies_per_class, workers, gpus_per_worker, ray_address,
                                storage or f"{registry.rstrip('/')}/runs", confirmed=labels, normals=normals, base=base,
-                               calibration=calibration)
+                               held_back=calibration + defects)
     stats.update(retrained_from=current, carried_annotations=len(labels), confirmed_normals=len(normals),
-                 calibrated_on_confirmed_normals=len(calibration))
+                 calibrated_on_confirmed_normals=len(calibration), held_back_confirmed_defects=len(defects))
     stats.update(held_back_share=hold_back)
     version = reg.register(model, files={"fit.json": json.dumps(stats, indent=1, default=str)}, make_current=promote)
     log.info("registered %s in %s%s", version, registry, "" if promote else " (not current: to be judged)")

@@ -163,16 +163,17 @@ def train_model(config: ModelConfig, data: str, categories: list[str] | None, an
                 gpus_per_worker: float = 0.0, ray_address: str | None = None, storage: str | None = None,
                 progress: bool = True, max_failures: int = 2, confirmed: Confirmed = (),
                 normals: Sequence[Sample] = (), base: str | None = None,
-                calibration: Sequence[Sample] = ()) -> tuple[AnomalyModel, dict]:
+                held_back: Sequence[Sample] = ()) -> tuple[AnomalyModel, dict]:
     """Fit a model on the train split of ``data``, plus annotators' ``confirmed`` defects and the
     ``normals`` they confirmed: in this process (workers = 0) or on Ray Train workers.
-    ``calibration``: confirmed normals kept out of fitting; the thresholds are set on them too.
+    ``held_back``: confirmed labels kept out of fitting: the thresholds are set on the normals too,
+    and with the defects (no masks) they judge a learned head (models/head_choice.py).
 
     ``base`` (a model version's folder or s3:// URI, of the same config) makes it a warm fit from
     that version (see ``AnomalyModel.fit``); without it every part is fitted anew."""
     split = load_split(data, categories, anomalies_per_class, config.seed)
-    split.train.extend([*normals, *calibration])
-    held = [s.image_id for s in calibration]
+    split.train.extend([*normals, *held_back])
+    held = [s.image_id for s in held_back if s.label == 0]
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()

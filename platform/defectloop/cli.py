@@ -109,6 +109,7 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
     from defectloop.data import load_image, load_split
     from defectloop.features import extract
     from defectloop.metrics import evaluate
+    from defectloop.models import BANKS, DMAD, HEAD
 
     split = load_split(data, categories, k, seed)
     test = extract(model.embedder, split.test, model.config.image_size, progress="scoring")
@@ -117,6 +118,9 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
     labels = np.array([s.label for s in test.samples])
     result = evaluate(cats, scores.numpy(), labels, maps.numpy(), _masks(test))
     result["skipped"] = test.skipped
+    if isinstance(model, DMAD):  # which score served each category: the learned head's or the banks' alone
+        for cat, m in result["categories"].items():
+            m["serves"] = HEAD if model.head_choices.serves_head(cat) else BANKS
     if plots is not None:
         from defectloop.features import image_tensor
         from defectloop.plots import overlays, score_histograms
@@ -137,11 +141,13 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
 def print_table(result: dict) -> None:
     from defectloop.metrics import METRIC_KEYS, fmt
 
-    head = f"{'category':18s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'n_test':>8s}"
+    serves = any("serves" in m for m in result["categories"].values())  # DMAD: the head's score or the banks'
+    head = f"{'category':18s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'n_test':>8s}" + ("  scored by" if serves else "")
     print(head)
     print("-" * len(head))
     for name, m in [*result["categories"].items(), ("mean", result["mean"])]:
-        print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}")
+        print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}"
+              + (f"  {m.get('serves', '')}" if serves else ""))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ Layout (the same on both backends; keys are relative to the registry's root):
                                    they raised
     banks/<id>/CURRENT             the bank in force for that version
     labels/normal.json             pool images annotators confirmed normal (read by the retraining)
+    labels/defective.json          pool images annotators confirmed defective (held back: they judge its head)
 
 The commit markers and pointers are written after what they point to, so a reader never sees half
 a version; a failed save leaves the registry as it was. A version never changes once committed:
@@ -256,13 +257,15 @@ class Registry:
         return self.label(version)
 
     # ----- image-level labels ---------------------------------------------------------------
-    def publish_normals(self, images: list[dict]) -> None:
-        """Record the pool images annotators confirmed normal ({"source", "category"}), whole."""
-        self.store.write("labels/normal.json", json.dumps(images, indent=1).encode())
+    def publish_labels(self, labels: dict[str, list[dict]]) -> None:
+        """Record the pool images annotators confirmed, by label ("normal", "defective": lists of
+        {"source", "category", "image"}), each list whole."""
+        for label, images in labels.items():
+            self.store.write(f"labels/{label}.json", json.dumps(images, indent=1).encode())
 
-    def normals(self) -> list[dict]:
-        """The pool images last recorded as confirmed normal (none before the first record)."""
-        return json.loads(self.store.read_text("labels/normal.json", "[]"))
+    def labels(self, label: str) -> list[dict]:
+        """The pool images last recorded with a label (none before the first record)."""
+        return json.loads(self.store.read_text(f"labels/{label}.json", "[]"))
 
     def label(self, version: str | None = None) -> str:
         """What a served model calls itself: the version, plus the bank update in force."""

@@ -107,6 +107,9 @@ def main() -> None:
         print(f"{name:11s} fit {fit_s:6.1f}s  " + "  ".join(
             f"{c}: {fmt(m['image_auroc'])}/{fmt(m['pixel_auroc'])}/{fmt(m['aupro'])}"
             for c, m in [*res["categories"].items(), ("mean", res["mean"])]), flush=True)
+        if "heads" in stats:  # DMAD: which score serves each category, judged on held-back labels
+            print(f"{'':11s} scored by: " + ", ".join(f"{c} {v['serves']}" for c, v in stats["heads"]["categories"].items()),
+                  flush=True)
 
     # throughput at 256 px, batch 16 of real test images: scorer (embedding + search + head + maps)
     # vs the bare backbone, both as the product runs it (batch norms folded, channels-last) and as

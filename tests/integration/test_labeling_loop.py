@@ -170,7 +170,7 @@ def test_label_cli(label_studio, served_registry, tiny_data, tmp_path, monkeypat
     assert inbox.pending() == [] and len(inbox.rejected()) == 1  # the event without a task: set aside, with why
     assert reg.current() == "v0002"
     # the retraining learned from both: the confirmed mask, and the image confirmed normal (from the pool)
-    assert reg.normals() == [{"source": normal.data["source"], "category": normal.data["category"],
+    assert reg.labels("normal") == [{"source": normal.data["source"], "category": normal.data["category"],
                               "image": normal.data["image"]}]
     assert normal.data["source"].startswith(str(pool)) and Path(normal.data["source"]).is_file()
     fit = json.loads(reg.store.read_text("versions/v0002/fit.json"))

@@ -172,18 +172,18 @@ def test_cached_copy_follows_rewrites(s3, model):
 
 def test_confirmed_normals_from_an_s3_pool(s3, tiny_data, tmp_path):
     """The retraining reads images confirmed normal from an S3 pool: downloaded once, then cached."""
-    from defectloop.workers.retrain import confirmed_normals
+    from defectloop.workers.retrain import confirmed_images
 
     pool = open_store(fresh("normal-pool"))
     good = sorted(tiny_data.glob("disc/test/good/*.png"))[0]
     pool.upload_file(good, "disc/good.png")
     reg = Registry(fresh())
-    reg.publish_normals([{"source": f"{pool.uri}/disc/good.png", "category": "disc"},
-                         {"source": f"{pool.uri}/disc/gone.png", "category": "disc"}])
-    (sample,), _ = confirmed_normals(reg, tmp_path / "pool-cache")  # the missing one is skipped
+    reg.publish_labels({"normal": [{"source": f"{pool.uri}/disc/good.png", "category": "disc"},
+                                    {"source": f"{pool.uri}/disc/gone.png", "category": "disc"}]})
+    (sample,), _ = confirmed_images(reg, "normal", tmp_path / "pool-cache")  # the missing one is skipped
     assert sample.category == "disc" and sample.label == 0 and sample.path.read_bytes() == good.read_bytes()
     pool.delete("disc/good.png")
-    (again,), _ = confirmed_normals(reg, tmp_path / "pool-cache")  # from the cache, not S3
+    (again,), _ = confirmed_images(reg, "normal", tmp_path / "pool-cache")  # from the cache, not S3
     assert again.path == sample.path
 
 

@@ -27,8 +27,11 @@ def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
     res = json.loads(js.read_text())
     assert set(res["categories"]) == {"disc", "mesh"}
     keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "n_test"}
-    assert set(res["mean"]) == keys and all(set(v) == keys for v in res["categories"].values())
+    assert set(res["mean"]) == keys and all(set(v) == keys | {"serves"} for v in res["categories"].values())
     assert res["categories"]["disc"]["n_test"] == 10
+    # one mask per category: nothing held back judges the head, so the banks' score serves
+    assert {v["serves"] for v in res["categories"].values()} == {"banks"}
+    assert json.loads((out / "heads.json").read_text())["categories"]["disc"]["serves"] == "banks"
     assert (tmp_path / "plots" / "score_histograms.png").is_file()
     assert (tmp_path / "plots" / "overlay_disc.png").is_file()
     printed = capsys.readouterr().out

@@ -118,8 +118,9 @@ def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):
 
 
 def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_path, caplog):
-    """Normal verdicts become normal training samples of the next retraining, through the registry."""
-    from defectloop.workers.retrain import confirmed_normals
+    """Normal verdicts become normal training samples of the next retraining, through the registry;
+    defective ones held back judge its head."""
+    from defectloop.workers.retrain import confirmed_images
 
     fb, _, _ = feedback
     fb.load_image = lambda v: load_image(v.source)
@@ -131,19 +132,24 @@ def test_images_confirmed_normal_reach_the_retraining(feedback, tiny_data, tmp_p
     fb.apply(read_annotation(annotation(32, tasks[1], choice="normal"), tasks[1], CONFIG))
     fb.apply(read_annotation(annotation(33, tasks[1], choice="anomalous"), tasks[1], CONFIG))  # disputed: left out
     fb.apply(read_annotation(annotation(34, tasks[2], choice="normal"), tasks[2], CONFIG))
-    assert fb.normal_images() == sorted([{"source": str(s.path), "category": s.category, "image": t["data"]["image"]}
-                                         for s, t in ((goods[0], tasks[0]), (goods[2], tasks[2]))],
-                                        key=lambda e: e["source"])
+    assert fb.labeled_images()["normal"] == sorted([{"source": str(s.path), "category": s.category,
+                                                     "image": t["data"]["image"]}
+                                                    for s, t in ((goods[0], tasks[0]), (goods[2], tasks[2]))],
+                                                   key=lambda e: e["source"])
+    assert fb.labeled_images()["defective"] == []  # the disputed image is neither
     reg = Registry(tmp_path / "reg")
-    assert reg.normals() == [] and confirmed_normals(reg) == ([], [])
-    reg.publish_normals(fb.normal_images() + [{"source": str(tmp_path / "gone.png"), "category": "tile"}])
-    samples, held = confirmed_normals(reg)
+    assert reg.labels("normal") == [] and confirmed_images(reg) == ([], [])
+    reg.publish_labels({"normal": fb.labeled_images()["normal"] + [{"source": str(tmp_path / "gone.png"), "category": "tile"}],
+                        "defective": [{"source": str(goods[1].path), "category": goods[1].category, "image": "x"}]})
+    samples, held = confirmed_images(reg)
     assert held == []
     assert {(s.path, s.category, s.label) for s in samples} == {(s.path, s.category, 0) for s in (goods[0], goods[2])}
     # a share held back to judge the retraining is kept apart (calibrated on, not trained on)
-    train, held = confirmed_normals(reg, hold_back=0.5)
+    train, held = confirmed_images(reg, hold_back=0.5)
     assert sorted(s.path for s in train + held) == sorted(s.path for s in samples)
-    assert all(held_back(next(e["image"] for e in reg.normals() if e["source"] == str(s.path)), 0.5) for s in held)
+    assert all(held_back(next(e["image"] for e in reg.labels("normal") if e["source"] == str(s.path)), 0.5) for s in held)
+    (defect,), _ = confirmed_images(reg, "defective")
+    assert (defect.path, defect.label, defect.mask_path) == (goods[1].path, 1, None)
     assert "gone.png" in caplog.text and "skipping" in caplog.text
 
 

@@ -8,7 +8,18 @@ import torch
 from defectloop.features import mask_cells
 from defectloop.memory import ExactIndex, Provenance
 from defectloop.metrics import auroc
-from defectloop.models import ANY_CATEGORY, AbnormalMemory, Calibration, Fitter, create_model, load_model
+from defectloop.models import (
+    ANY_CATEGORY,
+    BANKS,
+    HEAD,
+    AbnormalMemory,
+    Calibration,
+    Choice,
+    Fitter,
+    HeadChoices,
+    create_model,
+    load_model,
+)
 from defectloop.registry import Registry
 
 
@@ -422,3 +433,87 @@ def test_sampler_and_index_are_injected(features, small_config, tmp_path):
     assert isinstance(model.normal_bank.index, ExactIndex) and isinstance(kcenter.normal_bank.index, IVFIndex)
     model.save(tmp_path / "v")
     assert isinstance(load_model(tmp_path / "v", index=ExactIndex).normal_bank.index, ExactIndex)
+
+
+def test_the_head_serves_a_category_only_where_held_back_labels_prefer_it(tmp_path):
+    """Higher image AUROC wins; at equal AUROC the wider separation; ties and categories without
+    both kinds of labels go to the banks' score, and so does a category never judged."""
+    cats = ["a"] * 4 + ["b"] * 4 + ["c"] * 3 + ["d"] * 2
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1])
+    head = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.5, 0.6, 0.1, 0.2, 0.3, 0.1, 0.5])
+    banks = torch.tensor([0.1, 0.5, 0.4, 0.9, 0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.5])
+    choices = HeadChoices.choose(cats, labels, head, banks)
+    served = {c: choices.entries[c].serves for c in "abcd"}
+    assert served == {"a": HEAD, "b": BANKS, "c": BANKS, "d": BANKS}
+    assert choices.entries["a"].head_auroc == 1.0 and choices.entries["a"].banks_auroc == 0.75
+    assert "no labeled defects" in choices.entries["c"].why and choices.entries["c"].normals == 3
+    assert choices.entries["d"].head_separation == choices.entries["d"].banks_separation  # one of each: a tie
+    assert choices.serves_head("a") and not choices.serves_head("never-judged")
+    choices.save(tmp_path / "heads.json")
+    again = HeadChoices.load(tmp_path / "heads.json")
+    assert again.as_dict() == choices.as_dict()
+    assert HeadChoices.load(tmp_path / "none.json").serves_head("a")  # versions from before: the head everywhere
+
+
+def test_masked_defects_held_back_judge_the_head(fitted, features):
+    """Of two masked training defects per category one is held back from the head's training (it
+    stays in the abnormal bank) and, with the held-back normals, judges the head per category."""
+    from defectloop.models.holdout import split_validation
+
+    train, _ = features
+    model = fitted["dmad"]
+    held = split_validation(train.samples, train.masks, model.config.dmad.validation_fraction, model.config.seed)
+    assert sorted(train.samples[i].category for i in held) == ["disc", "mesh", "tile"]
+    assert len([p for p in model.abnormal_bank.annotations if p.source == "annotation"]) == 6
+    choices = model.head_choices
+    assert set(choices.entries) == {"disc", "mesh", "tile"} and choices.default == BANKS
+    assert all(c.defects == 1 and c.normals >= 1 and c.head_auroc is not None for c in choices.entries.values())
+
+
+def test_a_category_is_scored_by_what_serves_it(fitted, features, tmp_path):
+    """Patches follow the category of their nearest normal-bank entry: the head's score where it
+    serves, the banks' evidence alone (PatchCore's distance, raised near confirmed defects)
+    elsewhere; the pool's scores follow, and the choice survives a save."""
+    import torch.nn.functional as F
+
+    from defectloop.memory import knn
+
+    _, test = features
+    fitted["dmad"].save(tmp_path / "m")
+    model = load_model(tmp_path / "m", index=ExactIndex)
+    assert model.head_choices.as_dict() == fitted["dmad"].head_choices.as_dict()
+    scores = {}
+    for mode in (HEAD, BANKS):
+        model.head_choices = HeadChoices(default=mode)
+        scores[mode] = model.patch_scores(test.features)
+    q = test.features.permute(0, 2, 3, 1).reshape(-1, test.features.shape[1])
+    e, sc = model.enhance(q), model.scorer
+    log_dn = torch.log1p(e.d_n / sc.scale)
+    torch.testing.assert_close(scores[BANKS].flatten(), log_dn + F.relu(log_dn - torch.log1p(e.d_a / sc.scale)))
+    assert (scores[HEAD] != scores[BANKS]).any()
+    model.head_choices = HeadChoices({"disc": Choice(HEAD, "test")}, BANKS)
+    bank = model.normal_bank
+    rows = knn(q, bank.features, 1)[1][:, 0]
+    disc = torch.tensor([bank.image_ids[o].startswith("disc/") for o in bank.owners[rows].tolist()]).view(scores[HEAD].shape)
+    assert 0 < disc.float().mean() < 1
+    mixed = model.patch_scores(test.features)
+    assert torch.equal(mixed, torch.where(disc, scores[HEAD], scores[BANKS]))
+    assert torch.allclose(model.pool_scores(test.features).of(torch.arange(len(test.features))), mixed, atol=1e-6)
+    model.save(tmp_path / "m2")
+    assert torch.equal(load_model(tmp_path / "m2", index=ExactIndex).patch_scores(test.features), mixed)
+
+
+def test_unsupervised_dmad_serves_the_banks_score(tiny_features, small_config):
+    """Without a labeled defect nothing can judge the head: every category is served by the banks'
+    score, PatchCore's nearest-normal distance where no defect is near."""
+    train, test = tiny_features(0)
+    model = create_model(small_config("dmad", dmad={"steps": 40}))
+    stats = Fitter(model).fit(train)
+    assert stats["heads"]["default"] == BANKS
+    assert {c["serves"] for c in stats["heads"]["categories"].values()} == {BANKS}
+    assert all("no labeled defects" in c["why"] for c in stats["heads"]["categories"].values())
+    patchcore = create_model(small_config("patchcore"))
+    Fitter(patchcore).fit(train)
+    labels = np.array([s.label for s in test.samples])
+    a_dmad, a_pc = (auroc(m.score_features(test.features)[0].numpy(), labels) for m in (model, patchcore))
+    assert a_dmad >= a_pc - 0.005, (a_dmad, a_pc)

@@ -141,18 +141,24 @@ class Feedback:
             return True
         return model.forget(key)
 
-    def normal_images(self) -> list[dict]:
-        """Images annotators confirmed normal: {"source", "category", "image"}, once each, for the
-        retraining (``image``, the task's image URL, is what decides whether a label is held back).
+    def labeled_images(self) -> dict[str, list[dict]]:
+        """Images annotators agree on, by label: {"normal": [...], "defective": [...]} of {"source",
+        "category", "image"}, once each, for the retraining (``image``, the task's image URL, is
+        what decides whether a label is held back). Defective: a mask or an "anomalous" choice.
 
-        An image that has any other verdict too (another annotator saw a defect) is left out."""
+        An image with verdicts of both labels (annotators disagree) is left out of both."""
         kinds: dict[str, set[str]] = {}
         entry: dict[str, dict] = {}
         for e in self.ledger.values():
-            src = e.get("source") or e["image"]  # ledgers written before tasks carried their source
-            kinds.setdefault(src, set()).add(e["kind"])
-            entry[src] = {"source": src, "category": e["category"], "image": e["image"]}
-        return [entry[src] for src in sorted(kinds) if kinds[src] == {"normal"}]
+            if e["kind"] in ("normal", "mask", "anomalous"):
+                src = e.get("source") or e["image"]  # ledgers written before tasks carried their source
+                kinds.setdefault(src, set()).add("normal" if e["kind"] == "normal" else "defective")
+                entry[src] = {"source": src, "category": e["category"], "image": e["image"]}
+        out: dict[str, list[dict]] = {"normal": [], "defective": []}
+        for src in sorted(kinds):
+            if len(kinds[src]) == 1:
+                out[next(iter(kinds[src]))].append(entry[src])
+        return out
 
     def _save(self) -> None:
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)

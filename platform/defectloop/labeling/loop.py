@@ -183,10 +183,10 @@ class LabelingLoop:
 
     def _after(self, applied: int, published: str | None) -> str | None:
         """Once annotations are applied (and the bank published if it changed): the confirmed
-        normals recorded; thresholds they moved published even where the bank did not change; the
+        labels recorded; thresholds they moved published even where the bank did not change; the
         pool re-ranked. Returns the label published, if any."""
-        if applied:  # for the next retraining: the pool images confirmed normal so far
-            self.registry.publish_normals(self.feedback.normal_images())
+        if applied:  # for the next retraining: the pool images confirmed so far
+            self.registry.publish_labels(self.feedback.labeled_images())
             if not published and self.recalibrate():
                 published = self.publish()
         if published:

@@ -98,10 +98,16 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = N
             partial[:m].index_put_((rows, run_start + torch.arange(len(rows))), torch.tensor(float("inf")))
         d, j = dists[i:i + m], idx[i:i + m]
         if k == 1:
-            d[:, 0], j[:, 0] = row_min(partial[:m])
+            # the nearest entry's distance computed directly: the expansion above loses small ones to
+            # cancellation (a patch's distance to its own entry came out up to 0.03, not 0, and
+            # differed with the bank's size), and it costs one subtraction per query
+            j[:, 0] = row_min(partial[:m])[1]
+            torch.linalg.vector_norm(q - bank[j[:, 0]], dim=1, out=d[:, 0])
+            if exclude is not None:  # nothing else left: inf, as the expansion says
+                d[:, 0].masked_fill_(torch.isinf(partial[torch.arange(m), j[:, 0]]), float("inf"))
         else:
             torch.topk(partial[:m], k, dim=1, largest=False, out=(d, j))
-        d.add_(q.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+            d.add_(q.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
     return dists, (idx if exclude is None else order[idx])
 
 

@@ -21,6 +21,7 @@ from defectloop.models.config import CRADConfig, DMADConfig, ModelConfig
 from defectloop.models.crad import CRAD
 from defectloop.models.dmad import DMAD
 from defectloop.models.fitter import Fitter
+from defectloop.models.head_choice import BANKS, HEAD, Choice, HeadChoices
 from defectloop.models.holdout import held_back
 from defectloop.models.patch_scores import PatchScores
 from defectloop.models.patchcore import PatchCore
@@ -52,5 +53,6 @@ def load_model(folder: str | Path, index: IndexFactory = build_index) -> Anomaly
     return model.eval()
 
 
-__all__ = ["ANY_CATEGORY", "CRAD", "DMAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig", "Calibration",
-           "Confirmed", "DMADConfig", "Fitter", "ModelConfig", "PatchCore", "PatchScores", "Prediction", "create_model", "held_back", "load_model"]
+__all__ = ["ANY_CATEGORY", "BANKS", "CRAD", "DMAD", "HEAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig",
+           "Calibration", "Choice", "Confirmed", "DMADConfig", "Fitter", "HeadChoices", "ModelConfig", "PatchCore", "PatchScores",
+           "Prediction", "create_model", "held_back", "load_model"]

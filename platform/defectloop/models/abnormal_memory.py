@@ -91,14 +91,15 @@ class AbnormalMemory:
         per ``provenance.annotation_id``; returns the number of entries now held for it."""
         feats = self.embedder(image_tensor(image, self.config.image_size)[None])[0].float()
         flat = feats.flatten(1).T
-        d, _, _ = self.nearest_normal(flat)
+        d = self.nearest_normal(flat)[0]
         cells = flat[extend_farthest(flat, d, target_size(len(flat), self.config.coreset_ratio))]
         self.normal_evidence.add(provenance, cells)
         return len(cells)
 
-    def nearest_normal(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def nearest_normal(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For each patch: the distance to the nearest normal entry, of the normal bank or the
-        normal evidence; that entry; and its group in ``normal_evidence.tensors()`` (-1: the bank)."""
+        normal evidence; that entry; its group in ``normal_evidence.tensors()`` (-1: the bank); and
+        the row of the nearest normal-bank entry (whichever is nearer)."""
         bank = self.normal_bank
         d, rows = bank.index.search(q)
         nearest, group = bank.features[rows], torch.full_like(rows, -1)
@@ -108,7 +109,7 @@ class AbnormalMemory:
             closer = d_e < d
             d = torch.where(closer, d_e, d)
             nearest[closer], group[closer] = feats[rows_e[closer]], groups[rows_e[closer]]
-        return d, nearest, group
+        return d, nearest, group, rows
 
     def with_memory(self, abnormal: AbnormalBank, normals: NormalEvidence) -> AbnormalMemory:
         """A twin of this model that reads these banks: it shares the backbone, the normal bank and

@@ -27,6 +27,7 @@ class DMADConfig:
     synthetic_weight: float = 1.0  # also the weight of weak positives (an image called anomalous, no mask)
     weak_patches: float = 0.01  # an image called anomalous without a mask: its most anomalous patches, this share
     synthetic_per_category: int = 8
+    validation_fraction: float = 0.2  # of a category's masked training defects, held back to judge the head
     train_patches: int = 100_000
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,10 @@ def image_moments(features: torch.Tensor, idx: list[int], batch: int = 64) -> tu
 
 
 def train_crad_head(model: CRAD, train: Extracted, fit_idx: list[int], progress: bool = False,
-                    comm: Collective = LOCAL, confirmed: Confirmed = (), warm: bool = False) -> dict:
-    """Train on normals only. ``warm``: training continues from the loaded grids, network and input statistics."""
+                    comm: Collective = LOCAL, confirmed: Confirmed = (), warm: bool = False,
+                    held_idx: Sequence[int] = ()) -> dict:
+    """Train on normals only. ``warm``: training continues from the loaded grids, network and input
+    statistics. The calibration normals ``held_idx`` stay unseen: model selection holds back its own."""
     cfg, head = model.config.crad, model.head
     g = torch.Generator().manual_seed(model.config.seed + comm.rank)
     # model selection on held-back normals of the fit set (calibration keeps its own)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, build_inde
 from defectloop.models.abnormal_memory import AbnormalMemory
 from defectloop.models.base import AnomalyModel
 from defectloop.models.config import ModelConfig
+from defectloop.models.head_choice import HeadChoices
 from defectloop.models.patch_scores import PatchScores
 from defectloop.precision import matmul_dtype
 
@@ -45,6 +47,7 @@ class Enhanced:
     r_n: torch.Tensor  # N x D, q - nearest normal entry
     d_n: torch.Tensor  # N
     d_a: torch.Tensor  # N, distance to nearest abnormal entry
+    head: torch.Tensor | None = None  # N bool: whether the learned correction serves the patch (None: all)
 
     def take(self, idx: torch.Tensor) -> Enhanced:
         return Enhanced(self.q[idx], self.r_n[idx], self.d_n[idx], self.d_a[idx])
@@ -118,8 +121,12 @@ class DMADScorer(nn.Module):
         # through relu(l_n - l_a) alone, so annotators' new masks (never seen in training) cannot
         # push the MLP out of its training distribution (measured: confirmed masks from the pool
         # took held-out image AUROC from 87.9 to 77.8 when the MLP also read the abnormal residual)
-        q, r_n = (e.q - self.mean) / self.std, e.r_n / self.std
-        return log_dn, log_dn + self.mean_correction(q, r_n, log_dn)
+        on = slice(None) if e.head is None else e.head.nonzero()[:, 0]
+        base = log_dn.clone()
+        if e.head is None or len(on):  # patches of categories the banks' score serves skip the heads
+            q, r_n = (e.q[on] - self.mean) / self.std, e.r_n[on] / self.std
+            base[on] += self.mean_correction(q, r_n, log_dn[on])
+        return log_dn, base
 
     def abnormal_term(self, log_dn: torch.Tensor, d_a: torch.Tensor) -> torch.Tensor:
         """relu(l_n - l_a): how much nearer the patch is to a confirmed defect than to any normal patch."""
@@ -148,7 +155,12 @@ class DMADScorer(nn.Module):
 
 
 class DMAD(AbnormalMemory, AnomalyModel):
-    """The scoring module: both banks and the scorer (fitting: models/dmad_training.py)."""
+    """The scoring module: both banks and the scorer (fitting: models/dmad_training.py).
+
+    ``head_choices`` says per category whether the learned correction serves (models/head_choice.py).
+    A patch follows the category of its nearest normal-bank entry (image ids start with their
+    category), so a unified model needs no category at scoring time.
+    """
 
     kind = "dmad"
 
@@ -156,6 +168,26 @@ class DMAD(AbnormalMemory, AnomalyModel):
         super().__init__(config, index)
         self.init_abnormal_memory()
         self.scorer = DMADScorer(self.dim, config.dmad.hidden, config.dmad.heads)
+        self.head_choices = HeadChoices()
+
+    def head_gate(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Whether the learned correction serves each patch, from its nearest normal-bank entry's row
+        (None: everywhere)."""
+        everywhere = self.head_choices.everywhere()
+        if everywhere is not None:
+            return None if everywhere else torch.zeros(len(rows), dtype=torch.bool)
+        bank = self.normal_bank
+        serving = torch.tensor([self.head_choices.serves_head(i.split("/", 1)[0]) for i in bank.image_ids])
+        return serving[bank.owners[rows]]
+
+    def save(self, folder: str | Path, partial: bool = False) -> Path:
+        folder = super().save(folder, partial)
+        self.head_choices.save(folder / "heads.json")
+        return folder
+
+    def load_state(self, folder: Path) -> None:
+        super().load_state(folder)
+        self.head_choices = HeadChoices.load(folder / "heads.json")
 
     # ----- enhancement ---------------------------------------------------------------------
     def no_abnormal(self) -> float:
@@ -171,8 +203,8 @@ class DMAD(AbnormalMemory, AnomalyModel):
 
     def enhance(self, q: torch.Tensor, d_a: torch.Tensor | None = None) -> Enhanced:
         """Enhancement of test patches against the current memory (no exclusions); ``d_a`` when known."""
-        d_n, nearest, _ = self.nearest_normal(q)
-        return Enhanced(q, q - nearest, d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a)
+        d_n, nearest, _, rows = self.nearest_normal(q)
+        return Enhanced(q, q - nearest, d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a, self.head_gate(rows))
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
@@ -209,13 +241,15 @@ class DMADPatchScores(PatchScores):
             for start in range(0, len(feats), batch_size):
                 q = self._patches(slice(start, start + batch_size))
                 d_a, rows = model.nearest_abnormal(q)
-                d_n, nearest, group = model.nearest_normal(q)
-                log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a))
+                d_n, nearest, group, bank_rows = model.nearest_normal(q)
+                gate = model.head_gate(bank_rows)
+                log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a, gate))
                 parts.append((base, log_dn, d_a, self._owners(rows, model.abnormal_bank), d_n,
-                              self._numbers(group, model.normal_evidence)))
+                              self._numbers(group, model.normal_evidence),
+                              torch.ones(len(q), dtype=torch.bool) if gate is None else gate))
         b, _, h, w = feats.shape
-        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from = (
-            torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(6))
+        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head = (
+            torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(7))
         self.shape = (h, w)
 
     def _patches(self, images: slice) -> torch.Tensor:
@@ -272,7 +306,8 @@ class DMADPatchScores(PatchScores):
             closer = d_e < d_n
             nearest[closer] = e[closer]
             d_n = torch.where(closer, d_e, d_n)
-            log_dn[stale_n], base[stale_n] = model.scorer.normal_terms(Enhanced(qn, qn - nearest, d_n, d_a[stale_n]))
+            log_dn[stale_n], base[stale_n] = model.scorer.normal_terms(
+                Enhanced(qn, qn - nearest, d_n, d_a[stale_n], self.head[image][stale_n]))
         return (base + model.scorer.abnormal_term(log_dn, d_a)).view(self.shape)
 
     def _bank_nearest(self, image: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +354,7 @@ class DMADPatchScores(PatchScores):
         if gone:  # patches whose nearest normal entry left: searched again against the whole memory
             stale = torch.isin(self.normal_from, torch.tensor([self.ids[name] for name in gone])).nonzero()
             img, cell = stale[:, 0], stale[:, 1]
-            d, nearest, group = model.nearest_normal(self.feats.flatten(2)[img, :, cell].float())
+            d, nearest, group, _ = model.nearest_normal(self.feats.flatten(2)[img, :, cell].float())
             self._renormal(img, cell, d, nearest, self._numbers(group, model.normal_evidence))
         if added:
             for at, d, rows, owner, feats in self._nearer(added):
@@ -334,7 +369,8 @@ class DMADPatchScores(PatchScores):
         if not len(img):
             return
         q = self.feats.flatten(2)[img, :, cell].float()
-        log_dn, base = self.model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, self.d_a[img, cell]))
+        # the nearest normal-bank entry, and so the patch's category and head gate, stay as they were
+        log_dn, base = self.model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, self.d_a[img, cell], self.head[img, cell]))
         self.base[img, cell], self.log_dn[img, cell], self.d_n[img, cell], self.normal_from[img, cell] = base, log_dn, d_n, number
 
     def _follow_abnormal(self, now: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ enhancement recomputed. Real (annotated) anomalies are weighted up against synth
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from defectloop.features import Extracted, image_tensor, mask_cells
 from defectloop.memory import AbnormalBank, Provenance, knn
 from defectloop.models.abnormal_memory import Confirmed
 from defectloop.models.dmad import DMAD, Enhanced
+from defectloop.models.head_choice import BANKS, HEAD, HeadChoices
+from defectloop.models.holdout import split_validation
 from defectloop.progress import bar as progress_bar
 
 MARGIN = 0.5  # of the hinge loss, around the scorer's learned threshold
@@ -80,11 +83,12 @@ def synthetic_defects(model: DMAD, train: Extracted, fit_idx: list[int], per_cat
 
 
 def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: Collective, confirmed: Confirmed,
-                      ids: dict[str, int]) -> tuple[Examples, Examples]:
+                      ids: dict[str, int], validation: Collection[int] = ()) -> tuple[Examples, Examples]:
     """Rebuild the abnormal bank (every worker the same) and return this worker's real and synthetic
-    examples: annotated training masks, synthetic defects (the cold start, and extra negatives), and
-    annotators' confirmed defects (on pool images: each gets an owner id of its own in ``ids``; weak
-    positives count with the synthetic ones)."""
+    examples: annotated training masks (but those of ``validation`` images, kept in the bank only),
+    synthetic defects (the cold start, and extra negatives), and annotators' confirmed defects (on
+    pool images: each gets an owner id of its own in ``ids``; weak positives count with the
+    synthetic ones)."""
     cfg = model.config.dmad
     found: list[tuple[Provenance, torch.Tensor]] = []
     real, synthetic = Examples([], []), Examples([], [])
@@ -92,8 +96,9 @@ def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: C
         if s.label == 1 and m is not None:
             cells = mask_cells(train.features[i], m, cfg.mask_coverage)
             if len(cells):
-                found.append((Provenance(f"train:{s.image_id}", s.image_id, s.category, s.defect), cells))
-                real.add(cells, i)
+                found.append((Provenance(train_key(s.image_id), s.image_id, s.category, s.defect), cells))
+                if i not in validation:
+                    real.add(cells, i)
     for i, cells in synthetic_defects(model, train, fit_idx, math.ceil(cfg.synthetic_per_category / comm.world)):
         s = train.samples[i]
         found.append((Provenance(f"synthetic:{s.image_id}", s.image_id, s.category, "synthetic", "synthetic"), cells))
@@ -113,15 +118,24 @@ def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: C
     return real, synthetic
 
 
+def train_key(image_id: str) -> str:
+    """The abnormal bank's name for a training image's mask."""
+    return f"train:{image_id}"
+
+
 def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress: bool = False,
-                    comm: Collective = LOCAL, confirmed: Confirmed = (), warm: bool = False) -> dict:
-    """Rebuild the abnormal bank and train the scorer (``warm``: from its weights and statistics)."""
+                    comm: Collective = LOCAL, confirmed: Confirmed = (), warm: bool = False,
+                    held_idx: Sequence[int] = ()) -> dict:
+    """Rebuild the abnormal bank, train the scorer (``warm``: from its weights and statistics), and
+    choose per category whether it serves, on the held-back normals ``held_idx`` and the labeled
+    defects held back from its training (see choose_heads)."""
     cfg, scorer = model.config.dmad, model.scorer
     g = torch.Generator().manual_seed(model.config.seed + comm.rank)
     ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
     bank = model.normal_bank
     bank_owner = torch.tensor([ids.get(x, -1) for x in bank.image_ids])[bank.owners]
-    real, synthetic = abnormal_examples(model, train, fit_idx, comm, confirmed, ids)
+    val_idx = split_validation(train.samples, train.masks, cfg.validation_fraction, model.config.seed)
+    real, synthetic = abnormal_examples(model, train, fit_idx, comm, confirmed, ids, set(val_idx))
     ab_feats, ab_group, ab_provs = model.abnormal_bank.tensors()
     ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
 
@@ -155,10 +169,29 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     e_s = enhanced(*t) if (t := synthetic.tensors()) else None
     steps = cfg.warm_steps if warm else cfg.steps
     loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm, steps)
+    choose_heads(model, train, list(held_idx), val_idx, comm)
     return {"abnormal_bank_size": len(model.abnormal_bank), "head_steps": steps,
             "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
             "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
-            "final_loss": comm.all_sum(loss) / comm.world}
+            "final_loss": comm.all_sum(loss) / comm.world, "heads": model.head_choices.as_dict()}
+
+
+@torch.no_grad()
+def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: list[int], comm: Collective) -> None:
+    """Per category, the learned correction serves only where it ranks the held-back normals and the
+    defects held back from its training better than the banks' score alone (models/head_choice.py).
+    The defects are scored without their own masks' bank entries, as unseen ones would be."""
+    idx = held_idx + val_idx
+    twin = model.with_memory(model.abnormal_bank.without({train_key(train.samples[i].image_id) for i in val_idx}),
+                             model.normal_evidence)
+    scores = {}
+    for mode in (HEAD, BANKS):
+        twin.head_choices = HeadChoices(default=mode)
+        scores[mode] = twin.score_features(train.features[idx])[0] if idx else torch.zeros(0)
+    parts = comm.all_gather(([train.samples[i].category for i in idx], torch.tensor([train.samples[i].label for i in idx]),
+                             scores[HEAD], scores[BANKS]))
+    model.head_choices = HeadChoices.choose([c for p in parts for c in p[0]],
+                                            *(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)))
 
 
 def hinge_training(model: DMAD, e_n: Enhanced, e_p: Enhanced, e_r: Enhanced | None, e_s: Enhanced | None,

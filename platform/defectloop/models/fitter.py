@@ -29,7 +29,7 @@ from defectloop.models.holdout import split_holdout
 
 log = logging.getLogger(__name__)
 
-#: trains a model's learned parts: (model, train, fit_idx, progress, comm, confirmed, warm) -> stats
+#: trains a model's learned parts: (model, train, fit_idx, progress, comm, confirmed, warm, held_idx) -> stats
 HeadTrainer = Callable[..., dict]
 HEAD_TRAINERS: dict[str, HeadTrainer] = {"dmad": train_dmad_head, "crad": train_crad_head}
 
@@ -75,7 +75,7 @@ class Fitter:
         if "head" not in done:
             trainer = HEAD_TRAINERS.get(model.kind)
             if trainer:
-                stats.update(trainer(model, train, fit_idx, progress, comm, confirmed, warm))
+                stats.update(trainer(model, train, fit_idx, progress, comm, confirmed, warm, held_idx))
             if isinstance(model, AbnormalMemory):
                 for prov, cells in confirmed:  # kept in the bank also where the head does not train on them
                     if prov.annotation_id not in model.abnormal_bank:

@@ -1,5 +1,6 @@
-"""What is held back from fitting: normal training images (calibration, model selection), and
-confirmed labels (the check a retrained version must pass before it is served).
+"""What is held back from fitting: normal training images (calibration, model selection), labeled
+defects (the check of a learned head), and confirmed labels (the check a retrained version must
+pass before it is served).
 
 Both sides are decided by a seeded hash of an id, so an image keeps its side as data grows.
 """
@@ -7,6 +8,7 @@ Both sides are decided by a seeded hash of an id, so an image keeps its side as 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Collection, Sequence
 
 
@@ -46,3 +48,20 @@ def split_holdout(samples: Sequence, fraction: float, seed: int, always_held: Co
         held += sorted(out | forced)
         fit += [i for i in rest if i not in out]
     return sorted(fit), sorted(held)
+
+
+def split_validation(samples: Sequence, masks: Sequence, fraction: float, seed: int) -> list[int]:
+    """Indices of labeled defective samples held back from a learned head, to judge it (see
+    models/head_choice.py): every one without a mask (a head trains on masks only, so they cost
+    nothing), and of those with a mask, per category with two or more, the ``fraction`` with the
+    lowest seeded hash, at least one and never all."""
+    by_cat: dict[str, list[int]] = {}
+    held = []
+    for i, (s, m) in enumerate(zip(samples, masks, strict=True)):
+        if s.label == 1:
+            (by_cat.setdefault(s.category, []) if m is not None else held).append(i)
+    for idx in by_cat.values():
+        if len(idx) > 1 and fraction > 0:
+            order = sorted(idx, key=lambda i: hash_unit(samples[i].image_id, f"{seed}/validation"))
+            held += order[:min(len(idx) - 1, max(1, math.ceil(fraction * len(idx))))]
+    return sorted(held)
