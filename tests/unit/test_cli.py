@@ -29,9 +29,9 @@ def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
     keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "n_test"}
     assert set(res["mean"]) == keys and all(set(v) == keys | {"serves"} for v in res["categories"].values())
     assert res["categories"]["disc"]["n_test"] == 10
-    # one mask per category: nothing held back judges the head, so the banks' score serves
-    assert {v["serves"] for v in res["categories"].values()} == {"banks"}
-    assert json.loads((out / "heads.json").read_text())["categories"]["disc"]["serves"] == "banks"
+    # one mask per category, none held back: the head serves where it trained on a real mask
+    assert {v["serves"] for v in res["categories"].values()} == {"head"}
+    assert "trained on 1 real mask" in json.loads((out / "heads.json").read_text())["categories"]["disc"]["why"]
     assert (tmp_path / "plots" / "score_histograms.png").is_file()
     assert (tmp_path / "plots" / "overlay_disc.png").is_file()
     printed = capsys.readouterr().out

@@ -436,17 +436,22 @@ def test_sampler_and_index_are_injected(features, small_config, tmp_path):
 
 
 def test_the_head_serves_a_category_only_where_held_back_labels_prefer_it(tmp_path):
-    """Higher image AUROC wins; at equal AUROC the wider separation; ties and categories without
-    both kinds of labels go to the banks' score, and so does a category never judged."""
-    cats = ["a"] * 4 + ["b"] * 4 + ["c"] * 3 + ["d"] * 2
-    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1])
-    head = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.5, 0.6, 0.1, 0.2, 0.3, 0.1, 0.5])
-    banks = torch.tensor([0.1, 0.5, 0.4, 0.9, 0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.5])
-    choices = HeadChoices.choose(cats, labels, head, banks)
-    served = {c: choices.entries[c].serves for c in "abcd"}
-    assert served == {"a": HEAD, "b": BANKS, "c": BANKS, "d": BANKS}
+    """Before judging, the head serves where it trained on real masks of the category, the banks'
+    score elsewhere; held-back labels overturn that where the other ranks them better: a higher
+    image AUROC, or at equal AUROC a clearly wider separation. Never judged: the banks."""
+    cats = ["a"] * 4 + ["b"] * 4 + ["c"] * 3 + ["d"] * 2 + ["e"] * 2 + ["f"] * 4
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1])
+    head = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.1, 0.55, 0.5, 0.6, 0.1, 0.2, 0.3, 0.1, 0.5, 0.1, 0.2, 0.1, 0.2, 0.81, 0.9])
+    banks = torch.tensor([0.1, 0.5, 0.4, 0.9, 0.1, 0.2, 0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.5, 0.1, 0.2, 0.1, 0.2, 0.8, 0.9])
+    choices = HeadChoices.choose(cats, labels, head, banks, masks={"b": 3, "d": 1, "e": 2, "f": 2})
+    served = {c: choices.entries[c].serves for c in "abcdef"}
+    # a: the head ranks better; b: the banks, whatever it trained on; d (one of each) and f (a
+    # separation within noise): ties, so the head that trained on masks
+    assert served == {"a": HEAD, "b": BANKS, "c": BANKS, "d": HEAD, "e": HEAD, "f": HEAD}
     assert choices.entries["a"].head_auroc == 1.0 and choices.entries["a"].banks_auroc == 0.75
-    assert "no labeled defects" in choices.entries["c"].why and choices.entries["c"].normals == 3
+    assert "no real mask" in choices.entries["c"].why and choices.entries["c"].normals == 3
+    assert "trained on 2 real mask(s)" in choices.entries["e"].why and "a tie" in choices.entries["f"].why
+    assert HeadChoices.choose(cats[-4:], labels[-4:], head[-4:], banks[-4:]).entries["f"].serves == BANKS  # no masks
     assert choices.entries["d"].head_separation == choices.entries["d"].banks_separation  # one of each: a tie
     assert choices.serves_head("a") and not choices.serves_head("never-judged")
     choices.save(tmp_path / "heads.json")
@@ -511,7 +516,7 @@ def test_unsupervised_dmad_serves_the_banks_score(tiny_features, small_config):
     stats = Fitter(model).fit(train)
     assert stats["heads"]["default"] == BANKS
     assert {c["serves"] for c in stats["heads"]["categories"].values()} == {BANKS}
-    assert all("no labeled defects" in c["why"] for c in stats["heads"]["categories"].values())
+    assert all("no real mask" in c["why"] for c in stats["heads"]["categories"].values())
     patchcore = create_model(small_config("patchcore"))
     Fitter(patchcore).fit(train)
     labels = np.array([s.label for s in test.samples])

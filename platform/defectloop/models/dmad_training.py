@@ -9,6 +9,7 @@ enhancement recomputed. Real (annotated) anomalies are weighted up against synth
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -169,7 +170,7 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     e_s = enhanced(*t) if (t := synthetic.tensors()) else None
     steps = cfg.warm_steps if warm else cfg.steps
     loss = hinge_training(model, e_n, e_p, e_r, e_s, g, progress, comm, steps)
-    choose_heads(model, train, list(held_idx), val_idx, comm)
+    choose_heads(model, train, list(held_idx), val_idx, comm, confirmed)
     return {"abnormal_bank_size": len(model.abnormal_bank), "head_steps": steps,
             "real_abnormal_patches": int(comm.all_sum(0 if e_r is None else len(e_r.q))),
             "synthetic_abnormal_patches": int(comm.all_sum(0 if e_s is None else len(e_s.q))),
@@ -177,10 +178,16 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
 
 
 @torch.no_grad()
-def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: list[int], comm: Collective) -> None:
+def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: list[int], comm: Collective,
+                 confirmed: Confirmed = ()) -> None:
     """Per category, the learned correction serves only where it ranks the held-back normals and the
-    defects held back from its training better than the banks' score alone (models/head_choice.py).
-    The defects are scored without their own masks' bank entries, as unseen ones would be."""
+    defects held back from its training better than the banks' score alone, or, with no such
+    defect, where it trained on real masks (models/head_choice.py). The held-back defects are
+    scored without their own masks' bank entries, as unseen ones would be."""
+    validation = set(val_idx)
+    masks = Counter(s.category for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True))
+                    if s.label == 1 and m is not None and i not in validation)
+    masks = sum(comm.all_gather(masks), Counter()) + Counter(p.category for p, _ in confirmed if p.source == "annotation")
     idx = held_idx + val_idx
     twin = model.with_memory(model.abnormal_bank.without({train_key(train.samples[i].image_id) for i in val_idx}),
                              model.normal_evidence)
@@ -191,7 +198,7 @@ def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: li
     parts = comm.all_gather(([train.samples[i].category for i in idx], torch.tensor([train.samples[i].label for i in idx]),
                              scores[HEAD], scores[BANKS]))
     model.head_choices = HeadChoices.choose([c for p in parts for c in p[0]],
-                                            *(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)))
+                                            *(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)), dict(masks))
 
 
 def hinge_training(model: DMAD, e_n: Enhanced, e_p: Enhanced, e_r: Enhanced | None, e_s: Enhanced | None,
