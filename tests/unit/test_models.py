@@ -467,8 +467,10 @@ def test_masked_defects_held_back_judge_the_head(fitted, features):
 
     train, _ = features
     model = fitted["dmad"]
-    held = split_validation(train.samples, train.masks, model.config.dmad.validation_fraction, model.config.seed)
-    assert sorted(train.samples[i].category for i in held) == ["disc", "mesh", "tile"]
+    defects = [(s.image_id, s.category, m is not None) for s, m in zip(train.samples, train.masks, strict=True) if s.label]
+    held = split_validation(defects, model.config.dmad.validation_fraction, model.config.seed)
+    assert sorted(i.split("/")[0] for i in held) == ["disc", "mesh", "tile"]
+    assert split_validation([*defects, ("disc/x.png", "disc", False)], 0.2, model.config.seed) == held | {"disc/x.png"}
     assert len([p for p in model.abnormal_bank.annotations if p.source == "annotation"]) == 6
     choices = model.head_choices
     assert set(choices.entries) == {"disc", "mesh", "tile"} and choices.default == BANKS

@@ -112,10 +112,13 @@ def test_mask_and_heatmap_at_image_size(registry, test_images):
     hot = np.unravel_index(np.argmax(p.amap), p.amap.shape)
     rgb = np.asarray(Image.open(io.BytesIO(p.heatmap_png(*p.amap.shape[::-1]))).convert("RGB"))
     assert rgb[hot][0] >= rgb[hot][2] if p.amap.max() > p.pixel_threshold else rgb[hot][2] >= rgb[hot][0]  # red above, blue below
-    for q in scored:  # the mask cut at the image size agrees with cutting the float map resized there
+    for q in scored:  # the mask cut at the image size agrees with cutting the float map resized there,
+        # but within a byte's step (1/127 of the map's range around the threshold) of the threshold
         float_map = np.asarray(Image.fromarray(q.amap.astype(np.float32), mode="F").resize((300, 170), Image.BILINEAR))
         exact = float_map > q.pixel_threshold if q.decision == "anomalous" else np.zeros((170, 300), bool)
-        assert (q.mask(300, 170) != exact).mean() < 0.005
+        step = np.abs(q.amap - q.pixel_threshold).max() / 127
+        differ = q.mask(300, 170) != exact
+        assert not (differ & (np.abs(float_map - q.pixel_threshold) > 1.5 * step)).any() and differ.mean() < 0.02
 
 
 def test_normalised_scores_put_the_threshold_at_half(registry):

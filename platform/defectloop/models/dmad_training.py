@@ -135,7 +135,10 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
     bank = model.normal_bank
     bank_owner = torch.tensor([ids.get(x, -1) for x in bank.image_ids])[bank.owners]
-    val_idx = split_validation(train.samples, train.masks, cfg.validation_fraction, model.config.seed)
+    defects = [(s.image_id, s.category, m is not None) for s, m in zip(train.samples, train.masks, strict=True) if s.label == 1]
+    held_ids = split_validation([d for part in comm.all_gather(defects) for d in part], cfg.validation_fraction,
+                                model.config.seed)
+    val_idx = [i for i, s in enumerate(train.samples) if s.label == 1 and s.image_id in held_ids]
     real, synthetic = abnormal_examples(model, train, fit_idx, comm, confirmed, ids, set(val_idx))
     ab_feats, ab_group, ab_provs = model.abnormal_bank.tensors()
     ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]

@@ -50,18 +50,19 @@ def split_holdout(samples: Sequence, fraction: float, seed: int, always_held: Co
     return sorted(fit), sorted(held)
 
 
-def split_validation(samples: Sequence, masks: Sequence, fraction: float, seed: int) -> list[int]:
-    """Indices of labeled defective samples held back from a learned head, to judge it (see
-    models/head_choice.py): every one without a mask (a head trains on masks only, so they cost
-    nothing), and of those with a mask, per category with two or more, the ``fraction`` with the
-    lowest seeded hash, at least one and never all."""
-    by_cat: dict[str, list[int]] = {}
-    held = []
-    for i, (s, m) in enumerate(zip(samples, masks, strict=True)):
-        if s.label == 1:
-            (by_cat.setdefault(s.category, []) if m is not None else held).append(i)
-    for idx in by_cat.values():
-        if len(idx) > 1 and fraction > 0:
-            order = sorted(idx, key=lambda i: hash_unit(samples[i].image_id, f"{seed}/validation"))
-            held += order[:min(len(idx) - 1, max(1, math.ceil(fraction * len(idx))))]
-    return sorted(held)
+def split_validation(defects: Sequence[tuple[str, str, bool]], fraction: float, seed: int) -> set[str]:
+    """Ids of labeled defective images held back from a learned head, to judge it (see
+    models/head_choice.py), from every (image id, category, has a mask) of the training set (all
+    workers': the split must not depend on the sharding): every one without a mask (a head trains
+    on masks only, so they cost nothing), and of those with a mask, per category with two or more,
+    the ``fraction`` with the lowest seeded hash, at least one and never all."""
+    by_cat: dict[str, list[str]] = {}
+    held = {image_id for image_id, _, masked in defects if not masked}
+    for image_id, category, masked in defects:
+        if masked:
+            by_cat.setdefault(category, []).append(image_id)
+    for ids in by_cat.values():
+        if len(ids) > 1 and fraction > 0:
+            order = sorted(set(ids), key=lambda i: hash_unit(i, f"{seed}/validation"))
+            held.update(order[:min(len(order) - 1, max(1, math.ceil(fraction * len(order))))])
+    return held
