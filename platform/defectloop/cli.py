@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--document-root", help="init: Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local pools)")
     lb.add_argument("--title", default="defectloop")
     lb.add_argument("--defects", help="init: comma-separated defect labels (default: defect)")
-    lb.add_argument("--policy", default="per-category", choices=list(POLICIES))
+    lb.add_argument("--policy", default="adaptive", choices=list(POLICIES))
     lb.add_argument("--batch", type=int, default=20)
     lb.add_argument("--retrain-after", type=int, default=20, help="confirmed anomalies that trigger a retraining")
     lb.add_argument("--feature-cache", help="init: feature cache by image content (folder or s3://) that "
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state", default="defectloop-stack", help="folder for the registry, Label Studio and the loop")
     up.add_argument("--ray-address", help="run on this Ray cluster instead of a local one")
     up.add_argument("--port", type=int, default=0, help="the scorer's HTTP port (default: a free one)")
-    up.add_argument("--policy", default="per-category", choices=list(POLICIES))
+    up.add_argument("--policy", default="adaptive", choices=list(POLICIES))
     up.add_argument("--batch", type=int, default=20, help="tasks the ranking puts first")
     up.add_argument("--retrain-after", type=int, default=20, help="new confirmed masks that start a retraining")
     up.add_argument("--reconcile-s", type=float, default=120.0, help="seconds between polling syncs")
@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--defect-rate", type=float, default=0.1, help="fraction of defective images in the pool")
     d.add_argument("--pool-normals", type=float, default=0.5,
                    help="share of the normal training images that join the unlabeled pool")
-    d.add_argument("--policy", default="per-category", choices=list(POLICIES))
+    d.add_argument("--policy", default="adaptive", choices=list(POLICIES))
     d.add_argument("--retrain-every", type=int, default=2, help="retrain every K rounds (0: never)")
     d.add_argument("--steps", type=int, default=500, help="DMAD scorer training steps (a warm retraining: a fifth)")
     d.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ class DemoConfig:
     rounds: int = 3
     batch: int = 10
     defect_rate: float = 0.1
-    policy: str = "per-category"
+    policy: str = "adaptive"
     baseline: str = "random"
     retrain_every: int = 2
     test_fraction: float = 0.3

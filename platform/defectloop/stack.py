@@ -44,7 +44,7 @@ class StackConfig:
     ray_address: str | None = None  # a Ray cluster; default: a local one, ended with the stack
     port: int = 0  # the scorer's HTTP port (0: a free one)
     label_studio_port: int = 0
-    policy: str = "per-category"
+    policy: str = "adaptive"
     batch: int = 20
     retrain_after: int = 20
     reconcile_s: float = 120.0

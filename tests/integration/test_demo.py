@@ -20,7 +20,7 @@ def test_demo_runs_the_loop_through_the_stack(label_studio, tmp_path):
     keys = {"round", "policy", "shown", "anomalies_found", "image_auroc", "pixel_auroc", "batch_image_auroc", "per_category"}
     assert all(keys <= set(r) for r in rounds)
     assert all(set(r["per_category"]) == {"tile", "disc", "mesh"} and 0 <= r["batch_image_auroc"] <= 1 for r in rounds)
-    assert cfg.policy == "per-category"  # the default
+    assert cfg.policy == "adaptive"  # the default
     main = [r for r in rounds if r["policy"] == cfg.policy]
     rand = [r for r in rounds if r["policy"] == "random"]
     assert [r["round"] for r in main] == [0, 1, 2] and [r["round"] for r in rand] == [0, 1, 2]

@@ -7,7 +7,15 @@ from defectloop.data import load_image, load_split
 from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.feedback import Feedback, Verdict, read_annotation
 from defectloop.labeling.label_config import LabelConfig, build_label_config
-from defectloop.labeling.policies import Candidate, Diverse, make_policy, rank_scores
+from defectloop.labeling.policies import (
+    Adaptive,
+    Candidate,
+    CategoryOdds,
+    Diverse,
+    Labeled,
+    make_policy,
+    rank_scores,
+)
 from defectloop.memory import Provenance
 from defectloop.models import held_back
 from defectloop.registry import Registry
@@ -41,6 +49,54 @@ def test_policies():
     assert sorted(scores, key=scores.get, reverse=True) == [7, 3, 9] and max(scores.values()) == 1.0
     with pytest.raises(ValueError, match="choose one of"):
         make_policy("best")
+
+
+def two_categories(rng, n=20):
+    """Categories a and b, each n candidates scored alike (0.95 down), at distinct embeddings."""
+    return [Candidate(base + i, 0.95 - 0.02 * i, rng.normal(0, 1, 8), cat)
+            for base, cat in ((0, "a"), (100, "b")) for i in range(n)]
+
+
+def test_adaptive_policy_follows_the_yield():
+    rng = np.random.default_rng(0)
+    c = two_categories(rng)
+    first = Adaptive().select(c, 10)
+    assert first == make_policy("per-category").select(c, 10)  # no labels, scores alike: category turns
+    # a's top picks were defects, b's came back normal: the budget moves to a
+    labeled = [Labeled("a", 0.97, True)] * 5 + [Labeled("b", 0.97, False)] * 5
+    rest = [x for x in c if x.task_id % 100 >= 5]
+    picks = Adaptive().select(rest, 10, labeled)
+    assert len(picks) == len(set(picks)) == 10 and 1 <= sum(t >= 100 for t in picks) <= 3
+    assert sum(t >= 100 for t in make_policy("per-category").select(rest, 10)) == 5
+    # a category near chance: its defects score like its normals, under the threshold; fewer turns
+    noise = [Candidate(200 + i, 0.30 + 0.01 * i, rng.normal(0, 1, 8), "noise") for i in range(20)]
+    picks = Adaptive().select(c[:20] + noise, 10)
+    assert 1 <= sum(t >= 200 for t in picks) <= 3
+    assert sum(t >= 200 for t in make_policy("per-category").select(c[:20] + noise, 10)) == 5
+
+
+def test_adaptive_policy_passes_over_near_duplicates_and_asks_at_the_border():
+    rng = np.random.default_rng(1)
+    c = two_categories(rng)
+    copies = [Candidate(50 + i, 0.99 - 0.001 * i, c[0].embedding + rng.normal(0, 1e-3, 8), "a") for i in range(5)]
+    picks = Adaptive(explore=0).select(copies + c, 6)
+    assert sum(t in range(50, 55) for t in picks) + (0 in picks) == 1, picks  # one of the six copies
+    assert make_policy("top").select(copies + c, 6)[:5] == [50, 51, 52, 53, 54]
+    # labels of both kinds in b: its threshold matters, so one pick sits where its odds are even
+    labeled = [Labeled("b", 0.9, True), Labeled("b", 0.8, False), Labeled("b", 0.7, False)]
+    odds = CategoryOdds()
+    fitted = odds.fit(labeled)
+    even = min((x for x in c if x.category == "b"), key=lambda x: abs(odds.odds(fitted, "b", x.score) - 0.5))
+    picks = Adaptive(explore=0).select(c, 10, labeled)
+    assert picks[-1] == even.task_id and sum(t >= 100 for t in picks[:-1]) < 5
+
+
+def test_category_odds():
+    odds = CategoryOdds()
+    assert odds.odds({}, "x", 0.5) < 0.5 < odds.odds({}, "x", 0.9) and odds.odds({}, "x", 0.9) > odds.odds({}, "x", 0.6)
+    fitted = odds.fit([Labeled("x", 0.9, False)] * 4 + [Labeled("y", 0.6, True)] * 4)
+    assert odds.odds(fitted, "x", 0.9) < 0.5 < odds.odds(fitted, "y", 0.6)
+    assert odds.odds(fitted, "z", 0.9) == odds.odds({}, "z", 0.9)  # no labels: the prior
 
 
 def annotation(ann_id, task, mask=None, choice=None, labels=("scratch",)):

@@ -25,7 +25,7 @@ from defectloop.features.cache import FeatureCache
 from defectloop.labeling.client import StudioClient
 from defectloop.labeling.events import LabelEvent
 from defectloop.labeling.feedback import Feedback
-from defectloop.labeling.policies import Candidate, SelectionPolicy, rank_scores
+from defectloop.labeling.policies import Candidate, Labeled, SelectionPolicy, rank_scores
 from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.scorer import ScorerClient, ScorerStatus
@@ -88,15 +88,10 @@ class LabelingLoop:
         with an abnormal memory has updates to carry them to the scorer."""
         if not isinstance(self.model, AbnormalMemory) or not self.fitted:
             return False
-        index = self.predictor.index
-        labels = {t: y for t, y in self.confirmed_labels().items() if t in index}
+        cats, scores, verdicts = self.labeled_scores()
         calibration = self.fitted
-        if labels:
-            tasks = sorted(labels)
-            cats = [self.predictor.categories[index[t]] for t in tasks]
-            calibration = self.fitted.from_labels(cats, self.calibration_scores(tasks),
-                                                  torch.tensor([bool(labels[t]) for t in tasks]),
-                                                  self.model.config.threshold_quantile)
+        if cats:
+            calibration = self.fitted.from_labels(cats, scores, verdicts, self.model.config.threshold_quantile)
         if calibration == self.model.calibration:
             return False
         log.info("thresholds from the confirmed labels: %s", ", ".join(
@@ -104,6 +99,15 @@ class LabelingLoop:
             or "as fitted")
         self.model.calibration = calibration
         return True
+
+    def labeled_scores(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Categories, image scores (``calibration_scores``) and verdicts (True: defective) of the
+        pool's confirmed labels."""
+        index = self.predictor.index
+        labels = {t: y for t, y in self.confirmed_labels().items() if t in index}
+        tasks = sorted(labels)
+        return ([self.predictor.categories[index[t]] for t in tasks], self.calibration_scores(tasks),
+                torch.tensor([bool(labels[t]) for t in tasks], dtype=torch.bool))
 
     def calibration_scores(self, tasks: list[int]) -> torch.Tensor:
         """Image scores of labeled tasks, for thresholds, each scored without the memory its own
@@ -137,9 +141,15 @@ class LabelingLoop:
         done = self.labeled()
         candidates = [Candidate(t, norm[i], None if self.embeddings is None else self.embeddings[i],
                                 self.predictor.categories[i]) for i, t in enumerate(self.predictor.task_ids) if t not in done]
-        self.selected = self.policy.select(candidates, self.batch)
+        self.selected = self.policy.select(candidates, self.batch, self.labeled_candidates())
         self.push()
         return self.selected
+
+    def labeled_candidates(self) -> list[Labeled]:
+        """The pool's confirmed labels as a policy learns from them, scored as the thresholds see them."""
+        cats, scores, verdicts = self.labeled_scores()
+        return [Labeled(c, self.model.calibration.normalise(s, c), v)
+                for c, s, v in zip(cats, scores.tolist(), verdicts.tolist(), strict=True)]
 
     def warm_up(self) -> None:
         """Score the pool under the current model now (seconds for 1,000 images), so that the first

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 MOST_ANOMALOUS_TAB = "Open: most anomalous first"
 REVIEWED_TAB = "Reviewed"
 #: the open tasks' tab of a policy whose order is not "most anomalous first"
-QUEUE_TABS = {"random": "Open: random order (baseline)", "per-category": "Open: most anomalous of each category first", "borderline": "Open: nearest the threshold first",
+QUEUE_TABS = {"random": "Open: random order (baseline)", "adaptive": "Open: likeliest defects of each category first",
+              "per-category": "Open: most anomalous of each category first", "borderline": "Open: nearest the threshold first",
               "diverse": "Open: most anomalous, varied"}
 #: the Data Manager's columns an annotator sees: thumbnail, category, score, the predicted verdict and mask
 SHOWN_COLUMNS = ("id", "data.image", "data.category", "data.decision", "predictions_score")

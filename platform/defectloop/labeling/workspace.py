@@ -32,7 +32,7 @@ class Workspace:
     project_id: int
     registry: str
     pool: str
-    policy: str = "per-category"
+    policy: str = "adaptive"
     batch: int = 20
     retrain_after: int = 20  # new confirmed masks that start a retraining (labeling/live.py)
     scorer: str | None = None  # the scorer service's URL, connected as the project's ML backend
