@@ -197,17 +197,21 @@ class Adaptive:
             due[c.task_id] = turn[c.category] / max(odds[c.task_id], 1e-9)
         ranked = sorted(candidates, key=lambda c: (due[c.task_id], -c.score, c.task_id))
         picks = _Picks(ranked, self.duplicate)
-        seen = Counter(lab.category for lab in labeled)
-        both = {cat for cat in seen if {lab.defective for lab in labeled if lab.category == cat} == {True, False}}
-        n_explore = max(1, round(self.explore * k)) if len({c.category for c in ranked}) > 1 else 0
+        by_category: dict[str, list[Candidate]] = defaultdict(list)
+        for c in ranked:
+            by_category[c.category].append(c)
+        kinds: dict[str, set[bool]] = defaultdict(set)
+        for lab in labeled:
+            kinds[lab.category].add(lab.defective)
+        both = {cat for cat, seen_kinds in kinds.items() if len(seen_kinds) == 2}
+        n_explore = max(1, round(self.explore * k)) if len(by_category) > 1 else 0
         n_border = round(self.borderline * k) if both else 0
         picks.take(ranked, max(0, k - n_explore - n_border))
-        for _ in range(n_explore):
-            open_cats = {c.category for c in ranked if picks.open(c)}
-            if not open_cats:
-                break
-            least = min(open_cats, key=lambda cat: (seen[cat] + picks.per_category[cat], cat))
-            picks.take([c for c in ranked if c.category == least], 1)
+        seen = Counter(lab.category for lab in labeled)
+        for _ in range(n_explore):  # the least-seen category that still has an open candidate
+            for cat in sorted(by_category, key=lambda cat: (seen[cat] + picks.per_category[cat], cat)):
+                if picks.take(by_category[cat], 1):
+                    break
         near_even = sorted((c for c in ranked if c.category in both), key=lambda c: (abs(odds[c.task_id] - 0.5), c.task_id))
         picks.take(near_even, n_border)
         picks.take(ranked, k - len(picks.order))  # what a share could not fill
@@ -240,18 +244,20 @@ class _Picks:
         r = self.radius.get(c.category, 0.0)
         return not (r > 0 and any(float(np.linalg.norm(c.embedding - e)) < r for e in self.picked[c.category]))
 
-    def take(self, ranked: Sequence[Candidate], n: int) -> None:
-        """The first ``n`` open candidates of ``ranked``."""
+    def take(self, ranked: Sequence[Candidate], n: int) -> int:
+        """The first ``n`` open candidates of ``ranked``; how many there were."""
+        taken = 0
         for c in ranked:
-            if n <= 0:
-                return
+            if taken == n:
+                break
             if self.open(c):
                 self.order.append(c.task_id)
                 self.taken.add(c.task_id)
                 self.per_category[c.category] += 1
                 if c.embedding is not None:
                     self.picked[c.category].append(c.embedding)
-                n -= 1
+                taken += 1
+        return taken
 
 
 class RandomPolicy:
