@@ -6,7 +6,8 @@ Without --registry it trains a DMAD model (product defaults, 256 px) on the firs
 category of ../shared/data/dev. Then, in one run: in-process scoring throughput (decode + resize +
 model, batches of 16), and `defectloop serve` on local Ray with dynamic batching (max 16) and with
 batch size 1, each loaded by N requests of one image from C concurrent clients. Prints p50/p99
-latency, throughput, errors, and HTTP throughput as a ratio of in-process throughput.
+latency, throughput, errors, and HTTP throughput as a ratio of in-process throughput; and one 2 MP
+and one 12 MP camera image end to end in process: megapixels/s and peak memory above the idle model.
 """
 
 from __future__ import annotations
@@ -61,6 +62,57 @@ def in_process(registry: Path, payloads: list[bytes], batch: int = 16) -> float:
         chunk = payloads[i:i + batch]
         handle.score([image_tensor(load_image(p), size) for p in chunk], [None] * len(chunk))
     return len(payloads) / (time.perf_counter() - t0)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
+    """Camera-sized images end to end in process, as /v1/score answers one: decode and reduce
+    (``read_image``), resize, score, then the mask and the heatmap at the image's own size.
+
+    A 2 MP and a 12 MP JPEG are made from one dev image (bicubic upscale). Peak memory is the
+    process's peak resident set above the idle, warmed-up model (the kernel's peak counter reset
+    through /proc/self/clear_refs before each image)."""
+    import io
+
+    from PIL import Image
+
+    from defectloop.data import read_image
+    from defectloop.features import image_tensor
+    from defectloop.scoring import ModelHandle
+
+    handle = ModelHandle(registry)
+    size = handle.served.model.config.image_size
+    base = Image.open(source).convert("RGB")
+    rows = []
+    for name, (w, h) in (("2 MP", (1632, 1224)), ("12 MP", (4000, 3000))):
+        buf = io.BytesIO()
+        base.resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=92)
+        data = buf.getvalue()
+
+        def once(data: bytes = data) -> None:
+            image, (width, height) = read_image(data, size)
+            p = handle.score([image_tensor(image, size)], [None])[0].prediction
+            p.mask(width, height)
+            p.heatmap_png(width, height)
+
+        once()  # warm-up
+        idle = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        best = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            once()
+            best = min(best, time.perf_counter() - t)
+        peak = _rss_kb("VmHWM") - idle
+        rows.append({"image": name, "megapixels": w * h / 1e6, "s": best, "megapixels_per_s": w * h / 1e6 / best,
+                     "peak_above_idle_mb": peak / 1024})
+    return rows
 
 
 def load_test(url: str, payloads: list[bytes], n: int, clients: int) -> dict:
@@ -133,6 +185,9 @@ def main() -> None:
 
     local = in_process(registry, payloads * 2)
     print(f"in-process (decode + resize + score, batch 16): {local:.2f} img/s")
+    for r in per_megapixel(registry, images[0]):
+        print(f"in-process, one {r['image']} JPEG (decode + score + mask and heatmap at full size): "
+              f"{r['s']:.2f} s = {r['megapixels_per_s']:.1f} MP/s, peak memory {r['peak_above_idle_mb']:.0f} MB above idle")
     rows = {}
     for batch in (16, 1):
         proc = serve(registry, batch, args.port)

@@ -501,10 +501,15 @@ def test_a_category_is_scored_by_what_serves_it(fitted, features, tmp_path):
     model.head_choices = HeadChoices({"disc": Choice(HEAD, "test")}, BANKS)
     bank = model.normal_bank
     rows = knn(q, bank.features, 1)[1][:, 0]
-    disc = torch.tensor([bank.image_ids[o].startswith("disc/") for o in bank.owners[rows].tolist()]).view(scores[HEAD].shape)
+    near = [bank.image_ids[o] for o in bank.owners[rows].tolist()]
+    disc = torch.tensor([i.startswith("disc/") for i in near]).view(scores[HEAD].shape)
     assert 0 < disc.float().mean() < 1
     mixed = model.patch_scores(test.features)
     assert torch.equal(mixed, torch.where(disc, scores[HEAD], scores[BANKS]))
+    model.head_choices = HeadChoices({"mesh": Choice(HEAD, "test")}, BANKS)  # the cached gate follows a new choice
+    mesh = torch.tensor([i.startswith("mesh/") for i in near]).view(scores[HEAD].shape)
+    assert torch.equal(model.patch_scores(test.features), torch.where(mesh, scores[HEAD], scores[BANKS]))
+    model.head_choices = HeadChoices({"disc": Choice(HEAD, "test")}, BANKS)
     assert torch.allclose(model.pool_scores(test.features).of(torch.arange(len(test.features))), mixed, atol=1e-6)
     model.save(tmp_path / "m2")
     assert torch.equal(load_model(tmp_path / "m2", index=ExactIndex).patch_scores(test.features), mixed)

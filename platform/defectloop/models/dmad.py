@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, build_index
+from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, NormalBank, build_index
 from defectloop.models.abnormal_memory import AbnormalMemory
 from defectloop.models.base import AnomalyModel
 from defectloop.models.config import ModelConfig
@@ -169,6 +169,7 @@ class DMAD(AbnormalMemory, AnomalyModel):
         self.init_abnormal_memory()
         self.scorer = DMADScorer(self.dim, config.dmad.hidden, config.dmad.heads)
         self.head_choices = HeadChoices()
+        self._serving: tuple[NormalBank, HeadChoices, torch.Tensor] | None = None  # see head_gate
 
     def head_gate(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Whether the learned correction serves each patch, from its nearest normal-bank entry's row
@@ -176,9 +177,14 @@ class DMAD(AbnormalMemory, AnomalyModel):
         everywhere = self.head_choices.everywhere()
         if everywhere is not None:
             return None if everywhere else torch.zeros(len(rows), dtype=torch.bool)
-        bank = self.normal_bank
-        serving = torch.tensor([self.head_choices.serves_head(i.split("/", 1)[0]) for i in bank.image_ids])
-        return serving[bank.owners[rows]]
+        bank, choices = self.normal_bank, self.head_choices
+        cached = self._serving
+        if cached is None or cached[0] is not bank or cached[1] is not choices:
+            # per bank entry, kept until the bank or the choices are replaced (both are swapped whole):
+            # reading the category of every image id cost a few ms per scoring batch
+            owner_serves = torch.tensor([choices.serves_head(i.split("/", 1)[0]) for i in bank.image_ids])
+            cached = self._serving = (bank, choices, owner_serves[bank.owners])
+        return cached[2][rows]
 
     def save(self, folder: str | Path, partial: bool = False) -> Path:
         folder = super().save(folder, partial)
