@@ -6,9 +6,9 @@ One unified model over all categories of --data. PatchCore, DMAD unsupervised, D
 and 10 annotated anomalies per category, CRAD and its ablations (no global grid, no coordinate
 jitter, with the refinement blend) share one backbone, one seed and one test set (the test
 images left after removing the 10 seen anomalies per category; seen(1) and seen(5) are subsets
-of seen(10)). Also measured in the same run: scoring throughput vs the bare backbone at 256 px,
-batch 16 (as the product runs it, and as loaded), and the coreset against the plain greedy
-k-center loop.
+of seen(10)). Also measured in the same run: scoring throughput vs the bare backbone at the model's
+input size (``--image-size``, 256 px by default), batch 16 (as the product runs it, and as loaded),
+and the coreset against the plain greedy k-center loop. ``--categories`` keeps a subset.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dev"))
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--cache", default="/tmp/defectloop-bench-features.pt")
+    ap.add_argument("--cache", default="/tmp/defectloop-bench-features.pt", help="features file (per image size "
+                    "and categories: the size and the categories are added to its name)")
+    ap.add_argument("--image-size", type=int, default=ModelConfig.image_size,
+                    help="model input side in px (native resolution: e.g. 512 for the dev screw images)")
+    ap.add_argument("--categories", default=None, help="comma-separated subset of the categories of --data")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="patchcore,dmad-unsup,dmad-1,dmad-5,dmad-10,crad,"
@@ -62,18 +66,21 @@ def main() -> None:
     ap.add_argument("--crad-epochs", type=int, default=None, help="shorter CRAD runs, e.g. for the ablations")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    out: dict = {"modes": {}}
+    out: dict = {"modes": {}, "image_size": args.image_size}
 
-    full = load_split(args.data, anomalies_per_class=10, seed=args.seed)
-    base = load_split(args.data, anomalies_per_class=0, seed=args.seed)
+    cats = args.categories.split(",") if args.categories else None
+    full = load_split(args.data, cats, anomalies_per_class=10, seed=args.seed)
+    base = load_split(args.data, cats, anomalies_per_class=0, seed=args.seed)
     test_paths = {s.path for s in full.test}
     embedder = PatchEmbedder(load_backbone(args.backbone))
     cache = Path(args.cache)
+    if args.image_size != ModelConfig.image_size or cats:
+        cache = cache.with_name(f"{cache.stem}-{args.image_size}{'-' + '-'.join(cats) if cats else ''}{cache.suffix}")
     if cache.exists():
         every = Extracted(**torch.load(cache, weights_only=False))
     else:
         t = time.perf_counter()
-        every = extract(embedder, base.train + base.test, 256, progress="features (all images)")
+        every = extract(embedder, base.train + base.test, args.image_size, progress="features (all images)")
         out["extract_s"] = time.perf_counter() - t
         torch.save(vars(every), cache)
     test = subset(every, lambda s: s.path in test_paths)
@@ -88,10 +95,11 @@ def main() -> None:
         kind, k, extra = modes[name]
         if kind == "crad" and args.crad_epochs:
             extra = {**extra, "epochs": args.crad_epochs}
-        split = load_split(args.data, anomalies_per_class=k, seed=args.seed)
+        split = load_split(args.data, cats, anomalies_per_class=k, seed=args.seed)
         train_paths = {s.path for s in split.train}
         train = subset(every, lambda s, tp=train_paths: s.path in tp)
-        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone, crad=CRADConfig(**extra)))
+        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone, image_size=args.image_size,
+                                         crad=CRADConfig(**extra)))
         t = time.perf_counter()
         stats = Fitter(model).fit(train, progress=True)
         fit_s = time.perf_counter() - t
@@ -111,13 +119,13 @@ def main() -> None:
             print(f"{'':11s} scored by: " + ", ".join(f"{c} {v['serves']}" for c, v in stats["heads"]["categories"].items()),
                   flush=True)
 
-    # throughput at 256 px, batch 16 of real test images: scorer (embedding + search + head + maps)
+    # throughput at the input size, batch 16 of real test images: scorer (embedding + search + head + maps)
     # vs the bare backbone, both as the product runs it (batch norms folded, channels-last) and as
     # loaded (the stock timm/torchvision forward); rounds alternate among them and each keeps its
     # best round, so that the machine's load (the backbone alone varied from 20 to 104 img/s
     # between runs) hits all alike
     step = max(1, len(test.samples) // 16)
-    batch = torch.stack([image_tensor(load_image(s.path), 256) for s in test.samples[::step][:16]])
+    batch = torch.stack([image_tensor(load_image(s.path), args.image_size) for s in test.samples[::step][:16]])
     runs = {"backbone": embedder.backbone, "backbone_as_loaded": load_backbone(args.backbone, fast=False),
             **{n: (lambda b, m=fitted[n]: m.score_features(m.embedder(b))) for n in fitted}}
     best = dict.fromkeys(runs, float("inf"))
