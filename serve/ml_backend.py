@@ -116,7 +116,7 @@ def build_router(ctx: ScoringContext) -> APIRouter:
         return {"results": results}
 
     @router.post("/webhook", dependencies=auth, status_code=201,
-                 summary="Label Studio events: annotation changes and START_TRAINING are queued, others ignored")
+                 summary="Label Studio events: annotation changes, task imports and START_TRAINING are queued, others ignored")
     async def webhook(request: Request) -> dict:
         limit = int(ctx.settings.max_event_mb * 2**20)
         length = request.headers.get("content-length", "")

@@ -257,3 +257,30 @@ def test_a_failed_or_worse_retraining_keeps_the_served_version(stack, ls, tasks)
     held_masks = {f"ls:{labeled[t][0].id}" for t, a in held.items() if a} & before  # a mask may cover no patch
     assert held_masks and held_masks <= {p.annotation_id for p in registry.load().abnormal_bank.annotations}
     assert served["bank_version"] == registry.bank_version(sound["candidate"])
+
+
+def test_tasks_imported_while_the_stack_is_up_join_the_ranking(stack, ls, tasks):
+    """A task imported into Label Studio while the stack runs (a new image) is embedded, scored and
+    gets its one prediction under the served version, with no CLI call: from the import's
+    TASKS_CREATED webhook, or else the next reconcile."""
+    from PIL import Image, ImageOps
+
+    project = stack.info["project_id"]
+    task = next(iter(tasks.values()))
+    src = Path(task.data["source"])
+    new = src.with_name(f"imported-{src.name}")
+    ImageOps.mirror(Image.open(src)).save(new)  # another image: its content is not in any cache
+    data = {k: v.replace(src.name, new.name) if isinstance(v, str) else v for k, v in task.data.items() if k != "decision"}
+    before = {t.id for t in ls.tasks.list(project=project, fields="task_only")}
+    ls.projects.import_tasks(id=project, request=[{"data": data}])
+    (added,) = {t.id for t in ls.tasks.list(project=project, fields="task_only")} - before
+
+    deadline, preds = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        preds = [p for p in ls.predictions.list(project=project) if p.task == added]
+        if preds:
+            break
+        time.sleep(0.5)
+    assert len(preds) == 1, f"waited 60 s for a prediction on the imported task {added}: {preds}"
+    assert preds[0].model_version == banks(stack)["model_version"]
+    assert [r for r in preds[0].result if r.get("type") == "choices"], preds[0].result  # a decision, at least

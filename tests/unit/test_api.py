@@ -241,6 +241,7 @@ def test_ml_backend_setup_and_webhook(client, ctx):
     big = {"action": "ANNOTATION_CREATED", "annotation": {"id": 8, "task": 1, "result": [{"x": "y" * 2**20}]}}
     assert client.post("/ls/webhook", json=big).status_code == 413  # over the size limit
     assert client.post("/ls/webhook", json={"action": "PROJECT_UPDATED"}).json()["status"] == "ignored"
+    assert client.post("/ls/webhook", json={"action": "TASKS_CREATED", "tasks": [{"data": {}}]}).status_code == 422
     for payload in (b"[1, 2]", b"{\"no_action\": 1}", b"{broken"):
         assert client.post("/ls/webhook", content=payload, headers={"content-type": "application/json"}).status_code in (400, 422)
     assert TestClient(client.app).post("/ls/webhook", json=event).status_code == 401

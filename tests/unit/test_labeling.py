@@ -81,6 +81,18 @@ def test_inbox_is_durable_and_ordered(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_an_import_is_an_event_for_the_pool():
+    from defectloop.labeling.events import InvalidEvent, parse_event
+
+    body = {"action": "TASKS_CREATED", "project": {"id": 4}, "tasks": [{"id": 12, "data": {}}, {"id": 9}]}
+    event = parse_event(body)
+    assert (event.kind, event.project, event.tasks) == ("tasks", 4, [12, 9])
+    assert parse_event({**body, "tasks": body["tasks"][::-1]}).identity() == event.identity()  # a redelivery
+    for tasks in ([], [{"id": "12"}], [{"id": True}], None):
+        with pytest.raises(InvalidEvent, match="integer `id`"):
+            parse_event({**body, "tasks": tasks})
+
+
 def test_the_neutral_pool_holds_files_not_links_out_of_it(tmp_path):
     """The demo's data folder is of symlinks to the real images (``--data`` anywhere): the pool Label
     Studio serves must hold the images themselves under neutral names, never a link that resolves

@@ -186,6 +186,31 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
     assert len(pool.refresh()) == 0
 
 
+@pytest.mark.parametrize("kind", ["patchcore", "dmad"])
+def test_pool_scores_grow_with_imported_images(fitted, features, kind, tmp_path):
+    """Images imported into a scored pool are scored alone, against the memory as it is then (an
+    annotation added before, and one removed), and later refreshes stay exact for all."""
+    _, test = features
+    fitted[kind].save(tmp_path / "m")
+    model = load_model(tmp_path / "m", index=ExactIndex)
+    half = len(test.features) // 2
+    pool = model.pool_scores(test.features[:half])
+    everything = torch.arange(len(test.features))
+    if kind == "dmad":  # the memory moves between the pool's last refresh and the import
+        i = next(k for k, s in enumerate(test.samples[:half]) if s.label == 1)
+        model.abnormal_bank.add(Provenance("ls-8", test.samples[i].image_id, test.samples[i].category, "scratch"),
+                                mask_cells(test.features[i], test.masks[i], model.config.dmad.mask_coverage))
+        model.forget(model.abnormal_bank.annotations[0].annotation_id)
+    pool.grow(test.features)
+    torch.testing.assert_close(pool.of(everything[half:]), model.patch_scores(test.features[half:]), atol=1e-5, rtol=0)
+    pool.refresh()
+    torch.testing.assert_close(pool.of(everything), model.patch_scores(test.features), atol=1e-5, rtol=0)
+    if kind == "dmad":
+        before = model.patch_scores(test.features)
+        model.forget("ls-8")
+        check_pool(pool, model.patch_scores(test.features), pool.refresh(), before)
+
+
 def check_pool(pool, now: torch.Tensor, moved: torch.Tensor, before: torch.Tensor) -> None:
     """The pool's refreshed scores equal a fresh scoring (``now``), and every image that moved is reported."""
     assert torch.allclose(pool.of(torch.arange(len(now))), now, atol=1e-5)

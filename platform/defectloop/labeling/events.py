@@ -4,6 +4,7 @@ Payloads (Label Studio 1.23, ``webhooks/models.py``): ANNOTATION_CREATED and ANN
 carry ``annotation`` (with ``id``, ``result``, ``updated_at``) and its ``task`` (``id``, ``data``);
 ANNOTATIONS_CREATED carries lists of both; ANNOTATIONS_DELETED carries ``annotations`` (ids only);
 all carry ``project`` (``id``). START_TRAINING is Label Studio's "Start training" button.
+TASKS_CREATED (an import) carries ``tasks``: the pool grows by them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-#: Label Studio actions that change what the model should learn; everything else is ignored
+#: Label Studio actions that change what the model should learn or score; everything else is ignored
 FEEDBACK_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                              "ANNOTATION_DELETED", "START_TRAINING"})
+                              "ANNOTATION_DELETED", "START_TRAINING", "TASKS_CREATED"})
 
 
 class InvalidEvent(ValueError):
@@ -23,10 +24,11 @@ class InvalidEvent(ValueError):
 @dataclass
 class LabelEvent:
     action: str
-    kind: Literal["annotations", "deleted", "train"]
+    kind: Literal["annotations", "deleted", "train", "tasks"]
     project: int | None
     annotations: list[tuple[dict, dict]] = field(default_factory=list)  # (annotation, its task)
     deleted: list[str] = field(default_factory=list)  # annotation ids
+    tasks: list[int] = field(default_factory=list)  # ids of imported tasks
 
     def identity(self) -> str | None:
         """What makes two deliveries the same event (Label Studio retries, a webhook sent twice): the
@@ -35,6 +37,8 @@ class LabelEvent:
             return None
         if self.kind == "deleted":
             return f"{self.action}:{self.project}:{','.join(sorted(self.deleted))}"
+        if self.kind == "tasks":
+            return f"{self.action}:{self.project}:{','.join(map(str, sorted(self.tasks)))}"
         parts = sorted(f"{a['id']}@{a.get('updated_at') or a.get('created_at') or ''}" for a, _ in self.annotations)
         return f"{self.action}:{self.project}:{','.join(parts)}"
 
@@ -81,6 +85,12 @@ def parse_event(body: object) -> LabelEvent:
     project = _project(body)
     if action == "START_TRAINING":
         return LabelEvent(action, "train", project)
+    if action == "TASKS_CREATED":
+        items = body.get("tasks")
+        if not isinstance(items, list) or not items or not all(isinstance(t, dict) and isinstance(t.get("id"), int)
+                                                               and not isinstance(t["id"], bool) for t in items):
+            raise InvalidEvent(f"{action}: `tasks` must list objects with an integer `id`")
+        return LabelEvent(action, "tasks", project, tasks=[t["id"] for t in items])
     if action in ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED"):
         items = body.get("annotations", body.get("annotation"))
         items = items if isinstance(items, list) else [items]

@@ -7,7 +7,8 @@
          the cursor saved, the pool re-ranked from cached features (only changed predictions written)
       -> only then are the events marked done: a crash at any step re-applies them, which changes
          nothing twice
-    every ``reconcile_s`` and at start: the polling sync (what the webhooks missed)
+    TASKS_CREATED (an import) -> the new tasks embedded, scored and ranked with the pool
+    every ``reconcile_s`` and at start: the polling sync (what the webhooks missed), new tasks included
     N new confirmed masks, or START_TRAINING -> one retraining at a time (a RetrainRunner) ->
     the new version is served only if it is not worse on the held-back confirmed labels
 
@@ -97,6 +98,8 @@ class LiveLoop:
                     continue
                 if event.kind == "train":
                     self.train_requested = True
+                elif event.kind == "tasks":  # an import: the new tasks join the pool (read from Label Studio)
+                    self.loop.add_new_tasks()
                 else:
                     self.loop.apply(event)
                 handled.append(event_id)
@@ -112,6 +115,7 @@ class LiveLoop:
         """The polling sync: whatever the webhooks missed (service or Label Studio down, lost events)."""
         with self._lock:
             self.loop.project.forget_predictions()  # Label Studio may have written some itself
+            self.loop.add_new_tasks()  # imports whose TASKS_CREATED event never came
             timing = self.loop.apply_feedback()
             self.last_reconcile = time.monotonic()
             return timing

@@ -145,6 +145,19 @@ class LabelingLoop:
         self.push()
         return self.selected
 
+    def add_new_tasks(self) -> list[int]:
+        """Tasks imported into the project since the loop started: embedded (through the feature
+        cache), scored and ranked with the pool; returns their ids."""
+        tasks = list(self.project.tasks())
+        added = self.predictor.add(self.model, tasks)
+        if added:
+            known = {t["id"] for t in self.tasks}
+            self.tasks += [t for t in tasks if t["id"] not in known]
+            self.embeddings = self.predictor.features.mean((2, 3)).numpy()
+            self.select()
+            log.info("%d task(s) imported since the start joined the pool and the ranking", len(added))
+        return added
+
     def labeled_candidates(self) -> list[Labeled]:
         """The pool's confirmed labels as a policy learns from them, scored as the thresholds see them."""
         cats, scores, verdicts = self.labeled_scores()

@@ -52,9 +52,11 @@ class PoolPredictor:
         those it lacks are embedded here and put into it."""
         self.config = config
         self.codec = codec or BrushRLE()
+        self.fetch, self.batch_size, self.feature_cache = fetch, batch_size, features
         self._scores: PatchScores | None = None  # the pool's patch scores under the last model asked for
         self._outcomes: list[Outcome] = []  # per task, under that model
         self._calibration: Calibration | None = None  # the thresholds the outcomes were decided by
+        self.unreadable: set[int] = set()  # tasks whose image could not be read: not tried again
         if cache is not None and cache.is_file():  # embedded by an earlier run: same tasks, same backbone
             saved = load_file(str(cache))
             meta = json.loads(cache.with_suffix(".json").read_text())
@@ -62,10 +64,20 @@ class PoolPredictor:
                 self.features = saved["features"]
                 self.task_ids, self.sizes, self.categories = meta["task_ids"], [tuple(x) for x in meta["sizes"]], meta["categories"]
                 return
-        self.task_ids: list[int] = []
-        self.sizes: list[tuple[int, int]] = []  # (width, height) of the original images
-        self.categories: list[str] = []
-        size = model.config.image_size
+        self.task_ids, self.sizes, self.categories, self.features = self._embed(model, tasks)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"features": self.features.contiguous()}, str(cache))
+            cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
+                                                              "categories": self.categories, "n_tasks": len(tasks)}))
+
+    def _embed(self, model: AnomalyModel, tasks: list[dict]
+               ) -> tuple[list[int], list[tuple[int, int]], list[str], torch.Tensor]:
+        """(task ids, image sizes, categories, features) of the tasks whose image can be read."""
+        task_ids: list[int] = []
+        sizes: list[tuple[int, int]] = []  # (width, height) of the original images
+        categories: list[str] = []
+        size, features = model.config.image_size, self.feature_cache
         feats: list[torch.Tensor | None] = []  # per task: cached features, or None until its batch is embedded
         hits = 0
         batch: list[tuple[int, str, torch.Tensor]] = []  # (position, digest, input) waiting for the backbone
@@ -75,40 +87,59 @@ class PoolPredictor:
             for (pos, digest, _), f in zip(batch, out, strict=True):
                 feats[pos] = f
                 if features is not None:
-                    features.put(digest, f, self.sizes[pos])
+                    features.put(digest, f, sizes[pos])
             batch.clear()
 
         for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
             try:
-                data = fetch(t)
+                data = self.fetch(t)
                 digest = content_hash(data)
                 hit = features.find(digest) if features is not None else None
                 img = None if hit else read_image(data, size)
             except Exception as e:  # an unreadable image is left out of the predictions and reported
                 log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
+                self.unreadable.add(t["id"])
                 continue
-            self.task_ids.append(t["id"])
-            self.categories.append(str(t["data"].get("category", "")))
+            task_ids.append(t["id"])
+            categories.append(str(t["data"].get("category", "")))
             if hit:
-                self.sizes.append(hit.size)
+                sizes.append(hit.size)
                 feats.append(hit.features.float())
                 hits += 1
                 continue
-            self.sizes.append(img[1])
+            sizes.append(img[1])
             feats.append(None)
             batch.append((len(feats) - 1, digest, image_tensor(img[0], size)))
-            if len(batch) == batch_size:
+            if len(batch) == self.batch_size:
                 embed()
         if batch:
             embed()
         if features is not None:
             log.info("pool: %d of %d images' features from the feature cache", hits, len(tasks))
-        self.features = torch.stack(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": self.features.contiguous()}, str(cache))
-            cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
-                                                              "categories": self.categories, "n_tasks": len(tasks)}))
+        return task_ids, sizes, categories, torch.stack(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
+
+    def add(self, model: AnomalyModel, tasks: list[dict]) -> list[int]:
+        """Tasks imported since the pool was embedded: the new ones among ``tasks`` are embedded and
+        scored under ``model``; returns the ids added. The cost is that of the new images, not of
+        the pool (under another model than the last one asked for, ``refresh`` scores them all)."""
+        known = set(self.index) | self.unreadable
+        new = [t for t in tasks if t["id"] not in known]
+        if not new:
+            return []
+        ids, sizes, categories, feats = self._embed(model, new)
+        if not ids:
+            return []
+        scores = self._scores if self._scores is not None and self._scores.model is model else None
+        first = len(self.task_ids)
+        self.features = torch.cat([self.features, feats]) if first else feats
+        self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
+        self.__dict__.pop("index", None)  # the cached task -> position map
+        if scores is not None:
+            scores.grow(self.features)
+            self._outcomes += [Outcome(0.0, 0.0, False, None)] * len(ids)
+            self._predict(model, list(range(first, len(self.task_ids))))
+        log.info("pool: %d new task(s) embedded and scored (%d in all)", len(ids), len(self.task_ids))
+        return ids
 
     def refresh(self, model: AnomalyModel) -> int:
         """Bring every task's outcome up to date with ``model``: all of them for another model, else
@@ -126,17 +157,22 @@ class PoolPredictor:
             if old is not None and old != new:
                 moved = sorted({*moved, *self._flipped(old, new)})
         self._calibration = Calibration(model.calibration.entries)  # a copy: the model's may be replaced
-        for start in range(0, len(moved), 64):
-            idx = moved[start:start + 64]
+        self._predict(model, moved)
+        if moved:
+            log.info("pool: %d of %d images scored again", len(moved), len(self.task_ids))
+        return len(moved)
+
+    def _predict(self, model: AnomalyModel, positions: list[int]) -> None:
+        """The outcomes of the tasks at these positions, from their current patch scores."""
+        assert self._scores is not None
+        for start in range(0, len(positions), 64):
+            idx = positions[start:start + 64]
             preds = model.predict_patches(self._scores.of(torch.tensor(idx)), [self.categories[i] for i in idx])
             defects = self._scores.defects(torch.tensor(idx))
             for i, p, defect in zip(idx, preds, defects, strict=True):
                 mask = p.mask(*self.sizes[i])
                 self._outcomes[i] = Outcome(p.score, p.normalised_score, p.decision == "anomalous",
                                             self.codec.encode(mask) if mask.any() else None, defect)
-        if moved:
-            log.info("pool: %d of %d images scored again", len(moved), len(self.task_ids))
-        return len(moved)
 
     def _flipped(self, old: Calibration, new: Calibration) -> list[int]:
         """Images whose outcome a change of thresholds moves: where only a category's image threshold
@@ -153,7 +189,7 @@ class PoolPredictor:
 
     @functools.cached_property
     def index(self) -> dict[int, int]:
-        """Task id -> its position in ``task_ids`` (the tasks whose image could be read; fixed)."""
+        """Task id -> its position in ``task_ids`` (the tasks whose image could be read; ``add`` appends)."""
         return {t: i for i, t in enumerate(self.task_ids)}
 
     def raw_scores(self, model: AnomalyModel, task_ids: list[int]) -> torch.Tensor:

@@ -241,22 +241,36 @@ class DMADPatchScores(PatchScores):
         self.normals = model.normal_evidence.entries()  # the same for the normal evidence
         self.ids: dict[str, int] = {}  # group id -> its number in ``nearest`` / ``normal_from`` (-1: none, the bank)
         self._bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _bank_nearest
-        parts = []
-        with torch.no_grad():
-            model.eval()
-            for start in range(0, len(feats), batch_size):
-                q = self._patches(slice(start, start + batch_size))
-                d_a, rows = model.nearest_abnormal(q)
-                d_n, nearest, group, bank_rows = model.nearest_normal(q)
-                gate = model.head_gate(bank_rows)
-                log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a, gate))
-                parts.append((base, log_dn, d_a, self._owners(rows, model.abnormal_bank), d_n,
-                              self._numbers(group, model.normal_evidence),
-                              torch.ones(len(q), dtype=torch.bool) if gate is None else gate))
-        b, _, h, w = feats.shape
-        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head = (
-            torch.cat([p[i] for p in parts]).view(b, h * w) for i in range(7))
-        self.shape = (h, w)
+        self.shape = tuple(feats.shape[2:])
+        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head = self._evidence(0)
+
+    @torch.no_grad()
+    def _evidence(self, first: int) -> tuple[torch.Tensor, ...]:
+        """Per patch of the images from ``first`` on (images x patches): base, l_n, d_a, nearest
+        annotation, d_n, where the nearest normal came from, and whether the head serves it."""
+        model, parts = self.model, []
+        model.eval()
+        for start in range(first, len(self.feats), self.batch_size):
+            q = self._patches(slice(start, start + self.batch_size))
+            d_a, rows = model.nearest_abnormal(q)
+            d_n, nearest, group, bank_rows = model.nearest_normal(q)
+            gate = model.head_gate(bank_rows)
+            log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a, gate))
+            parts.append((base, log_dn, d_a, self._owners(rows, model.abnormal_bank), d_n,
+                          self._numbers(group, model.normal_evidence),
+                          torch.ones(len(q), dtype=torch.bool) if gate is None else gate))
+        cells = self.shape[0] * self.shape[1]
+        return tuple(torch.cat([p[i] for p in parts]).view(-1, cells) for i in range(7))
+
+    def grow(self, feats: torch.Tensor) -> None:
+        """New pool images (``feats``: the whole pool, the new images last), scored against the memory
+        as it is now. A later ``refresh`` stays exact: an entry added since the last one is as near
+        to them as they were scored, and one removed is not what they point to."""
+        first = len(self.feats)
+        self.feats = feats
+        names = ("base", "log_dn", "d_a", "nearest", "d_n", "normal_from", "head")
+        for name, new in zip(names, self._evidence(first), strict=True):
+            setattr(self, name, torch.cat([getattr(self, name), new]))
 
     def _patches(self, images: slice) -> torch.Tensor:
         f = self.feats[images]

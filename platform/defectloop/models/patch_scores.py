@@ -26,10 +26,18 @@ class PatchScores:
     """Patch scores (B x H x W) of fixed patch features under one model."""
 
     def __init__(self, model: PatchScorer, feats: torch.Tensor, batch_size: int = 64):
-        self.model = model
-        with torch.no_grad():
-            model.eval()
-            self.scores = torch.cat([model.patch_scores(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)])
+        self.model, self.batch_size = model, batch_size
+        self.scores = self._score(feats)
+
+    @torch.no_grad()
+    def _score(self, feats: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return torch.cat([self.model.patch_scores(feats[i:i + self.batch_size]) for i in range(0, len(feats), self.batch_size)])
+
+    def grow(self, feats: torch.Tensor) -> None:
+        """The pool grew: ``feats`` are all its features, those already scored first. Only the new
+        images are scored, against the model's memory as it is now."""
+        self.scores = torch.cat([self.scores, self._score(feats[len(self.scores):])])
 
     def of(self, images: torch.Tensor) -> torch.Tensor:
         """Patch scores of the given images (indices)."""
