@@ -284,3 +284,13 @@ def test_tasks_imported_while_the_stack_is_up_join_the_ranking(stack, ls, tasks)
     assert len(preds) == 1, f"waited 60 s for a prediction on the imported task {added}: {preds}"
     assert preds[0].model_version == banks(stack)["model_version"]
     assert [r for r in preds[0].result if r.get("type") == "choices"], preds[0].result  # a decision, at least
+    # an import event naming a task deleted since (or never there) is drained, not retried for ever
+    from defectloop.labeling.inbox import EventInbox
+
+    inbox = EventInbox(stack.state / "registry" / "inbox")
+    post_event(stack, {"action": "TASKS_CREATED", "project": {"id": project}, "tasks": [{"id": 10**7}]})
+    assert inbox.pending(), "the event was not queued where the test looks"
+    deadline = time.monotonic() + 30
+    while inbox.pending() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not inbox.pending(), f"waited 30 s for the event naming a missing task to be drained: {inbox.pending()}"

@@ -99,7 +99,7 @@ class LiveLoop:
                 if event.kind == "train":
                     self.train_requested = True
                 elif event.kind == "tasks":  # an import: the new tasks join the pool (read from Label Studio)
-                    self.loop.add_new_tasks()
+                    self.loop.add_new_tasks(event.tasks)
                 else:
                     self.loop.apply(event)
                 handled.append(event_id)

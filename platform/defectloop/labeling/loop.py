@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from defectloop.data import load_image
@@ -145,15 +146,19 @@ class LabelingLoop:
         self.push()
         return self.selected
 
-    def add_new_tasks(self) -> list[int]:
-        """Tasks imported into the project since the loop started: embedded (through the feature
+    def add_new_tasks(self, ids: list[int] | None = None) -> list[int]:
+        """Tasks imported into the project since the loop started (those ``ids`` name, as an import
+        event does, else any: the project's task list is read): embedded (through the feature
         cache), scored and ranked with the pool; returns their ids."""
-        tasks = list(self.project.tasks())
+        known = set(self.predictor.index) | self.predictor.unreadable
+        tasks = list(self.project.tasks([i for i in ids if i not in known] if ids is not None else None))
+        first = len(self.predictor.task_ids)
         added = self.predictor.add(self.model, tasks)
         if added:
-            known = {t["id"] for t in self.tasks}
-            self.tasks += [t for t in tasks if t["id"] not in known]
-            self.embeddings = self.predictor.features.mean((2, 3)).numpy()
+            joined = set(added)
+            self.tasks += [t for t in tasks if t["id"] in joined]
+            new = self.predictor.features[first:].mean((2, 3)).numpy()
+            self.embeddings = new if self.embeddings is None else np.concatenate([self.embeddings, new])
             self.select()
             log.info("%d task(s) imported since the start joined the pool and the ranking", len(added))
         return added
