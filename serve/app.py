@@ -103,10 +103,11 @@ class Gateway:
     def reconfigure(self, user_config: dict) -> None:
         self.settings = self.settings.updated(user_config or {})
 
-    def drain(self) -> str:
-        """From now on answer every request 503 (the service is stopping); this replica's id."""
+    def drain(self) -> tuple[str, int]:
+        """From now on answer every request 503 (the service is stopping); this replica's id, and
+        how many requests it has taken (past the gates) that have yet to be answered."""
         self.settings = self.settings.updated({"draining": True})
-        return serve.get_replica_context().replica_id.unique_id
+        return serve.get_replica_context().replica_id.unique_id, self.gate.taken
 
     async def forward(self, scope: dict, body: bytes) -> Answer:
         deadline, tries = asyncio.get_running_loop().time() + self.settings.failover_s, 0
@@ -126,7 +127,8 @@ class Gateway:
                 await asyncio.sleep(min(0.05 * 2**tries, 1.0, left))
 
     def __serve_build_asgi_app__(self):
-        return gateway_app(self.forward, lambda: self.settings)
+        self.gate = gateway_app(self.forward, lambda: self.settings)
+        return self.gate
 
 
 def build(args: dict) -> serve.Application:
@@ -162,20 +164,27 @@ def application(args: dict, replicas: int | None = None, gpus: float = 0.0) -> s
 app = Gateway.bind(Scorer.bind())
 
 
-def drain_gateways(replicas: int, within_s: float = 10.0) -> None:
-    """Have every gateway replica answer 503 from now on. A handle call reaches one replica, so call
-    until each has answered (or ``within_s``: one missed keeps taking requests until the route is
-    withdrawn, and Serve still lets it finish them). Not a ``user_config`` change: ``serve.run``
-    versions a deployment anew each time, so that would restart every replica just to stop it."""
+def drain_gateways(replicas: int, within_s: float = 10.0) -> int:
+    """Have every gateway replica answer 503 from now on; the requests they had taken then, which
+    Serve lets them finish (``graceful_shutdown_timeout_s``) once the application is deleted.
+
+    A handle call reaches one replica, so call until each has answered (or ``within_s``: one missed
+    keeps taking requests until the route is withdrawn, and Serve still lets it finish them). Not a
+    ``user_config`` change: ``serve.run`` versions a deployment anew each time, so that would restart
+    every replica just to stop it. A request the proxy has not yet routed when the route goes is
+    answered 404 by the proxy: no replica took it."""
     handle = serve.get_deployment_handle("Gateway", "defectloop")
-    seen: set[str] = set()
+    taken: dict[str, int] = {}
     deadline = time.monotonic() + within_s
-    while len(seen) < replicas and (left := deadline - time.monotonic()) > 0:
+    while len(taken) < replicas and (left := deadline - time.monotonic()) > 0:
         try:
-            seen.add(handle.drain.remote().result(timeout_s=left))
+            replica, n = handle.drain.remote().result(timeout_s=left)
+            taken.setdefault(replica, n)  # the first answer: later ones come after the gate closed
         except Exception as e:  # a replica dying or slow to answer: the application is deleted all the same
             log.warning("draining a gateway replica: %s", e)
-    log.info("draining %d of %d gateway replicas", len(seen), replicas)
+    log.info("draining %d of %d gateway replicas: %d requests in flight finish first",
+             len(taken), replicas, sum(taken.values()))
+    return sum(taken.values())
 
 
 def run_foreground(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

@@ -101,6 +101,11 @@ class TokenGate:
         self.get_settings = get_settings
         self.in_flight: Counter[str] = Counter()  # per client address; changed in the event loop's thread only
 
+    @property
+    def taken(self) -> int:
+        """Requests past the gates that have yet to be answered (what a drain lets finish)."""
+        return sum(self.in_flight.values())
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -169,7 +174,7 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def gateway_app(forward: Forward, get_settings: GetSettings):
+def gateway_app(forward: Forward, get_settings: GetSettings) -> TokenGate:
     """The edge as an ASGI app: the gates, then the body (read under ``BodyLimit``), then ``forward``.
 
     Every path goes through, ``/docs`` and ``/openapi.json`` included: the scoring app documents the
