@@ -108,7 +108,7 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
     """Score the test split of ``data`` and compute metrics (and plots)."""
     from defectloop.data import load_image, load_split
     from defectloop.features import extract
-    from defectloop.metrics import evaluate
+    from defectloop.metrics import evaluate, served_mask_ious
     from defectloop.models import BANKS, DMAD, HEAD
 
     split = load_split(data, categories, k, seed)
@@ -116,7 +116,8 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
     scores, maps = model.score_features(test.features)
     cats = [s.category for s in test.samples]
     labels = np.array([s.label for s in test.samples])
-    result = evaluate(cats, scores.numpy(), labels, maps.numpy(), _masks(test))
+    shown = model.post.predictions(scores, maps, cats, model.calibration)  # what a user is shown
+    result = evaluate(cats, scores.numpy(), labels, maps.numpy(), _masks(test), served_mask_ious(shown, test.samples))
     result["skipped"] = test.skipped
     if isinstance(model, DMAD):  # which score served each category: the learned head's or the banks' alone
         for cat, m in result["categories"].items():
@@ -326,6 +327,8 @@ def cmd_label(args: argparse.Namespace) -> int:
               f"{loop.abnormal_entries()} entries; policy {ws.policy}, batch {ws.batch}")
         for cat, r in loop.label_thresholds().items():
             print(f"threshold of {cat} moved by {r['labels']} confirmed image(s): {r['fitted']:.3f} -> {r['threshold']:.3f}")
+        for cat, r in loop.mask_edges().items():
+            print(f"mask edge of {cat} set by {r['masks']} confirmed masks: {r['level']:.2f} of an image's rise")
         _print_live_status(Path(args.state), loop)
         return 0
     # one turn of the live loop, the same code the service runs: webhook events, the polling sync, a

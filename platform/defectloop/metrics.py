@@ -1,4 +1,5 @@
-"""Anomaly-detection metrics: image/pixel AUROC, AUPRO, image/pixel AP, F1-max; per category and mean.
+"""Anomaly-detection metrics: image/pixel AUROC, AUPRO, image/pixel AP, F1-max, mask IoU; per
+category and mean.
 
 AUROC and AP come from scikit-learn; AUPRO follows the MVTec AD definition (per-region overlap
 averaged over connected ground-truth regions, integrated over the pixel FPR up to 0.3 and
@@ -9,12 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max")
+from defectloop.data import load_mask
+from defectloop.data.mvtec import Sample
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "mask_iou")
+
+
+class MaskPrediction(Protocol):
+    """What the mask metric needs of a prediction (models.Prediction)."""
+
+    def mask(self, width: int, height: int) -> np.ndarray: ...
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -85,9 +96,16 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float 
     return float(np.trapezoid(y, x) / fpr_limit)
 
 
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two bool masks of one image (1.0 when both are empty)."""
+    union = np.logical_or(predicted, truth).sum()
+    return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
+
+
 def category_metrics(image_scores: np.ndarray, image_labels: np.ndarray, maps: np.ndarray | None = None,
-                     masks: np.ndarray | None = None) -> dict[str, float | None]:
-    """All metrics for one category; pixel metrics are None without masks."""
+                     masks: np.ndarray | None = None, ious: Sequence[float] = ()) -> dict[str, float | None]:
+    """All metrics for one category; pixel metrics are None without masks, ``mask_iou`` (the mean
+    of ``ious``, one per defective image with a mask) None without any."""
     image_scores = np.asarray(image_scores, dtype=np.float64)
     image_labels = np.asarray(image_labels).astype(int)
     out: dict[str, float | None] = {
@@ -95,6 +113,7 @@ def category_metrics(image_scores: np.ndarray, image_labels: np.ndarray, maps: n
         "image_ap": average_precision(image_scores, image_labels),
         "f1_max": f1_max(image_scores, image_labels)[0],
         "pixel_auroc": None, "pixel_ap": None, "aupro": None,
+        "mask_iou": float(np.mean(ious)) if len(ious) else None,
     }
     if maps is not None and masks is not None and masks.any():
         out["pixel_auroc"] = auroc(maps, masks)
@@ -113,11 +132,13 @@ def mean_metrics(per_category: dict[str, dict[str, float | None]]) -> dict[str, 
 
 
 def evaluate(categories: Sequence[str], image_scores: np.ndarray, image_labels: np.ndarray,
-             maps: np.ndarray | None = None, masks: Sequence[np.ndarray | None] | None = None) -> dict:
+             maps: np.ndarray | None = None, masks: Sequence[np.ndarray | None] | None = None,
+             ious: Sequence[float | None] | None = None) -> dict:
     """Per-category and mean metrics in the `defectloop evaluate` JSON shape.
 
     ``masks[i]`` is None for an anomalous image without a pixel mask; a category with any such
-    image gets null pixel metrics (its pixel ground truth is incomplete).
+    image gets null pixel metrics (its pixel ground truth is incomplete). ``ious[i]``: the IoU of
+    image i's predicted mask with its defect's (see ``served_mask_ious``), None where it has none.
     """
     categories = np.asarray(categories)
     result: dict[str, dict] = {"categories": {}}
@@ -131,12 +152,28 @@ def evaluate(categories: Sequence[str], image_scores: np.ndarray, image_labels: 
                 cat_maps = maps[idx]
                 cat_masks = np.stack([masks[i] if masks[i] is not None else np.zeros(maps.shape[1:], bool)
                                       for i in idx])
-        m = category_metrics(np.asarray(image_scores)[idx], labels, cat_maps, cat_masks)
+        cat_ious = [ious[i] for i in idx if ious[i] is not None] if ious is not None else []
+        m = category_metrics(np.asarray(image_scores)[idx], labels, cat_maps, cat_masks, cat_ious)
         m["n_test"] = int(len(idx))
         result["categories"][cat] = m
     result["mean"] = mean_metrics(result["categories"])
     result["mean"]["n_test"] = int(len(categories))
     return result
+
+
+def served_mask_ious(predictions: Sequence[MaskPrediction], samples: Sequence[Sample]) -> list[float | None]:
+    """Per image, the IoU of the mask a user is shown (``Prediction.mask``: the served decision and
+    pixel threshold, at the image's own size) with its ground-truth mask; None for an image without
+    one. Compared at the ground truth's size, so models of different input sizes are judged alike:
+    a thin crack that a 256 px mask at 2 px per cell would not even show is still counted."""
+    out: list[float | None] = []
+    for p, s in zip(predictions, samples, strict=True):
+        if not s.label or s.mask_path is None:
+            out.append(None)
+            continue
+        truth = load_mask(s.mask_path)
+        out.append(mask_iou(p.mask(truth.shape[1], truth.shape[0]), truth))
+    return out
 
 
 def fmt(value: float | None) -> str:

@@ -6,7 +6,9 @@ One unified model over all categories of --data. PatchCore, DMAD unsupervised, D
 and 10 annotated anomalies per category, CRAD and its ablations (no global grid, no coordinate
 jitter, with the refinement blend) share one backbone, one seed and one test set (the test
 images left after removing the 10 seen anomalies per category; seen(1) and seen(5) are subsets
-of seen(10)). Also measured in the same run: scoring throughput vs the bare backbone at the model's
+of seen(10)). Each mode's served masks are scored by IoU with the defects' (``mask_iou``), and again
+once ``--mask-labels`` confirmed masks per category set the mask edges as the loop does. Also
+measured in the same run: scoring throughput vs the bare backbone at the model's
 input size (``--image-size``, 256 px by default), batch 16 (as the product runs it, and as loaded),
 and the coreset against the plain greedy k-center loop. ``--categories`` keeps a subset.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,10 +25,11 @@ from pathlib import Path
 import torch
 
 from defectloop.data import load_split
-from defectloop.data.images import load_image
+from defectloop.data.images import load_image, load_mask
 from defectloop.features import Extracted, PatchEmbedder, extract, image_tensor, load_backbone
+from defectloop.labeling.feedback import cells_at, encode_cells
 from defectloop.memory.coreset import KCenterGreedy, coverage_radius, farthest_points, random_projection
-from defectloop.metrics import evaluate, fmt
+from defectloop.metrics import evaluate, fmt, served_mask_ious
 from defectloop.models import CRADConfig, Fitter, ModelConfig, create_model
 from defectloop.precision import matmul_dtype
 
@@ -35,6 +39,39 @@ ROOT = Path(__file__).resolve().parents[2]
 def subset(ex: Extracted, keep) -> Extracted:
     idx = [i for i, s in enumerate(ex.samples) if keep(s)]
     return Extracted(ex.features[idx], [ex.samples[i] for i in idx], [ex.masks[i] for i in idx], ex.skipped)
+
+
+def mask_edges(model, test: Extracted, scores: torch.Tensor, maps: torch.Tensor, k: int, seed: int,
+               draws: int = 10) -> dict:
+    """Served mask IoU per category once ``k`` confirmed masks per category set the mask edges, as
+    the loop sets them (the masks kept as ledger cells, ``Calibration.with_mask_levels``), against
+    the fitted cut: both on the test defects that did not teach the edges, averaged over ``draws``
+    draws of the teaching masks. ``all``: over those defects (one called normal shows no mask:
+    IoU 0); ``shown``: over those called anomalous, whose mask an annotator sees. Test images are
+    not in the model's memory, so their maps are what the loop's are without their own masks."""
+    cats = [s.category for s in test.samples]
+    by_cat: dict[str, list[int]] = {}
+    for i, s in enumerate(test.samples):
+        if s.label and s.mask_path is not None:
+            by_cat.setdefault(s.category, []).append(i)
+    cells = {i: encode_cells(load_mask(test.samples[i].mask_path)) for idx in by_cat.values() for i in idx}
+    rng = random.Random(seed)
+    out: dict = {c: {"levels": []} for c in by_cat}
+    for _ in range(draws):
+        taught = [i for _, idx in sorted(by_cat.items()) for i in rng.sample(idx, min(k, len(idx)))]
+        masks = cells_at([cells[i] for i in taught], tuple(maps.shape[-2:]))
+        edges = model.calibration.with_mask_levels([cats[i] for i in taught], maps[taught], masks)
+        rest = [i for i in range(len(cats)) if i not in set(taught)]
+        for c in by_cat:
+            out[c]["levels"].append(edges.get(c).mask_level)
+        for name, cal in (("fitted", model.calibration), ("edges", edges)):
+            shown = model.post.predictions(scores[rest], maps[rest], [cats[i] for i in rest], cal)
+            for i, p, iou in zip(rest, shown, served_mask_ious(shown, [test.samples[i] for i in rest]), strict=True):
+                if iou is not None:
+                    out[cats[i]].setdefault(f"{name}_all", []).append(iou)
+                    if p.decision == "anomalous":
+                        out[cats[i]].setdefault(f"{name}_shown", []).append(iou)
+    return {c: {n: (v if n == "levels" else sum(v) / len(v)) for n, v in r.items()} for c, r in out.items()}
 
 
 def naive_kcenter(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -63,6 +100,8 @@ def main() -> None:
     ap.add_argument("--modes", default="patchcore,dmad-unsup,dmad-1,dmad-5,dmad-10,crad,"
                     "crad-no-global,crad-no-jitter,crad-refine,crad-one-stats", help="comma-separated subset")
     ap.add_argument("--throughput-rounds", type=int, default=5)
+    ap.add_argument("--mask-labels", type=int, default=5, help="confirmed masks per category that set the mask "
+                    "edges (the rest of the test defects measure them); 0: skip")
     ap.add_argument("--crad-epochs", type=int, default=None, help="shorter CRAD runs, e.g. for the ablations")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -106,15 +145,24 @@ def main() -> None:
         t = time.perf_counter()
         scores, maps = model.score_features(test.features)
         score_s = time.perf_counter() - t
-        res = evaluate([s.category for s in test.samples], scores.numpy(), [s.label for s in test.samples],
-                       maps.numpy(), [None if m is None else (m > 0.5).numpy() for m in test.masks])
+        cats = [s.category for s in test.samples]
+        shown = model.post.predictions(scores, maps, cats, model.calibration)
+        res = evaluate(cats, scores.numpy(), [s.label for s in test.samples], maps.numpy(),
+                       [None if m is None else (m > 0.5).numpy() for m in test.masks],
+                       served_mask_ious(shown, test.samples))
         res.update(fit_s=fit_s, head_images_per_s=len(test.samples) / score_s,
                    fit={k: v for k, v in stats.items() if k != "crad_history"})
+        if args.mask_labels:
+            res["mask_edges"] = mask_edges(model, test, scores, maps, args.mask_labels, args.seed)
         out["modes"][name] = res
         fitted[name] = model
         print(f"{name:11s} fit {fit_s:6.1f}s  " + "  ".join(
-            f"{c}: {fmt(m['image_auroc'])}/{fmt(m['pixel_auroc'])}/{fmt(m['aupro'])}"
+            f"{c}: {fmt(m['image_auroc'])}/{fmt(m['pixel_auroc'])}/{fmt(m['aupro'])}/IoU {fmt(m['mask_iou'])}"
             for c, m in [*res["categories"].items(), ("mean", res["mean"])]), flush=True)
+        if args.mask_labels:
+            print(f"{'':11s} mask IoU shown / all, fitted cut -> edges from {args.mask_labels} masks: " + ", ".join(
+                f"{c} {fmt(v['fitted_shown'])}/{fmt(v['fitted_all'])} -> {fmt(v['edges_shown'])}/{fmt(v['edges_all'])}"
+                for c, v in res["mask_edges"].items()), flush=True)
         if "heads" in stats:  # DMAD: which score serves each category, judged on held-back labels
             print(f"{'':11s} scored by: " + ", ".join(f"{c} {v['serves']}" for c, v in stats["heads"]["categories"].items()),
                   flush=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from label_studio_sdk import LabelStudio
 
 from defectloop.data import load_image, load_mask, load_split
@@ -308,3 +309,23 @@ def test_confirmed_labels_move_their_category_threshold_at_once(label_studio, se
     timing = loop.apply_feedback()
     assert timing.sync.published == "v0001-b0003" and Registry(root).load().calibration == fitted
     assert set(t["data"]["decision"] for t in project.tasks()) == {"anomalous"} and loop.label_thresholds() == {}
+
+    # three confirmed masks: the category's mask edge is set on them, each defect's map scored
+    # without its own mask's entries, and served with the bank
+    masked = sorted(t for t in ids if truth[name_of[t]].label == 1 and truth[name_of[t]].mask_path)[:3]
+    assert defect in masked and len(masked) == 3
+    for t in masked:
+        if t != defect:
+            ls.annotations.create(id=t, result=[brush(load_mask(truth[name_of[t]].mask_path))])
+    loop.apply_feedback()
+    cats, maps, masks = loop.mask_evidence()
+    assert cats == ["mesh"] * 3 and masks.shape == maps.shape and len(maps) == 3
+    for t, m in zip(masked, masks, strict=True):  # the ledger's cells, at the maps' size, are the masks drawn
+        drawn = torch.from_numpy(load_mask(truth[name_of[t]].mask_path))
+        drawn = torch.nn.functional.adaptive_max_pool2d(drawn[None, None].float(), maps.shape[-2:])[0, 0].bool()
+        assert (m & drawn).sum() / (m | drawn).sum() > 0.9
+    served = Registry(root).load().calibration
+    assert served == fitted.with_mask_levels(cats, maps, masks)
+    edge = served.get("mesh")
+    assert loop.mask_edges() == ({"mesh": {"level": edge.mask_level, "masks": 3}} if edge.mask_level is not None else {})
+    print("mesh mask edge:", edge.mask_level, served.methods()["mesh"])

@@ -26,8 +26,9 @@ def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
                  "--anomalies-per-class", "1", "--json", str(js), "--plots", str(tmp_path / "plots")]) == 0
     res = json.loads(js.read_text())
     assert set(res["categories"]) == {"disc", "mesh"}
-    keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "n_test"}
+    keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "mask_iou", "n_test"}
     assert set(res["mean"]) == keys and all(set(v) == keys | {"serves"} for v in res["categories"].values())
+    assert all(0 <= v["mask_iou"] <= 1 for v in res["categories"].values())  # every test defect has a mask
     assert res["categories"]["disc"]["n_test"] == 10
     # one mask per category, none held back: the head serves where it trained on a real mask
     assert {v["serves"] for v in res["categories"].values()} == {"head"}

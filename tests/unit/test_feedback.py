@@ -5,7 +5,14 @@ import pytest
 
 from defectloop.data import load_image, load_split
 from defectloop.labeling.brush import BrushRLE
-from defectloop.labeling.feedback import Feedback, Verdict, read_annotation
+from defectloop.labeling.feedback import (
+    MASK_CELLS,
+    Feedback,
+    Verdict,
+    decode_cells,
+    encode_cells,
+    read_annotation,
+)
 from defectloop.labeling.label_config import LabelConfig, build_label_config
 from defectloop.labeling.policies import (
     Adaptive,
@@ -139,6 +146,7 @@ def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
     ys, xs = np.nonzero(mask)
     smaller[ys.min():ys.min() + 16, xs.min():xs.min() + 16] = True
     edited = read_annotation(annotation(5, task, smaller), task, CONFIG)
+    assert decode_cells(fb.ledger["5"]["mask_cells"]).sum() > 16  # the ledger keeps the mask, coarsely
     fb.apply(edited)  # edited: replaced by the new mask's entries, not added to the old ones
     held = len(bank) - before
     assert held == fb.model.confirm(Provenance("probe", "probe"), load_image(sample.path), smaller) > 0
@@ -146,6 +154,18 @@ def test_masks_become_bank_entries_idempotently(feedback, tiny_data, tmp_path):
     fb.apply(Verdict("5", 11, task["data"]["image"], sample.category, "deleted"))
     assert len(bank) == before and "ls:5" not in bank
     assert Feedback(fb.model, tmp_path / "ledger.json", fb.load_image).ledger == {}
+
+
+def test_a_confirmed_mask_is_kept_as_cells():
+    """The ledger keeps each confirmed mask on a fixed grid of cells (for the mask edges), whatever
+    the image's size: a cell is defective where any pixel of it is, so a 1 px crack still shows."""
+    mask = np.zeros((1000, 3000), bool)
+    mask[500, 100:2900] = True  # a 1 px crack across a wide image
+    mask[100:300, 200:500] = True
+    cells = decode_cells(encode_cells(mask))
+    assert cells.shape == (MASK_CELLS, MASK_CELLS) and len(encode_cells(mask)) < 3000
+    assert cells[64, 5:123].all() and cells[64].sum() <= 120  # the crack: one row of cells
+    assert cells[13:38, 8:22].all() and not cells[40:60].any() and not cells[:, 125:].any()
 
 
 def test_image_level_verdicts_go_to_the_ledger(feedback, tmp_path):

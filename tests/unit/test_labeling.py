@@ -112,6 +112,31 @@ def test_the_neutral_pool_holds_files_not_links_out_of_it(tmp_path):
     assert path.read_bytes() == b"png bytes" and "scratch" not in path.name and out.category == "screw"
 
 
+def test_a_new_mask_edge_redraws_only_the_masks_shown(served_registry, tiny_data, tmp_path):
+    """When a category's mask edge moves, the pool's outcomes are redone for its images that show a
+    mask (called anomalous), with masks cut at the new edge; the rest keep theirs."""
+    from dataclasses import replace
+
+    from defectloop.labeling.predict import PoolPredictor
+    from defectloop.models import Calibration
+    from defectloop.registry import Registry
+
+    model = Registry(served_registry).load()
+    images = sorted(tiny_data.glob("*/test/*/*.png"))
+    tasks = [{"id": i + 1, "data": {"image": str(p), "category": p.parts[-4]}} for i, p in enumerate(images)]
+    pool = PoolPredictor(model, tasks, lambda t: Path(t["data"]["image"]).read_bytes(),
+                         LabelConfig.parse(build_label_config(["scratch"])))
+    pool.refresh(model)
+    cat = pool.categories[0]
+    shown = [i for i, (c, o) in enumerate(zip(pool.categories, pool._outcomes, strict=True)) if c == cat and o.anomalous]
+    before = list(pool._outcomes)
+    assert shown and len(shown) < pool.categories.count(cat)
+    model.calibration = Calibration({**model.calibration.entries, cat: replace(model.calibration.get(cat), mask_level=0.9)})
+    assert pool.refresh(model) == len(shown)
+    assert all(pool._outcomes[i].rle != before[i].rle for i in shown)  # a tighter edge: smaller masks
+    assert [o for i, o in enumerate(pool._outcomes) if i not in shown] == [o for i, o in enumerate(before) if i not in shown]
+
+
 def test_pool_features_come_from_the_feature_cache(served_registry, tiny_data, tmp_path, monkeypatch):
     """A pool embedded once fills the feature cache by image content; a second pool over the same
     images (another project, a restart without its own saved features) embeds nothing and

@@ -57,4 +57,37 @@ def test_evaluate_shape_and_null_pixel_metrics():
     assert res["categories"]["a"]["pixel_auroc"] is not None
     assert res["categories"]["b"]["pixel_auroc"] is None and res["categories"]["b"]["aupro"] is None
     assert res["mean"]["image_auroc"] == pytest.approx((1.0 + 0.75) / 2)
-    assert set(res["mean"]) == {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "n_test"}
+    assert set(res["mean"]) == {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "mask_iou",
+                                "n_test"}
+    assert res["mean"]["mask_iou"] is None  # no IoUs given
+
+
+def test_mask_iou_of_the_mask_a_user_is_shown(tmp_path):
+    """The IoU is taken at the ground truth's own size, of the served mask: the prediction's map
+    (at the model's size) brought to the mask's size and cut at the pixel threshold; an image
+    called normal shows no mask (IoU 0 with its defect); a normal image or one without a mask has
+    none. Per category, the mean over defective images."""
+    from PIL import Image
+
+    from defectloop.data.mvtec import Sample
+    from defectloop.metrics import mask_iou, served_mask_ious
+    from defectloop.models import Prediction
+
+    assert mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    truth = np.zeros((64, 64), bool)
+    truth[16:32, 16:48] = True  # 16 x 32 at the image's size
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:8, 4:8] = 1.0  # 16 x 16 at the image's size: half the defect, nothing outside it
+
+    def shown(decision: str) -> Prediction:
+        return Prediction(score=1.0, normalised_score=0.9, threshold=0.5, pixel_threshold=0.5, decision=decision,
+                          category="a", known_category=True, amap=amap)
+
+    samples = [Sample(tmp_path / "x.png", "a", 1, "crack", tmp_path / "m.png"),
+               Sample(tmp_path / "y.png", "a", 1, "crack", tmp_path / "m.png"),
+               Sample(tmp_path / "z.png", "a", 0, "good", None), Sample(tmp_path / "w.png", "a", 1, "crack", None)]
+    ious = served_mask_ious([shown("anomalous"), shown("normal"), shown("anomalous"), shown("anomalous")], samples)
+    assert ious[0] == pytest.approx(0.5, abs=0.05) and ious[1] == 0.0 and ious[2:] == [None, None]
+    res = evaluate(["a"] * 4, np.array([0.9, 0.8, 0.1, 0.7]), np.array([1, 1, 0, 1]), ious=ious)
+    assert res["categories"]["a"]["mask_iou"] == pytest.approx(ious[0] / 2)

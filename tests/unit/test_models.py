@@ -20,6 +20,7 @@ from defectloop.models import (
     create_model,
     load_model,
 )
+from defectloop.models.prediction import PostProcessor
 from defectloop.registry import Registry
 
 
@@ -120,6 +121,44 @@ def test_confirmed_labels_move_their_category_threshold():
     old = {c: {k: v for k, v in asdict(e).items() if k not in ("labels", "fitted")} for c, e in cal.entries.items()}
     old["a"].update(confirmed=3, raised_from=fitted.threshold("a"))
     assert Calibration.loads(json.dumps(old)).get("a") == replace(cal.get("a"), labels=3)
+
+
+def test_confirmed_masks_set_their_category_mask_edge():
+    """As fitted, a map is cut at the pixel threshold, so a strong defect's mask spreads far past
+    it. Three confirmed masks or more set the category's mask edge as a share of each image's rise
+    above the normal level, the share whose masks fit the confirmed ones best; then a faint defect
+    and a strong one get masks their size. Fewer masks, or none better than the fitted cut, keep
+    the fitted cut; the edge is saved with the thresholds, and served (PostProcessor)."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def defect(amplitude: float, cy: float, cx: float) -> tuple[torch.Tensor, torch.Tensor]:
+        blob = amplitude * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
+        return 1.0 + blob, blob > amplitude / 2  # on the normal level (1.0); the defect: its half-maximum
+
+    fitted = Calibration.fit(["a"] * 20 + ["b"] * 20, torch.full((40,), 1.0) + torch.linspace(0, 0.2, 40),
+                             torch.full((40,), 1.5) + torch.linspace(0, 0.2, 40), 0.99)
+    a = fitted.get("a")
+    maps, masks = zip(*[defect(amp, 20 + 4 * i, 30) for i, amp in enumerate((2.0, 8.0, 30.0, 4.0))], strict=True)
+    maps, masks = torch.stack(maps), torch.stack(masks)
+    cal = fitted.with_mask_levels(["a", "a", "a", "b"], maps, masks)
+    edge = cal.get("a")
+    assert 0.35 <= edge.mask_level <= 0.6 and edge.mask_labels == 3 and cal.methods()["a"] == "quantile+masks"
+    assert cal.get("b") == fitted.get("b")  # one mask: as fitted
+
+    def iou(c: Calibration, i: int) -> float:
+        shown = maps[i] > c.pixel_threshold("a", float(maps[i].max()))
+        return float((shown & masks[i]).sum() / (shown | masks[i]).sum())
+
+    assert all(iou(cal, i) > 0.8 for i in range(4))  # faint or strong, the mask fits (the 4th was not seen)
+    assert iou(fitted, 2) < 0.3  # the strong one, cut at the pixel threshold: several times its size
+    assert cal.pixel_threshold("a") == a.pixel_threshold  # without a map, the fitted cut
+    served = PostProcessor(64, 0.0).predictions(maps.flatten(1).max(1).values, maps, ["a"] * 4, cal)
+    assert served[2].pixel_threshold == pytest.approx(edge.mask_cut(float(maps[2].max())))
+    assert Calibration.loads(json.dumps({c: asdict(e) for c, e in cal.entries.items()})).get("a").mask_level == edge.mask_level
+    assert replace(edge, mask_labels=7) == edge  # a mask that leaves the edge where it was changes nothing
+    assert cal.with_mask_levels([], maps[:0], masks[:0]) == fitted  # the masks gone: as fitted
+    exact = masks.float() * 2 + 1.0  # maps the fitted cut already fits: it stays
+    assert fitted.with_mask_levels(["a"] * 4, exact, masks).get("a") == a
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

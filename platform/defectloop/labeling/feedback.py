@@ -14,14 +14,18 @@ the loop), which join the normal training images.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
@@ -48,7 +52,34 @@ class Verdict:
         d = asdict(self)
         d.pop("mask")
         d["mask_pixels"] = 0 if self.mask is None else int(self.mask.sum())
+        if self.mask is not None and self.mask.any():
+            d["mask_cells"] = encode_cells(self.mask)
         return d
+
+
+#: side of the grid a confirmed mask is kept at in the ledger (for mask edges: Calibration.with_mask_levels)
+MASK_CELLS = 128
+
+
+def encode_cells(mask: np.ndarray) -> str:
+    """An H x W mask as MASK_CELLS x MASK_CELLS cells (a cell is defective where any pixel of it
+    is), bit-packed in base64: 2.7 kB a mask, whatever the image's size."""
+    box = Image.fromarray(mask.astype(np.uint8) * 255).resize((MASK_CELLS, MASK_CELLS), Image.BOX)
+    return base64.b64encode(np.packbits(np.asarray(box) > 0).tobytes()).decode("ascii")
+
+
+def decode_cells(text: str) -> np.ndarray:
+    """MASK_CELLS x MASK_CELLS bool cells of ``encode_cells``."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=MASK_CELLS * MASK_CELLS)
+    return bits.reshape(MASK_CELLS, MASK_CELLS).astype(bool)
+
+
+def cells_at(cells: Sequence[str], size: tuple[int, int]) -> torch.Tensor:
+    """Masks kept by ``encode_cells`` as N x H x W bool, at an anomaly map's size (nearest cell)."""
+    if not cells:
+        return torch.zeros(0, *size, dtype=torch.bool)
+    grid = torch.from_numpy(np.stack([decode_cells(c) for c in cells]))
+    return F.interpolate(grid[:, None].float(), size=size, mode="nearest")[:, 0].bool()
 
 
 def read_annotation(annotation: dict, task: dict, config: LabelConfig, codec: MaskCodec | None = None) -> Verdict:

@@ -243,6 +243,7 @@ class LiveLoop:
                 "pending_events": len(self.inbox.pending()), "quarantined": quarantined,
                 "retraining": asdict(self.retraining), "confirmed_masks": self.confirmed_masks(),
                 "labeled_tasks": len(self.loop.labeled()), "label_thresholds": self.loop.label_thresholds(),
+                "mask_edges": self.loop.mask_edges(),
                 "pid": os.getpid(), "started_at": self.started_at}
 
     def save(self) -> None:

@@ -25,7 +25,7 @@ from defectloop.data import load_image
 from defectloop.features.cache import FeatureCache
 from defectloop.labeling.client import StudioClient
 from defectloop.labeling.events import LabelEvent
-from defectloop.labeling.feedback import Feedback
+from defectloop.labeling.feedback import Feedback, cells_at
 from defectloop.labeling.policies import Candidate, Labeled, SelectionPolicy, rank_scores
 from defectloop.labeling.predict import PoolPredictor
 from defectloop.labeling.project import LabelingProject
@@ -93,13 +93,29 @@ class LabelingLoop:
         calibration = self.fitted
         if cats:
             calibration = self.fitted.from_labels(cats, scores, verdicts, self.model.config.threshold_quantile)
+        calibration = calibration.with_mask_levels(*self.mask_evidence())
         if calibration == self.model.calibration:
             return False
-        log.info("thresholds from the confirmed labels: %s", ", ".join(
+        log.info("thresholds from the confirmed labels: %s; mask edges from the confirmed masks: %s", ", ".join(
             f"{c} {e.fitted:.3f} -> {e.threshold:.3f}" for c, e in sorted(calibration.entries.items()) if e.labels)
+            or "as fitted", ", ".join(f"{c} {e.mask_level:.2f} of the rise ({e.mask_labels} masks)"
+                                      for c, e in sorted(calibration.entries.items()) if e.mask_level is not None)
             or "as fitted")
         self.model.calibration = calibration
         return True
+
+    def mask_evidence(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Categories, anomaly maps and confirmed masks (at the maps' size) of the pool images with a
+        confirmed mask, for the mask edges (``Calibration.with_mask_levels``). Each map is scored
+        without the memory the image's own labels added, as for thresholds (``calibration_scores``):
+        with its own mask's entries, a defect's map shows that mask back."""
+        index = self.predictor.index
+        cells = {int(e["task_id"]): e["mask_cells"] for e in self.feedback.ledger.values()
+                 if e["kind"] == "mask" and e.get("mask_cells") and int(e["task_id"]) in index}
+        tasks = sorted(cells)
+        maps = self.predictor.maps_without(self.model, tasks, self.own_groups(tasks))
+        return ([self.predictor.categories[index[t]] for t in tasks], maps,
+                cells_at([cells[t] for t in tasks], tuple(maps.shape[-2:])))
 
     def labeled_scores(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Categories, image scores (``calibration_scores``) and verdicts (True: defective) of the
@@ -115,16 +131,26 @@ class LabelingLoop:
         labels added (its normal evidence, its mask's or verdict's abnormal entries): with it, a
         normal scores low and a defect high, and neither shows how its look-alikes that nobody
         labeled yet score, which is what a threshold is for."""
+        return self.predictor.raw_scores_without(self.model, tasks, self.own_groups(tasks))
+
+    def own_groups(self, tasks: list[int]) -> list[set[str]]:
+        """Per task, the memory groups its own labels added: its normal evidence, its masks' or
+        verdicts' abnormal entries."""
         own: dict[int, set[str]] = {}
         for e in self.feedback.ledger.values():
             own.setdefault(int(e["task_id"]), set()).update(
                 {self.feedback.normal_key(e["image"]), self.feedback.key(e["annotation_id"])})
-        return self.predictor.raw_scores_without(self.model, tasks, [own.get(t, set()) for t in tasks])
+        return [own.get(t, set()) for t in tasks]
 
     def label_thresholds(self) -> dict[str, dict]:
         """Categories whose thresholds the confirmed labels moved: {category: {fitted, threshold, labels}}."""
         return {c: {"fitted": e.fitted, "threshold": e.threshold, "labels": e.labels}
                 for c, e in sorted(self.model.calibration.entries.items()) if e.labels}
+
+    def mask_edges(self) -> dict[str, dict]:
+        """Categories whose mask edge the confirmed masks set: {category: {level, masks}}."""
+        return {c: {"level": e.mask_level, "masks": e.mask_labels}
+                for c, e in sorted(self.model.calibration.entries.items()) if e.mask_level is not None}
 
     def abnormal_entries(self) -> int:
         return len(self.model.abnormal_bank) if isinstance(self.model, AbnormalMemory) else 0

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -176,14 +176,16 @@ class PoolPredictor:
 
     def _flipped(self, old: Calibration, new: Calibration) -> list[int]:
         """Images whose outcome a change of thresholds moves: where only a category's image threshold
-        moved (``Calibration.from_labels``), those scored between the two; else all of the category."""
+        moved (``Calibration.from_labels``), those scored between the two; where its mask edge moved
+        (``Calibration.with_mask_levels``), those that show a mask; else all of the category."""
         out = []
         for i, (cat, o) in enumerate(zip(self.categories, self._outcomes, strict=True)):
             a, b = old.get(cat), new.get(cat)
             if a == b:
                 continue
-            if a is None or b is None or a.as_fitted() != b.as_fitted() \
-                    or min(a.threshold, b.threshold) < o.score <= max(a.threshold, b.threshold):
+            if a is None or b is None or replace(a.as_fitted(), mask_level=None) != replace(b.as_fitted(), mask_level=None) \
+                    or min(a.threshold, b.threshold) < o.score <= max(a.threshold, b.threshold) \
+                    or a.mask_level != b.mask_level and o.anomalous:
                 out.append(i)
         return out
 
@@ -200,11 +202,16 @@ class PoolPredictor:
     def raw_scores_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
         """Image scores of the given tasks, each as if the named memory groups were not there
         (``PatchScores.without``)."""
-        self.refresh(model)
         if not task_ids:
             return torch.zeros(0)
-        maps = torch.stack([self._scores.without(self.index[t], g) for t, g in zip(task_ids, groups, strict=True)])
-        return torch.tensor([p.score for p in model.predict_patches(maps, [self.categories[self.index[t]] for t in task_ids])])
+        return model.post.image_scores(self.maps_without(model, task_ids, groups))
+
+    def maps_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
+        """Smoothed anomaly maps (N x S x S) of the given tasks, each as if the named memory groups
+        were not there."""
+        self.refresh(model)
+        patches = [self._scores.without(self.index[t], g) for t, g in zip(task_ids, groups, strict=True)]
+        return model.post.maps(torch.stack(patches)) if patches else torch.zeros(0, model.post.size, model.post.size)
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

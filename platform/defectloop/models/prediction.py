@@ -122,6 +122,7 @@ class PostProcessor:
         for s, m, cat in zip(scores.tolist(), maps, categories, strict=True):
             out.append(Prediction(
                 score=float(s), normalised_score=calibration.normalise(s, cat), threshold=calibration.threshold(cat),
-                pixel_threshold=calibration.pixel_threshold(cat), decision=calibration.decide(s, cat), category=cat,
+                pixel_threshold=calibration.pixel_threshold(cat, float(m.max())), decision=calibration.decide(s, cat),
+                category=cat,
                 known_category=calibration.knows(cat), amap=m.numpy()))
         return out
