@@ -112,6 +112,38 @@ def test_the_neutral_pool_holds_files_not_links_out_of_it(tmp_path):
     assert path.read_bytes() == b"png bytes" and "scratch" not in path.name and out.category == "screw"
 
 
+def test_saved_pool_features_follow_the_pool(served_registry, tiny_data, tmp_path, monkeypatch):
+    """The pool's saved features grow with its imports: a restart embeds nothing it had, and only
+    the tasks imported since, while tasks deleted meanwhile are left out."""
+    import torch
+
+    from defectloop.labeling.predict import PoolPredictor
+    from defectloop.registry import Registry
+
+    model = Registry(served_registry).load()
+    images = sorted(tiny_data.glob("*/test/*/*.png"))[:13]
+    tasks = [{"id": i + 1, "data": {"image": str(p), "category": p.parts[-4]}} for i, p in enumerate(images)]
+    config = LabelConfig.parse(build_label_config(["scratch"]))
+    saved = tmp_path / "state" / "pool_features.safetensors"
+
+    def fetch(t: dict) -> bytes:
+        return Path(t["data"]["image"]).read_bytes()
+
+    pool = PoolPredictor(model, tasks[:8], fetch, config, batch_size=5, cache=saved)
+    assert pool.add(model, tasks[:12]) == [9, 10, 11, 12]
+    embedded: list[int] = []
+    forward = model.embedder.forward
+    monkeypatch.setattr(model.embedder, "forward", lambda x: embedded.append(len(x)) or forward(x))
+    again = PoolPredictor(model, tasks[:12], fetch, config, cache=saved)
+    assert embedded == [] and again.task_ids == pool.task_ids and again.sizes == pool.sizes
+    assert torch.equal(again.features, pool.features) and again.categories == pool.categories
+    later = PoolPredictor(model, tasks[2:13], fetch, config, cache=saved)  # 1 and 2 deleted, 13 imported
+    assert embedded == [1] and later.task_ids == list(range(3, 14))
+    assert torch.equal(later.features[:10], pool.features[2:12])
+    assert PoolPredictor(model, tasks[2:13], fetch, config, cache=saved).task_ids == later.task_ids and embedded == [1]
+    assert not list(saved.parent.glob(".*.tmp"))
+
+
 def test_a_new_mask_edge_redraws_only_the_masks_shown(served_registry, tiny_data, tmp_path):
     """When a category's mask edge moves, the pool's outcomes are redone for its images that show a
     mask (called anomalous), with masks cut at the new edge; the rest keep theirs."""

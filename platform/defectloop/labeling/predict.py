@@ -46,30 +46,49 @@ class PoolPredictor:
     def __init__(self, model: AnomalyModel, tasks: list[dict], fetch: Callable[[dict], bytes],
                  config: LabelConfig, batch_size: int = 16, codec: MaskCodec | None = None, cache: Path | None = None,
                  features: FeatureCache | None = None):
-        """``fetch``: a task's image file, as bytes. ``cache``: this pool's features, saved after the
-        first embedding (a restart reads them back). ``features``: a feature cache by image content
-        (``defectloop ingest`` fills one on a Ray cluster): images it holds are not embedded, and
-        those it lacks are embedded here and put into it."""
+        """``fetch``: a task's image file, as bytes. ``cache``: this pool's features, saved whenever
+        the pool grows (a restart reads them back and embeds only the tasks they lack). ``features``:
+        a feature cache by image content (``defectloop ingest`` fills one on a Ray cluster): images
+        it holds are not embedded, and those it lacks are embedded here and put into it."""
         self.config = config
         self.codec = codec or BrushRLE()
-        self.fetch, self.batch_size, self.feature_cache = fetch, batch_size, features
+        self.fetch, self.batch_size, self.feature_cache, self.cache = fetch, batch_size, features, cache
         self._scores: PatchScores | None = None  # the pool's patch scores under the last model asked for
         self._outcomes: list[Outcome] = []  # per task, under that model
         self._calibration: Calibration | None = None  # the thresholds the outcomes were decided by
         self.unreadable: set[int] = set()  # tasks whose image could not be read: not tried again
-        if cache is not None and cache.is_file():  # embedded by an earlier run: same tasks, same backbone
-            saved = load_file(str(cache))
+        self.task_ids, self.sizes, self.categories, self.features = [], [], [], torch.zeros(0)
+        if cache is not None and cache.is_file():  # embedded by an earlier run (same backbone): its tasks still here
             meta = json.loads(cache.with_suffix(".json").read_text())
-            if meta["n_tasks"] == len(tasks) and set(meta["task_ids"]) <= {t["id"] for t in tasks}:
-                self.features = saved["features"]
-                self.task_ids, self.sizes, self.categories = meta["task_ids"], [tuple(x) for x in meta["sizes"]], meta["categories"]
-                return
-        self.task_ids, self.sizes, self.categories, self.features = self._embed(model, tasks)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": self.features.contiguous()}, str(cache))
-            cache.with_suffix(".json").write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes,
-                                                              "categories": self.categories, "n_tasks": len(tasks)}))
+            present = {t["id"] for t in tasks}
+            keep = [i for i, t in enumerate(meta["task_ids"]) if t in present]
+            if keep:
+                self.features = load_file(str(cache))["features"][keep]
+                self.task_ids = [meta["task_ids"][i] for i in keep]
+                self.sizes = [tuple(meta["sizes"][i]) for i in keep]
+                self.categories = [meta["categories"][i] for i in keep]
+            log.info("pool: %d of %d tasks' features from %s", len(keep), len(tasks), cache)
+        known = set(self.task_ids)
+        missing = [t for t in tasks if t["id"] not in known]
+        if missing:
+            self._join(*self._embed(model, missing))
+
+    def _join(self, ids: list[int], sizes: list[tuple[int, int]], categories: list[str], feats: torch.Tensor) -> None:
+        """Embedded tasks join the pool (and the saved features, with a ``cache``)."""
+        if not ids:
+            return
+        self.features = torch.cat([self.features, feats]) if self.task_ids else feats
+        self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
+        self.__dict__.pop("index", None)  # the cached task -> position map
+        if self.cache is not None:  # rewritten whole, atomically: a crash leaves the old file or the new one
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache.with_name(f".{self.cache.name}.tmp")
+            save_file({"features": self.features.contiguous()}, str(tmp))
+            meta = self.cache.with_suffix(".json")
+            meta_tmp = meta.with_name(f".{meta.name}.tmp")
+            meta_tmp.write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes, "categories": self.categories}))
+            tmp.replace(self.cache)
+            meta_tmp.replace(meta)
 
     def _embed(self, model: AnomalyModel, tasks: list[dict]
                ) -> tuple[list[int], list[tuple[int, int]], list[str], torch.Tensor]:
@@ -131,9 +150,7 @@ class PoolPredictor:
             return []
         scores = self._scores if self._scores is not None and self._scores.model is model else None
         first = len(self.task_ids)
-        self.features = torch.cat([self.features, feats]) if first else feats
-        self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
-        self.__dict__.pop("index", None)  # the cached task -> position map
+        self._join(ids, sizes, categories, feats)
         if scores is not None:
             scores.grow(self.features)
             self._outcomes += [Outcome(0.0, 0.0, False, None)] * len(ids)
