@@ -131,6 +131,22 @@ def test_rayjob_runs_the_retraining_entry_point_on_gpus():
     assert args.workers <= gpu_group["maxReplicas"] and args.gpus_per_worker <= float(gpus)
 
 
+def test_rayjob_ingests_the_pool_on_the_cpu_workers():
+    """The ingestion RayJob runs `defectloop ingest` as written (its flags parse), into an S3
+    feature cache, with one backbone actor per worker pod: the head holds no CPU for actors."""
+    (doc,) = load_all(ROOT / "infra" / "k8s" / "rayjob-ingest.yaml")
+    assert doc["kind"] == "RayJob"
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["defectloop", "ingest"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.func.__name__ == "cmd_ingest" and args.cache.startswith("s3://") and args.pool.startswith("s3://")
+    cluster = doc["spec"]["rayClusterSpec"]
+    check_ray_cluster(cluster)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (workers,) = cluster["workerGroupSpecs"]
+    assert float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) == args.cpus_per_actor
+
+
 def test_raycluster_manifest():
     (doc,) = load_all(ROOT / "infra" / "k8s" / "raycluster.yaml")
     assert doc["kind"] == "RayCluster"
