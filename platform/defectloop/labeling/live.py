@@ -157,7 +157,8 @@ class LiveLoop:
             log.info("retraining %s started: %s", self.retraining.job, why)
 
     def judge(self) -> None:
-        """Serve the new version only if it is not worse than the served one on held-back labels."""
+        """Serve the new version only if it is not worse than the served one on held-back labels
+        (image AUROC by normalised score, ``_auroc``)."""
         r, reg, loop = self.retraining, self.loop.registry, self.loop
         newer = [v for v in reg.ids() if v > loop.version]
         if not newer:
@@ -213,10 +214,15 @@ class LiveLoop:
         return model.with_memory(model.abnormal_bank.without(held), model.normal_evidence.without(held))
 
     def _auroc(self, model, tasks: list[int], labels: list[int]) -> float:
-        index = self.loop.predictor.index
-        feats = self.loop.predictor.features[[index[t] for t in tasks]]
-        scores, _ = model.score_features(feats)
-        return auroc(scores.numpy(), np.array(labels))
+        """Image AUROC of the held-back labels by each model's normalised score: the order the queue
+        shows, comparable across categories. Raw scores are not (a category's normals may score
+        above another's defects), so over several categories their AUROC judged how the scales of
+        the categories happened to line up as much as how each ranks its own images."""
+        positions = [self.loop.predictor.index[t] for t in tasks]
+        scores, _ = model.score_features(self.loop.predictor.features[positions])
+        normalised = [model.calibration.normalise(s, self.loop.predictor.categories[i])
+                      for s, i in zip(scores.tolist(), positions, strict=True)]
+        return auroc(np.array(normalised), np.array(labels))
 
     def _carry_held_back(self, previous: AbnormalMemory) -> None:
         """The held-back labels were not trained on, but belong in the served memory: their masks and
