@@ -60,6 +60,19 @@ def test_label_studio_gets_predictions_from_the_scorer(label_studio, scorer, tin
     assert sum(1 for n, px in hits if truth[n] and px > 0) >= truth.sum() // 2
     assert ls.ml.get(id=backend.id).model_version == label  # learned through /setup
 
+    # a task imported later, read by id as the loop reads an import: no prediction is asked of the
+    # scorer on the way (a single-task read would: Label Studio fills in a missing prediction there)
+    from defectloop.labeling.project import LabelingProject
+
+    before = {t.id for t in ls.tasks.list(project=project.id, fields="task_only")}
+    ls.projects.import_tasks(id=project.id, request=[tasks[0], tasks[1]])
+    first, second = sorted({t.id for t in ls.tasks.list(project=project.id, fields="task_only")} - before)
+    read = list(LabelingProject(label_studio.url, label_studio.token, project.id).tasks([second, 10**7]))
+    assert [t["id"] for t in read] == [second] and read[0]["data"]["n"] == tasks[1]["n"]
+    assert not ls.predictions.list(task=second)
+    ls.tasks.get(id=first)  # what the loop must not do
+    assert len(ls.predictions.list(task=first)) == 1, "a single-task read no longer fetches a prediction"
+
 
 def test_pool_in_s3_through_label_studio(label_studio, scorer, s3, tiny_data):
     """Images in an S3 bucket: Label Studio imports them (custom endpoint), shows them through presigned
