@@ -85,15 +85,18 @@ class LabelingLoop:
 
     def recalibrate(self) -> bool:
         """The version's fitted thresholds, moved by the pool images annotators confirmed
-        (``Calibration.from_labels``); returns whether the model's thresholds changed. Only a model
-        with an abnormal memory has updates to carry them to the scorer."""
+        (``Calibration.from_labels``), with mask edges set by the confirmed masks
+        (``Calibration.with_mask_levels``); returns whether the model's thresholds changed. Only a
+        model with an abnormal memory has updates to carry them to the scorer."""
         if not isinstance(self.model, AbnormalMemory) or not self.fitted:
             return False
-        cats, scores, verdicts = self.labeled_scores()
+        labeled = self.labeled_maps()
+        _, cats, maps, verdicts = labeled
         calibration = self.fitted
         if cats:
-            calibration = self.fitted.from_labels(cats, scores, verdicts, self.model.config.threshold_quantile)
-        calibration = calibration.with_mask_levels(*self.mask_evidence())
+            calibration = self.fitted.from_labels(cats, self.model.post.image_scores(maps), verdicts,
+                                                  self.model.config.threshold_quantile)
+        calibration = calibration.with_mask_levels(*self.mask_evidence(labeled))
         if calibration == self.model.calibration:
             return False
         log.info("thresholds from the confirmed labels: %s; mask edges from the confirmed masks: %s", ", ".join(
@@ -104,34 +107,43 @@ class LabelingLoop:
         self.model.calibration = calibration
         return True
 
-    def mask_evidence(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Categories, anomaly maps and confirmed masks (at the maps' size) of the pool images with a
-        confirmed mask, for the mask edges (``Calibration.with_mask_levels``). Each map is scored
-        without the memory the image's own labels added, as for thresholds (``calibration_scores``):
-        with its own mask's entries, a defect's map shows that mask back."""
+    def labeled_maps(self) -> tuple[list[int], list[str], torch.Tensor, torch.Tensor]:
+        """Task ids, categories, anomaly maps (``maps_without_own``) and verdicts (True: defective)
+        of the pool's confirmed labels: what thresholds and mask edges are set on, computed once."""
         index = self.predictor.index
+        labels = {t: y for t, y in self.confirmed_labels().items() if t in index}
+        tasks = sorted(labels)
+        return (tasks, [self.predictor.categories[index[t]] for t in tasks], self.maps_without_own(tasks),
+                torch.tensor([bool(labels[t]) for t in tasks], dtype=torch.bool))
+
+    def mask_evidence(self, labeled: tuple[list[int], list[str], torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Categories, anomaly maps and confirmed masks (at the maps' size) of the pool images with a
+        confirmed mask, for the mask edges (``Calibration.with_mask_levels``); from ``labeled``
+        (``labeled_maps``), which every confirmed mask is part of, where it is at hand."""
+        tasks, cats, maps, _ = labeled or self.labeled_maps()
         cells = {int(e["task_id"]): e["mask_cells"] for e in self.feedback.ledger.values()
-                 if e["kind"] == "mask" and e.get("mask_cells") and int(e["task_id"]) in index}
-        tasks = sorted(cells)
-        maps = self.predictor.maps_without(self.model, tasks, self.own_groups(tasks))
-        return ([self.predictor.categories[index[t]] for t in tasks], maps,
-                cells_at([cells[t] for t in tasks], tuple(maps.shape[-2:])))
+                 if e["kind"] == "mask" and e.get("mask_cells")}
+        keep = [i for i, t in enumerate(tasks) if t in cells]
+        return ([cats[i] for i in keep], maps[keep],
+                cells_at([cells[tasks[i]] for i in keep], tuple(maps.shape[-2:])))
 
     def labeled_scores(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Categories, image scores (``calibration_scores``) and verdicts (True: defective) of the
         pool's confirmed labels."""
-        index = self.predictor.index
-        labels = {t: y for t, y in self.confirmed_labels().items() if t in index}
-        tasks = sorted(labels)
-        return ([self.predictor.categories[index[t]] for t in tasks], self.calibration_scores(tasks),
-                torch.tensor([bool(labels[t]) for t in tasks], dtype=torch.bool))
+        _, cats, maps, verdicts = self.labeled_maps()
+        return cats, self.model.post.image_scores(maps), verdicts
 
     def calibration_scores(self, tasks: list[int]) -> torch.Tensor:
-        """Image scores of labeled tasks, for thresholds, each scored without the memory its own
-        labels added (its normal evidence, its mask's or verdict's abnormal entries): with it, a
-        normal scores low and a defect high, and neither shows how its look-alikes that nobody
-        labeled yet score, which is what a threshold is for."""
-        return self.predictor.raw_scores_without(self.model, tasks, self.own_groups(tasks))
+        """Image scores of labeled tasks, for thresholds (``maps_without_own``)."""
+        return self.model.post.image_scores(self.maps_without_own(tasks))
+
+    def maps_without_own(self, tasks: list[int]) -> torch.Tensor:
+        """Anomaly maps of labeled tasks, each scored without the memory its own labels added (its
+        normal evidence, its mask's or verdict's abnormal entries): with it, a normal scores low, a
+        defect high and its map shows its own mask back, and none of it shows how its look-alikes
+        that nobody labeled yet score, which is what thresholds and mask edges are for."""
+        return self.predictor.maps_without(self.model, tasks, self.own_groups(tasks))
 
     def own_groups(self, tasks: list[int]) -> list[set[str]]:
         """Per task, the memory groups its own labels added: its normal evidence, its masks' or

@@ -216,13 +216,6 @@ class PoolPredictor:
         self.refresh(model)
         return torch.tensor([self._outcomes[self.index[t]].score for t in task_ids])
 
-    def raw_scores_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
-        """Image scores of the given tasks, each as if the named memory groups were not there
-        (``PatchScores.without``)."""
-        if not task_ids:
-            return torch.zeros(0)
-        return model.post.image_scores(self.maps_without(model, task_ids, groups))
-
     def maps_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
         """Smoothed anomaly maps (N x S x S) of the given tasks, each as if the named memory groups
         were not there."""
