@@ -4,10 +4,11 @@
 
 Prints, measured in one run: images/s of the bare backbone (read, decode, embed; batches of 16,
 ``--batch-size``; every core's threads), of ``defectloop ingest``'s pipeline (Ray Data, one backbone actor per
-core, actor start included), their ratio; the cache's disk per image; and what float16 costs
+core), their ratio, with the actors' start and at the steady rate (the whole pool less a start run
+of two batches per actor: what a large pool sees); the cache's disk per image; and what float16 costs
 the scores: nearest-neighbour image scores of 64 pool images against a bank of 64 others, from
 float32 and from the cached float16 features. ``--nodes``: the pipeline on two one-CPU Ray nodes
-of this machine (``ray start --head`` and ``ray start --address``) against one.
+of this machine (``ray start --head`` and ``ray start --address``) against one, the same two ways.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def image_scores(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def on_nodes(n: int, pool: str, config: ModelConfig, tmp: str, batch_size: int) -> float:
-    """images/s of ``defectloop ingest`` (its own driver process, actor start included) on a cluster
-    of ``n`` one-CPU nodes on this machine (``ray start --head`` and ``ray start --address``)."""
+def on_nodes(n: int, pools: list[str], config: ModelConfig, tmp: str, batch_size: int) -> list[float]:
+    """Seconds of ``defectloop ingest`` (its own driver process, driver and actor start included)
+    for each pool in turn, each into an empty cache, on one cluster of ``n`` one-CPU nodes on this
+    machine (``ray start --head`` and ``ray start --address``)."""
     import json
     import subprocess
     import sys
@@ -70,18 +72,21 @@ def on_nodes(n: int, pool: str, config: ModelConfig, tmp: str, batch_size: int) 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"waited 120 s for {n} Ray nodes")
             time.sleep(0.5)
-        out = Path(tmp) / f"rows{n}.json"
-        t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "defectloop.cli", "ingest", "--pool", pool, "--cache", str(Path(tmp) / f"c{n}"),
-                        "--ray-address", head.address, "--concurrency", str(n), "--batch-size", str(batch_size),
-                        "--image-size", str(config.image_size), "--json", str(out)], env=driver_env(head),
-                             capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if run.returncode:
-            raise RuntimeError(f"defectloop ingest on {n} node(s) failed:\n{run.stdout[-1000:]}\n{run.stderr[-3000:]}")
-        rows = json.loads(out.read_text())
-        assert len({r["node"] for r in rows if r["embedded"]}) == n, "not every node embedded"
-        return len(rows) / seconds
+        seconds = []
+        for k, pool in enumerate(pools):
+            out = Path(tmp) / f"rows{n}-{k}.json"
+            t0 = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "defectloop.cli", "ingest", "--pool", pool,
+                                  "--cache", str(Path(tmp) / f"c{n}-{k}"), "--ray-address", head.address,
+                                  "--concurrency", str(n), "--batch-size", str(batch_size),
+                                  "--image-size", str(config.image_size), "--json", str(out)],
+                                 env=driver_env(head), capture_output=True, text=True)
+            seconds.append(time.perf_counter() - t0)
+            if run.returncode:
+                raise RuntimeError(f"defectloop ingest on {n} node(s) failed:\n{run.stdout[-1000:]}\n{run.stderr[-3000:]}")
+            rows = json.loads(out.read_text())
+            assert len({r["node"] for r in rows if r["embedded"]}) == n, "not every node embedded"
+        return seconds
     finally:
         for w in workers:
             w.stop(30)
@@ -101,7 +106,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            sources = pool_sources(args.data)[: args.images]
+            sources = [s for s in pool_sources(args.data) if "ground_truth" not in s][: args.images]
         else:
             per_cat = max(1, args.images // 3)
             data = make_dataset(Path(tmp) / "data", n_train=per_cat - 10, n_test_good=5, n_test_bad=5, size=args.size)
@@ -115,9 +120,16 @@ def main() -> None:
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
         cache = str(Path(tmp) / "cache")
         ingest(sources[:cores * 2], str(Path(tmp) / "warm"), config, concurrency=cores)  # Ray Data's own warm-up
+        # a start run (two batches per actor) and the whole pool, each with actors of its own: the
+        # difference is the steady rate, what a large pool sees once the actors have started
+        start_n = 2 * cores * args.batch_size
+        t0 = time.perf_counter()
+        ingest(sources[:start_n], str(Path(tmp) / "start-cache"), config, concurrency=cores, batch_size=args.batch_size)
+        start_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = ingest(sources, cache, config, concurrency=cores, batch_size=args.batch_size)
         ray_s = time.perf_counter() - t0
+        steady = (len(sources) - start_n) / (ray_s - start_s)
         ray.shutdown()
         assert sum(r.embedded for r in rows) == len(sources)
         files = [p for p in Path(cache).rglob("*.safetensors")]
@@ -125,15 +137,25 @@ def main() -> None:
         store = FeatureCache.open(cache, config.backbone, None, args.size)
         f16 = torch.stack([store.get(content_hash(Path(s).read_bytes())).features.float() for s in sources])
 
-        if args.nodes:  # the pool as one folder of the chosen images
-            pool = Path(tmp) / "pool"
-            pool.mkdir()
-            for i, src in enumerate(sources):
-                (pool / f"{i:05d}{Path(src).suffix}").write_bytes(Path(src).read_bytes())
-            one = on_nodes(1, str(pool), config, tmp, args.batch_size)
-            two = on_nodes(2, str(pool), config, tmp, args.batch_size)
-            print(f"defectloop ingest (driver and actor start included): one 1-CPU node {one:.1f} img/s, "
-                  f"two 1-CPU nodes {two:.1f} img/s: {two / one:.2f}x")
+        if args.nodes:
+            # The whole pool, and a start pool (two batches per actor): the difference is the
+            # steady rate, what a large pool sees once the driver and the actors have started.
+            start_n = 2 * 2 * args.batch_size
+            pools = []
+            for name, chosen in (("start-pool", sources[:start_n]), ("pool", sources)):
+                pools.append(str(Path(tmp) / name))
+                Path(pools[-1]).mkdir()
+                for i, src in enumerate(chosen):
+                    (Path(pools[-1]) / f"{i:05d}{Path(src).suffix}").write_bytes(Path(src).read_bytes())
+            rates = {}
+            for nodes in (1, 2):
+                t_start, t_pool = on_nodes(nodes, pools, config, tmp, args.batch_size)
+                rates[nodes] = (len(sources) / t_pool, (len(sources) - start_n) / (t_pool - t_start), t_start)
+            (one, one_steady, one_t0), (two, two_steady, two_t0) = rates[1], rates[2]
+            print(f"defectloop ingest, {len(sources)} images, driver and actor start included: one 1-CPU node "
+                  f"{one:.1f} img/s, two 1-CPU nodes {two:.1f} img/s: {two / one:.2f}x")
+            print(f"  steady (less a {start_n}-image run: {one_t0:.1f} s on one node, {two_t0:.1f} s on two): "
+                  f"one node {one_steady:.1f} img/s, two {two_steady:.1f} img/s: {two_steady / one_steady:.2f}x")
 
     n = min(64, len(sources) // 2)  # a bank of n images, n queries: enough to see the ranking move
     s32, s16 = image_scores(f32[:n], f32[n:2 * n]), image_scores(f16[:n], f16[n:2 * n])
@@ -142,7 +164,8 @@ def main() -> None:
     print(f"{len(sources)} images at {args.size} px, {cores} cores, backbone {config.backbone}")
     print(f"bare backbone in-process      {bare_ips:7.1f} img/s")
     print(f"Ray Data ingestion ({cores} actors) {len(sources) / ray_s:7.1f} img/s  "
-          f"ratio {len(sources) / ray_s / bare_ips:.2f}x")
+          f"ratio {len(sources) / ray_s / bare_ips:.2f}x (actor start included)")
+    print(f"  steady (less a {start_n}-image run of {start_s:.1f} s)  {steady:7.1f} img/s  ratio {steady / bare_ips:.2f}x")
     print(f"cache: {disk / 1024:.0f} KiB per image (float16 {tuple(f16.shape[1:])}); "
           f"{disk * 100_000 / 2**30:.1f} GiB per 100,000 images")
     print(f"float16 vs float32 image scores: max |diff| {float((s32 - s16).abs().max()) / float(s32.std()):.2e} "
