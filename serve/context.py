@@ -20,7 +20,7 @@ from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPBasic, HTTPBearer
 
 from defectloop.data import ImageError, ImageTooLarge, read_image
-from defectloop.features import image_tensor
+from defectloop.features import tile_tensors
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
@@ -114,9 +114,9 @@ class Decoded(NamedTuple):
 
 def decode(name: str, category: str | None, data: bytes, ctx: ScoringContext) -> Decoded:
     """Bytes -> a Decoded image, or the 4xx that says why not (413 over the pixel limit)."""
-    try:
-        image, size = read_image(data, ctx.handle.served.model.config.image_size,
-                                 max_pixels=int(ctx.settings.max_megapixels * 1e6))
+    try:  # read at the size the category's tiles need (the model's input size for one tile)
+        tiling = ctx.handle.served.model.config.tiling(category)
+        image, size = read_image(data, tiling[0].side, max_pixels=int(ctx.settings.max_megapixels * 1e6))
     except ImageTooLarge as e:
         raise HTTPException(413, f"{name}: {e.reason}") from e
     except ImageError as e:
@@ -126,8 +126,9 @@ def decode(name: str, category: str | None, data: bytes, ctx: ScoringContext) ->
 
 async def score_arrays(ctx: ScoringContext, items: list[Decoded], heatmap: bool, mask: bool) -> ScoreResponse:
     """Score decoded images (batched with other requests) and build the per-image answers."""
-    size = ctx.handle.served.model.config.image_size
-    tensors = await asyncio.to_thread(lambda: [image_tensor(d.image, size) for d in items])
+    config = ctx.handle.served.model.config
+    tensors = await asyncio.to_thread(lambda: [tile_tensors(d.image, config.tiling(d.category), config.image_size)
+                                               for d in items])
     scored = await asyncio.gather(*(ctx.score_one((t, d.category)) for t, d in zip(tensors, items, strict=True)))
 
     def build() -> list[ImageScore]:

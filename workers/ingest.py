@@ -14,6 +14,7 @@ run embedded it, and the node that did.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,29 +64,29 @@ class _Embed:
         import torch
 
         from defectloop.data import read_image
-        from defectloop.features import image_tensor
+        from defectloop.features import tile_tensors
 
-        size = self.config.image_size
         rows = []  # (source, digest, width, height, embedded, error)
-        todo: list[tuple[int, torch.Tensor]] = []
-        for source in batch["source"].tolist():
+        todo: list[tuple[int, torch.Tensor]] = []  # (row, the inputs of the image's tiles)
+        for source, category in zip(batch["source"].tolist(), batch["category"].tolist(), strict=True):
             try:
+                tiling = self.config.tiling(category)
                 data = read_uri(source, self.roots)
                 digest = content_hash(data)
-                hit = self.cache.find(digest)
+                hit = self.cache.find(digest, math.isqrt(len(tiling)))
                 if hit is not None:
                     rows.append([source, digest, *hit.size, False, ""])
                     continue
-                img, (w, h) = read_image(data, size)
-                todo.append((len(rows), image_tensor(img, size)))
+                img, (w, h) = read_image(data, tiling[0].side)
+                todo.append((len(rows), tile_tensors(img, tiling, self.config.image_size)))
                 rows.append([source, digest, w, h, True, ""])
             except Exception as e:  # an unreadable image is reported, the rest go on
                 rows.append([source, "", 0, 0, False, f"{type(e).__name__}: {e}"])
         if todo:
             with torch.no_grad():
-                feats = self.embedder(torch.stack([t for _, t in todo])).float()
-            for (i, _), f in zip(todo, feats, strict=True):
-                self.cache.put(rows[i][1], f, (rows[i][2], rows[i][3]))
+                feats = self.embedder(torch.cat([t for _, t in todo])).float().split([len(t) for _, t in todo])
+            for (i, t), f in zip(todo, feats, strict=True):
+                self.cache.put(rows[i][1], f if len(t) > 1 else f[0], (rows[i][2], rows[i][3]), math.isqrt(len(t)))
         cols = list(zip(*rows, strict=True))
         return {"source": np.array(cols[0], dtype=object), "digest": np.array(cols[1], dtype=object),
                 "width": np.array(cols[2]), "height": np.array(cols[3]), "embedded": np.array(cols[4]),
@@ -94,11 +95,12 @@ class _Embed:
 
 def ingest(sources: list[str], cache: str, config: ModelConfig, concurrency: int | None = None,
            batch_size: int = 16, num_cpus: float = 1.0, ray_address: str | None = None,
-           roots: list[str] | None = None) -> list[Ingested]:
+           roots: list[str] | None = None, categories: list[str] | None = None) -> list[Ingested]:
     """Embed every source (a path or an ``s3://`` URI) the cache does not hold yet, with
     ``concurrency`` backbone actors (default: one per ``num_cpus`` of the cluster's CPUs); returns
     one row per source, in order. ``roots``: the folders local sources may be read below (default:
-    each source's own folder)."""
+    each source's own folder). ``categories`` (one per source): each image is embedded as the
+    tiles ``config`` sees its category as (``ModelConfig.tiles``; one tile without)."""
     import ray
 
     if not ray.is_initialized():
@@ -108,7 +110,9 @@ def ingest(sources: list[str], cache: str, config: ModelConfig, concurrency: int
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
     blocks = min(len(sources), max(concurrency * 4, -(-len(sources) // (batch_size * 4))))
-    ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=blocks)
+    cats = categories or [""] * len(sources)
+    ds = ray.data.from_items([{"source": s, "category": c} for s, c in zip(sources, cats, strict=True)],
+                             override_num_blocks=blocks)
     roots = roots if roots is not None else sorted({str(Path(s).parent) for s in sources if not is_s3(s)})
     out = ds.map_batches(_Embed, fn_constructor_args=(config.to_dict(), cache, max(1, int(num_cpus)), roots),
                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,

@@ -25,7 +25,16 @@ import torch
 from defectloop.collective import LOCAL, TorchCollective
 from defectloop.data import Sample, load_split
 from defectloop.features import extract
-from defectloop.models import AnomalyModel, Confirmed, Fitter, ModelConfig, create_model, load_model
+from defectloop.models import (
+    AnomalyModel,
+    Confirmed,
+    Fitter,
+    ModelConfig,
+    choose_tiles,
+    create_model,
+    load_model,
+    tiled,
+)
 from defectloop.registry import resolve_model_dir
 from defectloop.store import S3Config, is_s3
 
@@ -83,7 +92,7 @@ def train_loop(config: dict) -> None:
     elif config["base"]:
         model.load_state(resolve_model_dir(config["base"]))
 
-    samples = [_sample(x) for x in config["samples"]][rank::world]
+    samples = tiled([_sample(x) for x in config["samples"]][rank::world], model.config)  # an image's tiles on one worker
     t0 = time.perf_counter()
     train = extract(model.embedder.to(device), samples, model.config.image_size, device=device,
                     progress=f"worker {rank}: features" if rank == 0 else False)
@@ -177,6 +186,7 @@ def train_model(config: ModelConfig, data: str, categories: list[str] | None, an
     for note in split.notes:
         log.info(note)
     t0 = time.perf_counter()
+    config = choose_tiles(config, split.train)
     if workers:
         model, stats = fit_distributed(config, split.train, workers, gpus_per_worker, ray_address, storage,
                                        max_failures=max_failures, confirmed=confirmed, base=base,
@@ -185,7 +195,8 @@ def train_model(config: ModelConfig, data: str, categories: list[str] | None, an
         model = create_model(config)
         if base:
             model.load_state(resolve_model_dir(base))
-        train = extract(model.embedder, split.train, config.image_size, progress="features" if progress else False)
+        train = extract(model.embedder, tiled(split.train, config), config.image_size,
+                        progress="features" if progress else False)
         extract_s = time.perf_counter() - t0
         stats = Fitter(model).fit(train, progress=progress, confirmed=confirmed, warm=bool(base), calibration_only=held)
         stats.update(fit_s=time.perf_counter() - t0 - extract_s, per_worker=[{

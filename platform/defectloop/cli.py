@@ -44,10 +44,6 @@ def _categories(value: str | None) -> list[str] | None:
     return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
-def _masks(ex) -> list[np.ndarray | None]:
-    return [None if m is None else (m > 0.5).numpy() for m in ex.masks]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from defectloop.registry import Registry, save_model
     from defectloop.workers.train import train_model
@@ -107,35 +103,32 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed: int, plots: Path | None = None):
     """Score the test split of ``data`` and compute metrics (and plots)."""
     from defectloop.data import load_image, load_split
+    from defectloop.evaluation import evaluate_extracted, image_masks
     from defectloop.features import extract
-    from defectloop.metrics import evaluate, served_mask_ious
-    from defectloop.models import BANKS, DMAD, HEAD
+    from defectloop.models import tiled
 
     split = load_split(data, categories, k, seed)
-    test = extract(model.embedder, split.test, model.config.image_size, progress="scoring")
-    scores, maps = model.score_features(test.features)
-    cats = [s.category for s in test.samples]
-    labels = np.array([s.label for s in test.samples])
-    shown = model.post.predictions(scores, maps, cats, model.calibration)  # what a user is shown
-    result = evaluate(cats, scores.numpy(), labels, maps.numpy(), _masks(test), served_mask_ious(shown, test.samples))
-    result["skipped"] = test.skipped
-    if isinstance(model, DMAD):  # which score served each category: the learned head's or the banks' alone
-        for cat, m in result["categories"].items():
-            m["serves"] = HEAD if model.head_choices.serves_head(cat) else BANKS
+    test = extract(model.embedder, tiled(split.test, model.config), model.config.image_size, progress="scoring")
+    result, samples, scores, maps = evaluate_extracted(model, test)
+    cats = [s.category for s in samples]
+    labels = np.array([s.label for s in samples])
     if plots is not None:
+        from defectloop.data.tiles import runs
         from defectloop.features import image_tensor
         from defectloop.plots import overlays, score_histograms
 
         plots.mkdir(parents=True, exist_ok=True)
+        masks = image_masks(test.masks, runs([s.parent_id for s in test.samples]), model.config.tile_overlap)
         score_histograms(plots / "score_histograms.png", cats, scores.numpy(), labels,
                          {c: model.calibration.threshold(c) for c in set(cats)})
         for cat in sorted(set(cats)):
             idx = [i for i in np.argsort(-scores.numpy()) if cats[i] == cat][:8]
-            size = model.config.image_size
-            imgs = [(image_tensor(load_image(test.samples[i].path), size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            size = maps[idx[0]].shape[-1]  # the image as its map sees it (tiles stitched)
+            imgs = [(image_tensor(load_image(samples[i].path), size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
                     for i in idx]
-            titles = [f"{test.samples[i].defect} {scores[i]:.2f}" for i in idx]
-            overlays(plots / f"overlay_{cat}.png", imgs, maps[idx].numpy(), titles, [_masks(test)[i] for i in idx])
+            titles = [f"{samples[i].defect} {scores[i]:.2f}" for i in idx]
+            overlays(plots / f"overlay_{cat}.png", imgs, np.stack([maps[i].numpy() for i in idx]), titles,
+                     [masks[i] for i in idx])
     return result
 
 
@@ -143,11 +136,13 @@ def print_table(result: dict) -> None:
     from defectloop.metrics import METRIC_KEYS, fmt
 
     serves = any("serves" in m for m in result["categories"].values())  # DMAD: the head's score or the banks'
-    head = f"{'category':18s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'n_test':>8s}" + ("  scored by" if serves else "")
+    head = (f"{'category':18s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'n_test':>8s}{'tiles':>7s}"
+            + ("  scored by" if serves else ""))
     print(head)
     print("-" * len(head))
     for name, m in [*result["categories"].items(), ("mean", result["mean"])]:
-        print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}"
+        tiles = f"{m['tiles']}x{m['tiles']}" if "tiles" in m else ""
+        print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}{tiles:>7s}"
               + (f"  {m.get('serves', '')}" if serves else ""))
 
 
@@ -174,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score images: a line each (score, threshold, decision, heatmap), or one JSON list with ``--json``."""
     from defectloop.data import ImageError, load_image
-    from defectloop.features import image_tensor
+    from defectloop.features import image_tensor, tile_tensors
     from defectloop.models import load_model
     from defectloop.registry import resolve_model_dir
 
@@ -186,19 +181,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     failed, results = 0, []
     for arg, path in zip(args.images, paths, strict=True):
         try:
-            img = image_tensor(load_image(path), size)
+            image = load_image(path)
+            img = tile_tensors(image, model.config.tiling(args.category), size)
         except ImageError as e:
             print(f"error {e}", file=sys.stderr)
             failed += 1
             continue
-        (p,) = model.predict(img[None], [args.category])
+        (p,) = model.predict(img, [args.category], [len(img)])
         heatmap = None
         if args.heatmaps:
             from defectloop.plots import overlays
 
             heatmap = Path(args.heatmaps) / path.relative_to(root).with_name(f"{path.stem}_heatmap.png")
             heatmap.parent.mkdir(parents=True, exist_ok=True)
-            overlays(heatmap, [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None],
+            shown = image_tensor(image, p.amap.shape[0])  # the image as its map sees it (tiles stitched)
+            overlays(heatmap, [(shown.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None],
                      [f"{p.score:.3f} {p.decision}"])
         threshold = "none" if p.threshold is None else f"{p.threshold:.4f}"
         whose = args.category if p.known_category else "all categories"
@@ -248,18 +245,20 @@ def log_to_file(path: Path, verbose: bool) -> Path:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from defectloop.labeling.workspace import pool_images
     from defectloop.store import is_s3
-    from defectloop.workers.ingest import ingest, pool_sources
+    from defectloop.workers.ingest import ingest
 
     config = _model_config(args)
-    sources = pool_sources(args.pool)
+    images = pool_images(args.pool)  # each image's category: the first folder below the pool
+    sources = [p.uri for p in images]
     if not sources:
         print(f"no images below {args.pool}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     rows = ingest(sources, args.cache, config, concurrency=args.concurrency, batch_size=args.batch_size,
                   num_cpus=args.cpus_per_actor, ray_address=args.ray_address,
-                  roots=[] if is_s3(args.pool) else [args.pool])
+                  roots=[] if is_s3(args.pool) else [args.pool], categories=[p.category for p in images])
     seconds = time.perf_counter() - t0
     embedded, failed = sum(r.embedded for r in rows), [r for r in rows if r.error]
     nodes = sorted({r.node for r in rows if r.embedded})

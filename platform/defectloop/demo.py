@@ -31,13 +31,14 @@ import httpx
 import numpy as np
 
 from defectloop.data import Sample, load_mask, load_split
+from defectloop.evaluation import evaluate_extracted
 from defectloop.features import Extracted, extract
 from defectloop.labeling.brush import BrushRLE
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig
 from defectloop.labeling.project import LabelingProject
 from defectloop.labeling.server import label_studio
-from defectloop.metrics import evaluate, fmt
-from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model
+from defectloop.metrics import fmt
+from defectloop.models import AnomalyModel, DMADConfig, Fitter, ModelConfig, create_model, tiled
 from defectloop.process import ManagedProcess
 from defectloop.progress import bar as progress_bar
 from defectloop.registry import TRAINED_BANK, Registry
@@ -154,10 +155,7 @@ def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sam
 
 def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
     """Mean metrics on the held-out split, with the image AUROC per category (``per_category``)."""
-    scores, maps = model.score_features(test.features)
-    masks = [None if m is None else (m > 0.5).numpy() for m in test.masks]
-    result = evaluate([s.category for s in test.samples], scores.numpy(), np.array([s.label for s in test.samples]),
-                      maps.numpy(), masks)
+    result = evaluate_extracted(model, test)[0]
     return {**result["mean"], "per_category": {c: m["image_auroc"] for c, m in sorted(result["categories"].items())}}
 
 
@@ -342,11 +340,11 @@ def run_demo(cfg: DemoConfig, json_out: str | None = None, studio: ManagedProces
           f"held-out test: {len(test)} images; training normals: {len(train)}", flush=True)
 
     model = create_model(ModelConfig(kind="dmad", seed=cfg.seed, image_size=cfg.image_size, dmad=DMADConfig(steps=cfg.steps, warm_steps=max(20, cfg.steps // 5))))
-    Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="training features"), progress=True)
+    Fitter(model).fit_samples(train, progress=True)
     model_dir = cfg.out / "first-model"
     shutil.rmtree(model_dir, ignore_errors=True)
     Registry(model_dir).register(model)
-    test_feats = extract(model.embedder, test, model.config.image_size, progress="test features")
+    test_feats = extract(model.embedder, tiled(test, model.config), model.config.image_size, progress="test features")
 
     ls = studio or label_studio(cfg.out / "label-studio", cfg.out)  # the stacks' pools are below cfg.out
     if studio is None:

@@ -132,9 +132,12 @@ def mean_metrics(per_category: dict[str, dict[str, float | None]]) -> dict[str, 
 
 
 def evaluate(categories: Sequence[str], image_scores: np.ndarray, image_labels: np.ndarray,
-             maps: np.ndarray | None = None, masks: Sequence[np.ndarray | None] | None = None,
+             maps: Sequence[np.ndarray] | None = None, masks: Sequence[np.ndarray | None] | None = None,
              ious: Sequence[float | None] | None = None) -> dict:
     """Per-category and mean metrics in the `defectloop evaluate` JSON shape.
+
+    ``maps[i]``: image i's anomaly map (the images of one category share a size; categories seen
+    as tiles of different counts do not).
 
     ``masks[i]`` is None for an anomalous image without a pixel mask; a category with any such
     image gets null pixel metrics (its pixel ground truth is incomplete). ``ious[i]``: the IoU of
@@ -149,8 +152,8 @@ def evaluate(categories: Sequence[str], image_scores: np.ndarray, image_labels: 
         if maps is not None and masks is not None:
             have = [masks[i] is not None or labels[j] == 0 for j, i in enumerate(idx)]
             if all(have) and labels.any():
-                cat_maps = maps[idx]
-                cat_masks = np.stack([masks[i] if masks[i] is not None else np.zeros(maps.shape[1:], bool)
+                cat_maps = np.stack([maps[i] for i in idx])
+                cat_masks = np.stack([masks[i] if masks[i] is not None else np.zeros(cat_maps.shape[1:], bool)
                                       for i in idx])
         cat_ious = [ious[i] for i in idx if ious[i] is not None] if ious is not None else []
         m = category_metrics(np.asarray(image_scores)[idx], labels, cat_maps, cat_masks, cat_ious)

@@ -143,8 +143,14 @@ class ModelHandle:
     def stop(self) -> None:
         self._stop.set()
 
-    def score(self, images: list[torch.Tensor], categories: Sequence[str | None]) -> list[Scored]:
-        """Score preprocessed images (3 x S x S in [0, 1]) as one batch with the model in force."""
+    def score(self, images: list[torch.Tensor], categories: Sequence[str | None], batch_size: int = 64) -> list[Scored]:
+        """Score preprocessed images (3 x S x S in [0, 1]), or their tiles (T x 3 x S x S, see
+        ``features.tile_tensors``), as one batch with the model in force; the backbone takes at
+        most ``batch_size`` tiles at a time (memory stays bounded whatever the images' sizes)."""
         served = self.served
-        feats = served.model.embedder(torch.stack(images).to(self.device)).float().cpu()
-        return [Scored(p, served) for p in served.model.predict_features(feats, categories)]
+        stacks = [t if t.dim() == 4 else t[None] for t in images]
+        inputs = torch.cat(stacks)
+        feats = torch.cat([served.model.embedder(inputs[i:i + batch_size].to(self.device)).float().cpu()
+                           for i in range(0, len(inputs), batch_size)])
+        preds = served.model.predict_features(feats, categories, [len(t) for t in stacks])
+        return [Scored(p, served) for p in preds]

@@ -98,15 +98,13 @@ def neutral_pool(pool: list[PoolImage], folder: Path) -> list[PoolImage]:
 
 def initial_model(registry: Registry, train: list[Sample], settings: dict | None = None) -> str:
     """Train and register the first model (unsupervised DMAD by default) when the registry has none."""
-    from defectloop.features import extract
     from defectloop.models import Fitter, ModelConfig, create_model
 
     if registry.current():
         return registry.current()
     model = create_model(ModelConfig.from_dict(settings or {}))
     print(f"training the first model on {len(train)} normal images...", flush=True)
-    features = extract(model.embedder, train, model.config.image_size, progress="features")
-    Fitter(model).fit(features, progress=True)
+    Fitter(model).fit_samples(train, progress=True)
     return registry.register(model)
 
 

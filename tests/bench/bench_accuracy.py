@@ -7,10 +7,12 @@ and 10 annotated anomalies per category, CRAD and its ablations (no global grid,
 jitter, with the refinement blend) share one backbone, one seed and one test set (the test
 images left after removing the 10 seen anomalies per category; seen(1) and seen(5) are subsets
 of seen(10)). Each mode's served masks are scored by IoU with the defects' (``mask_iou``), and again
-once ``--mask-labels`` confirmed masks per category set the mask edges as the loop does. Also
-measured in the same run: scoring throughput vs the bare backbone at the model's
-input size (``--image-size``, 256 px by default), batch 16 (as the product runs it, and as loaded),
-and the coreset against the plain greedy k-center loop. ``--categories`` keeps a subset.
+once ``--mask-labels`` confirmed masks per category set the mask edges as the loop does. Each
+category is seen as the tiles a fit chooses for it (``--tiles auto``; ``none``: every image whole,
+as before tiles; or given by hand), shared by every mode. Also measured in the same run: scoring
+throughput vs the bare backbone in tiles/s at the model's input size (``--image-size``, 256 px by
+default), batches of 16 tiles (as the product runs it, and as loaded), and the coreset against
+the plain greedy k-center loop. ``--categories`` keeps a subset.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from defectloop.data import load_split
-from defectloop.data.images import load_image, load_mask
+from defectloop.data.images import load_mask
+from defectloop.evaluation import evaluate_extracted
 from defectloop.features import Extracted, PatchEmbedder, extract, image_tensor, load_backbone
 from defectloop.labeling.feedback import cells_at, encode_cells
 from defectloop.memory.coreset import KCenterGreedy, coverage_radius, farthest_points, random_projection
-from defectloop.metrics import evaluate, fmt, served_mask_ious
-from defectloop.models import CRADConfig, Fitter, ModelConfig, create_model
+from defectloop.metrics import fmt, served_mask_ious
+from defectloop.models import CRADConfig, Fitter, ModelConfig, choose_tiles, create_model, tiled
 from defectloop.precision import matmul_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,32 +45,33 @@ def subset(ex: Extracted, keep) -> Extracted:
     return Extracted(ex.features[idx], [ex.samples[i] for i in idx], [ex.masks[i] for i in idx], ex.skipped)
 
 
-def mask_edges(model, test: Extracted, scores: torch.Tensor, maps: torch.Tensor, k: int, seed: int,
+def mask_edges(model, samples: list, scores: torch.Tensor, maps: list[torch.Tensor], k: int, seed: int,
                draws: int = 10) -> dict:
     """Served mask IoU per category once ``k`` confirmed masks per category set the mask edges, as
     the loop sets them (the masks kept as ledger cells, ``Calibration.with_mask_levels``), against
     the fitted cut: both on the test defects that did not teach the edges, averaged over ``draws``
     draws of the teaching masks. ``all``: over those defects (one called normal shows no mask:
     IoU 0); ``shown``: over those called anomalous, whose mask an annotator sees. Test images are
-    not in the model's memory, so their maps are what the loop's are without their own masks."""
-    cats = [s.category for s in test.samples]
+    not in the model's memory, so their maps are what the loop's are without their own masks.
+    ``samples``, ``scores``, ``maps``: per test image (tiles stitched)."""
+    cats = [s.category for s in samples]
     by_cat: dict[str, list[int]] = {}
-    for i, s in enumerate(test.samples):
+    for i, s in enumerate(samples):
         if s.label and s.mask_path is not None:
             by_cat.setdefault(s.category, []).append(i)
-    cells = {i: encode_cells(load_mask(test.samples[i].mask_path)) for idx in by_cat.values() for i in idx}
+    cells = {i: encode_cells(load_mask(samples[i].mask_path)) for idx in by_cat.values() for i in idx}
     rng = random.Random(seed)
     out: dict = {c: {"levels": []} for c in by_cat}
     for _ in range(draws):
         taught = [i for _, idx in sorted(by_cat.items()) for i in rng.sample(idx, min(k, len(idx)))]
-        masks = cells_at([cells[i] for i in taught], tuple(maps.shape[-2:]))
-        edges = model.calibration.with_mask_levels([cats[i] for i in taught], maps[taught], masks)
+        masks = [cells_at([cells[i]], tuple(maps[i].shape[-2:]))[0] for i in taught]
+        edges = model.calibration.with_mask_levels([cats[i] for i in taught], [maps[i] for i in taught], masks)
         rest = [i for i in range(len(cats)) if i not in set(taught)]
         for c in by_cat:
             out[c]["levels"].append(edges.get(c).mask_level)
         for name, cal in (("fitted", model.calibration), ("edges", edges)):
-            shown = model.post.predictions(scores[rest], maps[rest], [cats[i] for i in rest], cal)
-            for i, p, iou in zip(rest, shown, served_mask_ious(shown, [test.samples[i] for i in rest]), strict=True):
+            shown = model.post.predictions(scores[rest], [maps[i] for i in rest], [cats[i] for i in rest], cal)
+            for i, p, iou in zip(rest, shown, served_mask_ious(shown, [samples[i] for i in rest]), strict=True):
                 if iou is not None:
                     out[cats[i]].setdefault(f"{name}_all", []).append(iou)
                     if p.decision == "anomalous":
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--mask-labels", type=int, default=5, help="confirmed masks per category that set the mask "
                     "edges (the rest of the test defects measure them); 0: skip")
     ap.add_argument("--crad-epochs", type=int, default=None, help="shorter CRAD runs, e.g. for the ablations")
+    ap.add_argument("--tiles", default="auto", help="tiles a side per category: auto (chosen on the training "
+                    "images, as a fit chooses them), none (every image whole), or JSON, e.g. '{\"screw\": 3}'")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     out: dict = {"modes": {}, "image_size": args.image_size}
@@ -112,18 +119,29 @@ def main() -> None:
     base = load_split(args.data, cats, anomalies_per_class=0, seed=args.seed)
     test_paths = {s.path for s in full.test}
     embedder = PatchEmbedder(load_backbone(args.backbone))
+    config = ModelConfig(seed=args.seed, backbone=args.backbone, image_size=args.image_size)
+    t = time.perf_counter()
+    if args.tiles == "auto":
+        config = choose_tiles(config, base.train, embedder)
+        out["tile_choice_s"] = time.perf_counter() - t
+    else:
+        config = replace(config, tiles={} if args.tiles == "none" else json.loads(args.tiles))
+    out["tiles"] = config.tiles
+    print(f"tiles a side: {config.tiles or 'none'}", flush=True)
     cache = Path(args.cache)
-    if args.image_size != ModelConfig.image_size or cats:
-        cache = cache.with_name(f"{cache.stem}-{args.image_size}{'-' + '-'.join(cats) if cats else ''}{cache.suffix}")
+    named = "-".join(f"{c}{n}" for c, n in sorted(config.tiles.items()) if n > 1)
+    if args.image_size != ModelConfig.image_size or cats or named:
+        cache = cache.with_name(f"{cache.stem}-{args.image_size}{'-' + '-'.join(cats) if cats else ''}"
+                                f"{'-tiles-' + named if named else ''}{cache.suffix}")
     if cache.exists():
         every = Extracted(**torch.load(cache, weights_only=False))
     else:
         t = time.perf_counter()
-        every = extract(embedder, base.train + base.test, args.image_size, progress="features (all images)")
+        every = extract(embedder, tiled(base.train + base.test, config), args.image_size, progress="features (all images)")
         out["extract_s"] = time.perf_counter() - t
         torch.save(vars(every), cache)
     test = subset(every, lambda s: s.path in test_paths)
-    print(f"{len(every.samples)} images, test set {len(test.samples)}; notes: {full.notes}", flush=True)
+    print(f"{len(every.samples)} tiles, test set {len(test.samples)}; notes: {full.notes}", flush=True)
 
     modes = {"patchcore": ("patchcore", 0, {}), "dmad-unsup": ("dmad", 0, {}), "dmad-1": ("dmad", 1, {}),
              "dmad-5": ("dmad", 5, {}), "dmad-10": ("dmad", 10, {}), "crad": ("crad", 0, {}),
@@ -137,23 +155,17 @@ def main() -> None:
         split = load_split(args.data, cats, anomalies_per_class=k, seed=args.seed)
         train_paths = {s.path for s in split.train}
         train = subset(every, lambda s, tp=train_paths: s.path in tp)
-        model = create_model(ModelConfig(kind=kind, seed=args.seed, backbone=args.backbone, image_size=args.image_size,
-                                         crad=CRADConfig(**extra)))
+        model = create_model(replace(config, kind=kind, crad=CRADConfig(**extra)))
         t = time.perf_counter()
         stats = Fitter(model).fit(train, progress=True)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
-        scores, maps = model.score_features(test.features)
+        res, samples, scores, maps = evaluate_extracted(model, test)
         score_s = time.perf_counter() - t
-        cats = [s.category for s in test.samples]
-        shown = model.post.predictions(scores, maps, cats, model.calibration)
-        res = evaluate(cats, scores.numpy(), [s.label for s in test.samples], maps.numpy(),
-                       [None if m is None else (m > 0.5).numpy() for m in test.masks],
-                       served_mask_ious(shown, test.samples))
-        res.update(fit_s=fit_s, head_images_per_s=len(test.samples) / score_s,
+        res.update(fit_s=fit_s, head_tiles_per_s=len(test.samples) / score_s,
                    fit={k: v for k, v in stats.items() if k != "crad_history"})
         if args.mask_labels:
-            res["mask_edges"] = mask_edges(model, test, scores, maps, args.mask_labels, args.seed)
+            res["mask_edges"] = mask_edges(model, samples, scores, maps, args.mask_labels, args.seed)
         out["modes"][name] = res
         fitted[name] = model
         print(f"{name:11s} fit {fit_s:6.1f}s  " + "  ".join(
@@ -172,8 +184,8 @@ def main() -> None:
     # loaded (the stock timm/torchvision forward); rounds alternate among them and each keeps its
     # best round, so that the machine's load (the backbone alone varied from 20 to 104 img/s
     # between runs) hits all alike
-    step = max(1, len(test.samples) // 16)
-    batch = torch.stack([image_tensor(load_image(s.path), args.image_size) for s in test.samples[::step][:16]])
+    step = max(1, len(test.samples) // 16)  # 16 tiles (whole images where a category is seen whole)
+    batch = torch.stack([image_tensor(s.read(), args.image_size) for s in test.samples[::step][:16]])
     runs = {"backbone": embedder.backbone, "backbone_as_loaded": load_backbone(args.backbone, fast=False),
             **{n: (lambda b, m=fitted[n]: m.score_features(m.embedder(b))) for n in fitted}}
     best = dict.fromkeys(runs, float("inf"))
@@ -187,11 +199,11 @@ def main() -> None:
                 best[name] = min(best[name], time.perf_counter() - t)
     bb, stock = 16 / best["backbone"], 16 / best["backbone_as_loaded"]
     out["throughput"] = {"backbone_img_s": bb, "backbone_as_loaded_img_s": stock, "matmul_dtype": str(matmul_dtype())}
-    print(f"scoring products in {matmul_dtype()}; backbone {bb:.1f} img/s, as loaded {stock:.1f} img/s", flush=True)
+    print(f"scoring products in {matmul_dtype()}; backbone {bb:.1f} tiles/s, as loaded {stock:.1f} tiles/s", flush=True)
     for name in fitted:
         r = 16 / best[name]
         out["throughput"].update({f"{name}_img_s": r, f"{name}_ratio": r / bb, f"{name}_ratio_as_loaded": r / stock})
-        print(f"throughput {name}: {r:.1f} img/s = {r / bb:.2f}x the backbone, {r / stock:.2f}x as loaded", flush=True)
+        print(f"throughput {name}: {r:.1f} tiles/s = {r / bb:.2f}x the backbone, {r / stock:.2f}x as loaded", flush=True)
 
     # coreset: 51k patches (50 images of one category at 256 px, fewer at a larger size), 10% and 1%,
     # ours vs the plain greedy loop

@@ -319,10 +319,10 @@ def test_confirmed_labels_move_their_category_threshold_at_once(label_studio, se
             ls.annotations.create(id=t, result=[brush(load_mask(truth[name_of[t]].mask_path))])
     loop.apply_feedback()
     cats, maps, masks = loop.mask_evidence()
-    assert cats == ["mesh"] * 3 and masks.shape == maps.shape and len(maps) == 3
-    for t, m in zip(masked, masks, strict=True):  # the ledger's cells, at the maps' size, are the masks drawn
+    assert cats == ["mesh"] * 3 and [m.shape for m in masks] == [m.shape for m in maps] and len(maps) == 3
+    for t, m, a in zip(masked, masks, maps, strict=True):  # the ledger's cells, at the maps' size, are the masks drawn
         drawn = torch.from_numpy(load_mask(truth[name_of[t]].mask_path))
-        drawn = torch.nn.functional.adaptive_max_pool2d(drawn[None, None].float(), maps.shape[-2:])[0, 0].bool()
+        drawn = torch.nn.functional.adaptive_max_pool2d(drawn[None, None].float(), a.shape[-2:])[0, 0].bool()
         assert (m & drawn).sum() / (m | drawn).sum() > 0.9
     served = Registry(root).load().calibration
     assert served == fitted.with_mask_levels(cats, maps, masks)

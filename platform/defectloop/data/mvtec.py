@@ -11,29 +11,49 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from defectloop.data.images import IMAGE_SUFFIXES
+import numpy as np
+
+from defectloop.data.images import IMAGE_SUFFIXES, load_image
+from defectloop.data.tiles import Tile
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a pool, with what is known about it."""
+    """One image of a pool, with what is known about it; or one tile of it (``tile``)."""
 
     path: Path
     category: str
     label: int = 0  # 0 normal, 1 anomalous
     defect: str = "good"
     mask_path: Path | None = None
+    tile: Tile | None = None  # the part of the image this sample is (None: the whole image)
+
+    @property
+    def parent_id(self) -> str:
+        """Stable id of the image: category/split/defect/file name (provenance, hold-out sides)."""
+        parts = self.path.parts[-3:]
+        return f"{self.category}/{'/'.join(parts)}"
 
     @property
     def image_id(self) -> str:
-        """Stable id: category/split/defect/file name (used for provenance and leave-one-out)."""
-        parts = self.path.parts[-3:]
-        return f"{self.category}/{'/'.join(parts)}"
+        """Stable id of this sample: the image's, with the tile's key for a tile."""
+        return self.parent_id + (self.tile.key if self.tile else "")
+
+    def read(self) -> np.ndarray:
+        """The sample's RGB pixels: the image, or the tile's crop of it."""
+        image = load_image(self.path)
+        return self.tile.crop(image) if self.tile else image
+
+    def tiled(self, tiling: list[Tile]) -> list[Sample]:
+        """This image as the given tiles (itself for one tile or none)."""
+        if len(tiling) <= 1:
+            return [self]
+        return [replace(self, tile=t) for t in tiling]
 
 
 @dataclass

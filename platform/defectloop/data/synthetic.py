@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from defectloop.data.images import ImageError, load_image
+from defectloop.data.images import ImageError
 from defectloop.data.mvtec import Sample
 
 DEFECT_KINDS = ("scratch", "blob", "crack")
@@ -139,7 +139,7 @@ class DefectAugmenter:
             random.Random(f"{self.seed}/synthetic/{cat}").shuffle(chosen)
             for key, s in chosen[:per_category]:
                 try:
-                    image = load_image(s.path)
+                    image = s.read()
                 except ImageError:
                     continue
                 painted, mask = add_defect(image, rng=rng)

@@ -5,10 +5,12 @@ from defectloop.features.embedding import (
            Extracted,
            PatchEmbedder,
            extract,
+           feature_buffer,
            image_tensor,
            mask_cells,
            mask_tensor,
+           tile_tensors,
 )
 
-__all__ = ["KNOWN_BACKBONES", "Extracted", "FeatureBackbone", "PatchEmbedder", "extract", "image_tensor",
-           "load_backbone", "mask_cells", "mask_tensor", "pretrained_model"]
+__all__ = ["KNOWN_BACKBONES", "Extracted", "FeatureBackbone", "PatchEmbedder", "extract", "feature_buffer", "image_tensor",
+           "load_backbone", "mask_cells", "mask_tensor", "pretrained_model", "tile_tensors"]

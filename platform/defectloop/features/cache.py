@@ -29,7 +29,8 @@ def content_hash(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Cached:
-    """One image's features (C x H x W, float16) and its original size (width, height)."""
+    """One image's features (C x H x W, or T x C x H x W for its tiles; float16) and its original
+    size (width, height)."""
 
     features: torch.Tensor
     size: tuple[int, int]
@@ -48,25 +49,26 @@ class FeatureCache:
         """The cache in a folder or under an ``s3://`` prefix."""
         return cls(open_store(location), backbone, checkpoint, image_size)
 
-    def _key(self, digest: str) -> str:
-        return join(self.prefix, digest[:2], f"{digest}.safetensors")
+    def _key(self, digest: str, tiles: int = 1) -> str:
+        return join(self.prefix, digest[:2], f"{digest}{f'-tiles{tiles}' if tiles > 1 else ''}.safetensors")
 
     def __contains__(self, digest: str) -> bool:
         return self.store.exists(self._key(digest))
 
-    def put(self, digest: str, features: torch.Tensor, size: tuple[int, int]) -> None:
-        self.store.write(self._key(digest), save({"features": features.half().contiguous(),
-                                                  "size": torch.tensor(size, dtype=torch.int32)}))
+    def put(self, digest: str, features: torch.Tensor, size: tuple[int, int], tiles: int = 1) -> None:
+        """An image's features: C x H x W, or T x C x H x W for the image seen as ``tiles`` x ``tiles``."""
+        self.store.write(self._key(digest, tiles), save({"features": features.half().contiguous(),
+                                                         "size": torch.tensor(size, dtype=torch.int32)}))
 
-    def get(self, digest: str) -> Cached:
-        t = load(self.store.read(self._key(digest)))
+    def get(self, digest: str, tiles: int = 1) -> Cached:
+        t = load(self.store.read(self._key(digest, tiles)))
         w, h = t["size"].tolist()
         return Cached(t["features"], (w, h))
 
-    def find(self, digest: str) -> Cached | None:
+    def find(self, digest: str, tiles: int = 1) -> Cached | None:
         """The entry, or None where there is none: one read, not a check and then a read."""
         try:
-            return self.get(digest)
+            return self.get(digest, tiles)
         except FileNotFoundError:
             return None
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from defectloop.data.images import ImageError, load_image, load_mask, reduction
 from defectloop.data.mvtec import Sample
+from defectloop.data.tiles import Tile
 from defectloop.features.backbones import FeatureBackbone
 from defectloop.progress import bar as progress_bar
 
@@ -62,6 +63,14 @@ def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def tile_tensors(image: np.ndarray, tiling: Sequence[Tile], size: int) -> torch.Tensor:
+    """An image as the model inputs of its tiles (T x 3 x size x size, row by row); with one tile
+    or none, the whole image."""
+    if len(tiling) <= 1:
+        return image_tensor(image, size)[None]
+    return torch.stack([image_tensor(t.crop(image), size) for t in tiling])
+
+
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """Bool H x W mask -> size x size float tensor: the defective fraction of each output pixel."""
     img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
@@ -92,10 +101,11 @@ def _load(sample: Sample, size: int) -> tuple[torch.Tensor, torch.Tensor | None]
     image = load_image(sample.path)
     mask = None
     if sample.mask_path is not None:
-        mask = mask_tensor(load_mask(sample.mask_path, expected_hw=image.shape[:2]), size)
+        full = load_mask(sample.mask_path, expected_hw=image.shape[:2])
+        mask = torch.from_numpy(sample.tile.crop_mask(full)) if sample.tile else mask_tensor(full, size)
     elif sample.label == 0:
         mask = torch.zeros(size, size)
-    return image_tensor(image, size), mask
+    return image_tensor(sample.tile.crop(image) if sample.tile else image, size), mask
 
 
 def feature_buffer(shape: tuple[int, ...], max_memory: int, cache_dir: str | None = None) -> torch.Tensor:

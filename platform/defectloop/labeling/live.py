@@ -218,9 +218,11 @@ class LiveLoop:
         shows, comparable across categories. Raw scores are not (a category's normals may score
         above another's defects), so over several categories their AUROC judged how the scales of
         the categories happened to line up as much as how each ranks its own images."""
-        positions = [self.loop.predictor.index[t] for t in tasks]
-        scores, _ = model.score_features(self.loop.predictor.features[positions])
-        normalised = [model.calibration.normalise(s, self.loop.predictor.categories[i])
+        predictor = self.loop.predictor
+        positions = [predictor.index[t] for t in tasks]
+        rows = predictor.rows(positions)
+        scores, _ = model.score_images(predictor.features[rows], [predictor.task_of_row[r] for r in rows])
+        normalised = [model.calibration.normalise(s, predictor.categories[i])
                       for s, i in zip(scores.tolist(), positions, strict=True)]
         return auroc(np.array(normalised), np.array(labels))
 

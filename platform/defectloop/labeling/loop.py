@@ -61,7 +61,7 @@ class LabelingLoop:
                                        project.config, cache=self.state_dir / "pool_features.safetensors" if cache_features else None,
                                        features=FeatureCache.open(feature_cache, cfg.backbone, cfg.backbone_checkpoint,
                                                                   cfg.image_size) if feature_cache else None)
-        self.embeddings = self.predictor.features.mean((2, 3)).numpy() if len(self.predictor.task_ids) else None
+        self.embeddings = self.predictor.embeddings().numpy() if len(self.predictor.task_ids) else None
         self.feedback = Feedback(self.model, self.state_dir / "ledger.json",
                                  lambda v: load_image(self.studio.fetch(v.image, v.task_id)))
         self.sync = Sync(project, self.feedback, self.state_dir / "cursor.json", publish=self.publish)
@@ -107,7 +107,7 @@ class LabelingLoop:
         self.model.calibration = calibration
         return True
 
-    def labeled_maps(self) -> tuple[list[int], list[str], torch.Tensor, torch.Tensor]:
+    def labeled_maps(self) -> tuple[list[int], list[str], list[torch.Tensor], torch.Tensor]:
         """Task ids, categories, anomaly maps (``maps_without_own``) and verdicts (True: defective)
         of the pool's confirmed labels: what thresholds and mask edges are set on, computed once."""
         index = self.predictor.index
@@ -116,8 +116,8 @@ class LabelingLoop:
         return (tasks, [self.predictor.categories[index[t]] for t in tasks], self.maps_without_own(tasks),
                 torch.tensor([bool(labels[t]) for t in tasks], dtype=torch.bool))
 
-    def mask_evidence(self, labeled: tuple[list[int], list[str], torch.Tensor, torch.Tensor] | None = None
-                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def mask_evidence(self, labeled: tuple[list[int], list[str], list[torch.Tensor], torch.Tensor] | None = None
+                      ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
         """Categories, anomaly maps and confirmed masks (at the maps' size) of the pool images with a
         confirmed mask, for the mask edges (``Calibration.with_mask_levels``); from ``labeled``
         (``labeled_maps``), which every confirmed mask is part of, where it is at hand."""
@@ -125,8 +125,8 @@ class LabelingLoop:
         cells = {int(e["task_id"]): e["mask_cells"] for e in self.feedback.ledger.values()
                  if e["kind"] == "mask" and e.get("mask_cells")}
         keep = [i for i, t in enumerate(tasks) if t in cells]
-        return ([cats[i] for i in keep], maps[keep],
-                cells_at([cells[tasks[i]] for i in keep], tuple(maps.shape[-2:])))
+        return ([cats[i] for i in keep], [maps[i] for i in keep],
+                [cells_at([cells[tasks[i]]], tuple(maps[i].shape[-2:]))[0] for i in keep])
 
     def labeled_scores(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Categories, image scores (``calibration_scores``) and verdicts (True: defective) of the
@@ -138,7 +138,7 @@ class LabelingLoop:
         """Image scores of labeled tasks, for thresholds (``maps_without_own``)."""
         return self.model.post.image_scores(self.maps_without_own(tasks))
 
-    def maps_without_own(self, tasks: list[int]) -> torch.Tensor:
+    def maps_without_own(self, tasks: list[int]) -> list[torch.Tensor]:
         """Anomaly maps of labeled tasks, each scored without the memory its own labels added (its
         normal evidence, its mask's or verdict's abnormal entries): with it, a normal scores low, a
         defect high and its map shows its own mask back, and none of it shows how its look-alikes
@@ -195,7 +195,7 @@ class LabelingLoop:
         if added:
             joined = set(added)
             self.tasks += [t for t in tasks if t["id"] in joined]
-            new = self.predictor.features[first:].mean((2, 3)).numpy()
+            new = self.predictor.embeddings(first).numpy()
             self.embeddings = new if self.embeddings is None else np.concatenate([self.embeddings, new])
             self.select()
             log.info("%d task(s) imported since the start joined the pool and the ranking", len(added))

@@ -9,8 +9,10 @@ only those get a new mask: an annotation costs what it changed, not the pool.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from defectloop.data import read_image
-from defectloop.features import image_tensor
+from defectloop.features import tile_tensors
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.label_config import ANOMALOUS, NORMAL, LabelConfig, prediction_regions
@@ -57,85 +59,100 @@ class PoolPredictor:
         self._outcomes: list[Outcome] = []  # per task, under that model
         self._calibration: Calibration | None = None  # the thresholds the outcomes were decided by
         self.unreadable: set[int] = set()  # tasks whose image could not be read: not tried again
-        self.task_ids, self.sizes, self.categories, self.features = [], [], [], torch.zeros(0)
+        self.task_ids, self.sizes, self.categories = [], [], []
+        self.tiles: list[int] = []  # per task: its rows of ``features`` (the tiles its category is seen as)
+        self.features = torch.zeros(0)  # a row per tile, a task's tiles consecutive
         if cache is not None and cache.is_file():  # embedded by an earlier run (same backbone): its tasks still here
             meta = json.loads(cache.with_suffix(".json").read_text())
             present = {t["id"] for t in tasks}
+            tiles = meta.get("tiles") or [1] * len(meta["task_ids"])
+            starts = list(itertools.accumulate([0, *tiles]))
             keep = [i for i, t in enumerate(meta["task_ids"]) if t in present]
             if keep:
-                self.features = load_file(str(cache))["features"][keep]
+                self.features = load_file(str(cache))["features"][[r for i in keep for r in range(starts[i], starts[i + 1])]]
                 self.task_ids = [meta["task_ids"][i] for i in keep]
                 self.sizes = [tuple(meta["sizes"][i]) for i in keep]
                 self.categories = [meta["categories"][i] for i in keep]
+                self.tiles = [tiles[i] for i in keep]
             log.info("pool: %d of %d tasks' features from %s", len(keep), len(tasks), cache)
         known = set(self.task_ids)
         missing = [t for t in tasks if t["id"] not in known]
         if missing:
             self._join(*self._embed(model, missing))
 
-    def _join(self, ids: list[int], sizes: list[tuple[int, int]], categories: list[str], feats: torch.Tensor) -> None:
+    def _join(self, ids: list[int], sizes: list[tuple[int, int]], categories: list[str], tiles: list[int],
+              feats: torch.Tensor) -> None:
         """Embedded tasks join the pool (and the saved features, with a ``cache``)."""
         if not ids:
             return
         self.features = torch.cat([self.features, feats]) if self.task_ids else feats
         self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
-        self.__dict__.pop("index", None)  # the cached task -> position map
+        self.tiles = self.tiles + tiles
+        for cached in ("index", "starts"):
+            self.__dict__.pop(cached, None)
         if self.cache is not None:  # rewritten whole, atomically: a crash leaves the old file or the new one
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache.with_name(f".{self.cache.name}.tmp")
             save_file({"features": self.features.contiguous()}, str(tmp))
             meta = self.cache.with_suffix(".json")
             meta_tmp = meta.with_name(f".{meta.name}.tmp")
-            meta_tmp.write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes, "categories": self.categories}))
+            meta_tmp.write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes, "categories": self.categories,
+                                            "tiles": self.tiles}))
             tmp.replace(self.cache)
             meta_tmp.replace(meta)
 
     def _embed(self, model: AnomalyModel, tasks: list[dict]
-               ) -> tuple[list[int], list[tuple[int, int]], list[str], torch.Tensor]:
-        """(task ids, image sizes, categories, features) of the tasks whose image can be read."""
+               ) -> tuple[list[int], list[tuple[int, int]], list[str], list[int], torch.Tensor]:
+        """(task ids, image sizes, categories, tiles, features: a row per tile) of the tasks whose
+        image can be read."""
         task_ids: list[int] = []
         sizes: list[tuple[int, int]] = []  # (width, height) of the original images
         categories: list[str] = []
-        size, features = model.config.image_size, self.feature_cache
-        feats: list[torch.Tensor | None] = []  # per task: cached features, or None until its batch is embedded
+        config, features = model.config, self.feature_cache
+        feats: list[torch.Tensor | None] = []  # per task: cached features (tiles x C x H x W), or None until embedded
         hits = 0
-        batch: list[tuple[int, str, torch.Tensor]] = []  # (position, digest, input) waiting for the backbone
+        batch: list[tuple[int, str, torch.Tensor]] = []  # (position, digest, its tiles' inputs) waiting for the backbone
 
         def embed() -> None:
-            out = model.embedder(torch.stack([x for _, _, x in batch])).float()
-            for (pos, digest, _), f in zip(batch, out, strict=True):
+            inputs = torch.cat([x for _, _, x in batch])
+            out = model.embedder(inputs).float().split([len(x) for _, _, x in batch])
+            for (pos, digest, x), f in zip(batch, out, strict=True):
                 feats[pos] = f
                 if features is not None:
-                    features.put(digest, f, sizes[pos])
+                    features.put(digest, f if len(x) > 1 else f[0], sizes[pos], math.isqrt(len(x)))
             batch.clear()
 
         for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
+            category = str(t["data"].get("category", ""))
+            tiling = config.tiling(category)
+            n = math.isqrt(len(tiling))
             try:
                 data = self.fetch(t)
                 digest = content_hash(data)
-                hit = features.find(digest) if features is not None else None
-                img = None if hit else read_image(data, size)
+                hit = features.find(digest, n) if features is not None else None
+                img = None if hit else read_image(data, tiling[0].side)
             except Exception as e:  # an unreadable image is left out of the predictions and reported
                 log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
                 self.unreadable.add(t["id"])
                 continue
             task_ids.append(t["id"])
-            categories.append(str(t["data"].get("category", "")))
+            categories.append(category)
             if hit:
                 sizes.append(hit.size)
-                feats.append(hit.features.float())
+                feats.append(hit.features.float().view(len(tiling), *hit.features.shape[-3:]))
                 hits += 1
                 continue
             sizes.append(img[1])
             feats.append(None)
-            batch.append((len(feats) - 1, digest, image_tensor(img[0], size)))
-            if len(batch) == self.batch_size:
+            batch.append((len(feats) - 1, digest, tile_tensors(img[0], tiling, config.image_size)))
+            if sum(len(x) for _, _, x in batch) >= self.batch_size:
                 embed()
         if batch:
             embed()
         if features is not None:
             log.info("pool: %d of %d images' features from the feature cache", hits, len(tasks))
-        return task_ids, sizes, categories, torch.stack(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
+        tiles = [len(f) for f in feats]  # type: ignore[arg-type]
+        return task_ids, sizes, categories, tiles, torch.cat(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
 
     def add(self, model: AnomalyModel, tasks: list[dict]) -> list[int]:
         """Tasks imported since the pool was embedded: the new ones among ``tasks`` are embedded and
@@ -145,12 +162,12 @@ class PoolPredictor:
         new = [t for t in tasks if t["id"] not in known]
         if not new:
             return []
-        ids, sizes, categories, feats = self._embed(model, new)
+        ids, sizes, categories, tiles, feats = self._embed(model, new)
         if not ids:
             return []
         scores = self._scores if self._scores is not None and self._scores.model is model else None
         first = len(self.task_ids)
-        self._join(ids, sizes, categories, feats)
+        self._join(ids, sizes, categories, tiles, feats)
         if scores is not None:
             scores.grow(self.features)
             self._outcomes += [Outcome(0.0, 0.0, False, None)] * len(ids)
@@ -169,7 +186,7 @@ class PoolPredictor:
             moved = list(range(len(self.task_ids)))
             self._outcomes = [Outcome(0.0, 0.0, False, None)] * len(moved)
         else:
-            moved = self._scores.refresh().tolist()
+            moved = sorted({self.task_of_row[r] for r in self._scores.refresh().tolist()})
             old, new = self._calibration, model.calibration
             if old is not None and old != new:
                 moved = sorted({*moved, *self._flipped(old, new)})
@@ -184,10 +201,13 @@ class PoolPredictor:
         assert self._scores is not None
         for start in range(0, len(positions), 64):
             idx = positions[start:start + 64]
-            preds = model.predict_patches(self._scores.of(torch.tensor(idx)), [self.categories[i] for i in idx])
-            defects = self._scores.defects(torch.tensor(idx))
-            for i, p, defect in zip(idx, preds, defects, strict=True):
+            rows = torch.tensor(self.rows(idx))
+            preds = model.predict_patches(self._scores.of(rows), [self.categories[i] for i in idx], [self.tiles[i] for i in idx])
+            by_row = self._scores.defects(rows)
+            ends = list(itertools.accumulate(self.tiles[i] for i in idx))
+            for i, p, end in zip(idx, preds, ends, strict=True):
                 mask = p.mask(*self.sizes[i])
+                defect = next((d for d in by_row[end - self.tiles[i]:end] if d), None)
                 self._outcomes[i] = Outcome(p.score, p.normalised_score, p.decision == "anomalous",
                                             self.codec.encode(mask) if mask.any() else None, defect)
 
@@ -211,17 +231,39 @@ class PoolPredictor:
         """Task id -> its position in ``task_ids`` (the tasks whose image could be read; ``add`` appends)."""
         return {t: i for i, t in enumerate(self.task_ids)}
 
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """Per task position, its first row of ``features`` (and the number of rows, last)."""
+        return list(itertools.accumulate([0, *self.tiles]))
+
+    @property
+    def task_of_row(self) -> list[int]:
+        return [i for i, n in enumerate(self.tiles) for _ in range(n)]
+
+    def rows(self, positions: list[int]) -> list[int]:
+        """The rows of ``features`` (tiles) of the tasks at these positions, each task's consecutive."""
+        return [r for i in positions for r in range(self.starts[i], self.starts[i + 1])]
+
+    def embeddings(self, first: int = 0) -> torch.Tensor:
+        """One vector per task from ``first`` on: the mean of its patch features (near-duplicate checks)."""
+        means = self.features[self.starts[first]:].mean((2, 3))
+        return torch.stack([m.mean(0) for m in means.split(self.tiles[first:])]) if len(means) else means
+
     def raw_scores(self, model: AnomalyModel, task_ids: list[int]) -> torch.Tensor:
         """Image scores of the given tasks under ``model`` (what thresholds are set on)."""
         self.refresh(model)
         return torch.tensor([self._outcomes[self.index[t]].score for t in task_ids])
 
-    def maps_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> torch.Tensor:
-        """Smoothed anomaly maps (N x S x S) of the given tasks, each as if the named memory groups
-        were not there."""
+    def maps_without(self, model: AnomalyModel, task_ids: list[int], groups: list[set[str]]) -> list[torch.Tensor]:
+        """Smoothed anomaly maps of the given tasks (their tiles' stitched), each as if the named
+        memory groups were not there."""
         self.refresh(model)
-        patches = [self._scores.without(self.index[t], g) for t, g in zip(task_ids, groups, strict=True)]
-        return model.post.maps(torch.stack(patches)) if patches else torch.zeros(0, model.post.size, model.post.size)
+        positions = [self.index[t] for t in task_ids]
+        patches = [self._scores.without(r, g) for i, g in zip(positions, groups, strict=True) for r in self.rows([i])]
+        if not patches:
+            return []
+        maps = model.post.maps(torch.stack(patches))
+        return model.post.stitched(model.post.image_scores(maps), maps, [self.tiles[i] for i in positions])[1]
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

@@ -26,6 +26,7 @@ from defectloop.models.holdout import held_back
 from defectloop.models.patch_scores import PatchScores
 from defectloop.models.patchcore import PatchCore
 from defectloop.models.prediction import Prediction
+from defectloop.models.tile_choice import choose_tiles, tiled
 
 MODEL_TYPES: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "dmad": DMAD, "crad": CRAD}
 
@@ -55,4 +56,4 @@ def load_model(folder: str | Path, index: IndexFactory = build_index) -> Anomaly
 
 __all__ = ["ANY_CATEGORY", "BANKS", "CRAD", "DMAD", "HEAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig",
            "Calibration", "Choice", "Confirmed", "DMADConfig", "Fitter", "HeadChoices", "ModelConfig", "PatchCore", "PatchScores",
-           "Prediction", "create_model", "held_back", "load_model"]
+           "Prediction", "choose_tiles", "create_model", "held_back", "load_model", "tiled"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectloop.features import PatchEmbedder, image_tensor, mask_cells, mask_tensor
+from defectloop.data.tiles import Tile
+from defectloop.features import PatchEmbedder, mask_cells, mask_tensor, tile_tensors
 from defectloop.memory import (
     AbnormalBank,
     IndexFactory,
@@ -61,11 +62,17 @@ class AbnormalMemory:
         if image.shape[:2] != mask.shape:
             raise ValueError(f"annotation {provenance.annotation_id}: mask size differs from the image "
                              f"({mask.shape} vs {image.shape[:2]})")
-        size = self.config.image_size
-        feats = self.embedder(image_tensor(image, size)[None])[0].float()
-        cells = mask_cells(feats, mask_tensor(mask, size), self.config.dmad.mask_coverage)
+        tiling, feats = self._features(image, provenance.category)
+        size, coverage = self.config.image_size, self.config.dmad.mask_coverage
+        covered = [torch.from_numpy(t.crop_mask(mask)) for t in tiling] if len(tiling) > 1 else [mask_tensor(mask, size)]
+        cells = torch.cat([mask_cells(f, c, coverage) for f, c in zip(feats, covered, strict=True)])
         self.abnormal_bank.add(provenance, cells)
         return len(cells)
+
+    def _features(self, image: np.ndarray, category: str | None) -> tuple[list[Tile], torch.Tensor]:
+        """The tiles an image of this category is seen as, and their patch features (T x C x H x W)."""
+        tiling = self.config.tiling(category)
+        return tiling, self.embedder(tile_tensors(image, tiling, self.config.image_size)).float()
 
     @torch.no_grad()
     def confirm_anomalous(self, provenance: Provenance, image: np.ndarray) -> int:
@@ -76,10 +83,10 @@ class AbnormalMemory:
         it weights synthetic defects, a fifth of a drawn mask, and no defect type is read from them.
         They are what a category annotated without masks learns from. Idempotent per
         ``provenance.annotation_id``; returns the number of entries held for it."""
-        feats = self.embedder(image_tensor(image, self.config.image_size)[None]).float()
-        scores = self.patch_scores(feats)[0].flatten()  # type: ignore[attr-defined]
+        _, feats = self._features(image, provenance.category)
+        scores = self.patch_scores(feats).flatten()  # type: ignore[attr-defined]
         k = max(1, round(self.config.dmad.weak_patches * len(scores)))
-        cells = feats[0].flatten(1).T[scores.topk(k).indices]
+        cells = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[scores.topk(k).indices]
         self.abnormal_bank.add(replace(provenance, source="weak"), cells)
         return len(cells)
 
@@ -89,8 +96,8 @@ class AbnormalMemory:
         join the normal evidence, as many as a warm retraining would take into the normal bank
         (the coreset ratio, farthest first), so a second look-alike image adds little. Idempotent
         per ``provenance.annotation_id``; returns the number of entries now held for it."""
-        feats = self.embedder(image_tensor(image, self.config.image_size)[None])[0].float()
-        flat = feats.flatten(1).T
+        _, feats = self._features(image, provenance.category)
+        flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         d = self.nearest_normal(flat)[0]
         cells = flat[extend_farthest(flat, d, target_size(len(flat), self.config.coreset_ratio))]
         self.normal_evidence.add(provenance, cells)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from defectloop.data.tiles import runs
 from defectloop.features import PatchEmbedder, load_backbone
 from defectloop.memory import IndexFactory, NormalBank, build_index
 from defectloop.models.calibration import Calibration
@@ -41,7 +42,7 @@ class AnomalyModel(nn.Module):
         self.dim = self.embedder.dim
         self.normal_bank: NormalBank | None = None
         self.calibration = Calibration()
-        self.post = PostProcessor(config.image_size, config.smoothing_sigma)
+        self.post = PostProcessor(config.image_size, config.smoothing_sigma, config.tile_overlap)
         self.fitted = False
 
     # ----- scoring -------------------------------------------------------------------------
@@ -59,24 +60,41 @@ class AnomalyModel(nn.Module):
             scores.append(self.post.image_scores(maps[-1]))
         return torch.cat(scores), torch.cat(maps)
 
-    def predict_features(self, feats: torch.Tensor, categories: Sequence[str | None]) -> list[Prediction]:
-        """One Prediction per image of patch features (B x C x H x W)."""
+    def score_images(self, feats: torch.Tensor, parents: Sequence) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image scores and maps from the features of tiles (B x C x H x W), ``parents`` naming
+        each tile's image: an image's tiles are consecutive rows (see data/tiles.py)."""
         scores, maps = self.score_features(feats)
+        return self.post.stitched(scores, maps, runs(parents))
+
+    def predict_features(self, feats: torch.Tensor, categories: Sequence[str | None],
+                         tiles: Sequence[int] | None = None) -> list[Prediction]:
+        """One Prediction per image of patch features (B x C x H x W): a row each, or ``tiles[i]``
+        consecutive rows (its tiles) for image i."""
+        scores, maps = self.score_features(feats)
+        if tiles is not None:
+            return self.post.predictions(*self.post.stitched(scores, maps, tiles), categories, self.calibration)
         return self.post.predictions(scores, maps, categories, self.calibration)
 
     def pool_scores(self, feats: torch.Tensor) -> PatchScores:
         """The patch scores of a pool's features (B x C x H x W), kept current as the memory changes."""
         return PatchScores(self, feats)
 
-    def predict_patches(self, patch_scores: torch.Tensor, categories: Sequence[str | None]) -> list[Prediction]:
-        """One Prediction per image of patch scores (B x H x W), e.g. from ``pool_scores``."""
+    def predict_patches(self, patch_scores: torch.Tensor, categories: Sequence[str | None],
+                        tiles: Sequence[int] | None = None) -> list[Prediction]:
+        """One Prediction per image of patch scores (B x H x W, e.g. from ``pool_scores``): a row
+        each, or ``tiles[i]`` consecutive rows for image i."""
         maps = self.post.maps(patch_scores)
-        return self.post.predictions(self.post.image_scores(maps), maps, categories, self.calibration)
+        scores = self.post.image_scores(maps)
+        if tiles is not None:
+            return self.post.predictions(*self.post.stitched(scores, maps, tiles), categories, self.calibration)
+        return self.post.predictions(scores, maps, categories, self.calibration)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str | None]) -> list[Prediction]:
-        """Images (B x 3 x S x S in [0, 1], S = ``config.image_size``) -> one Prediction each."""
-        return self.predict_features(self.embedder(images).float(), categories)
+    def predict(self, images: torch.Tensor, categories: Sequence[str | None],
+                tiles: Sequence[int] | None = None) -> list[Prediction]:
+        """Images (B x 3 x S x S in [0, 1], S = ``config.image_size``) -> one Prediction each; or
+        tiles, ``tiles[i]`` consecutive ones for image i (``features.tile_tensors``)."""
+        return self.predict_features(self.embedder(images).float(), categories, tiles)
 
     def memory_by_category(self) -> dict[str, dict[str, int]]:
         """Bank entries per category: {category: {"normal": n, "abnormal": m}} (image ids start with

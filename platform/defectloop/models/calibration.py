@@ -147,11 +147,12 @@ class Calibration:
                 entries[cat] = replace(entry, threshold=moved, labels=len(idx), fitted=entry.threshold)
         return Calibration(entries)
 
-    def with_mask_levels(self, categories: Sequence[str], maps: torch.Tensor, masks: torch.Tensor,
+    def with_mask_levels(self, categories: Sequence[str], maps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                          min_masks: int = MIN_MASKS) -> Calibration:
         """These thresholds with each category's mask edge (``Threshold.mask_cut``) set by its
-        confirmed masks: ``maps`` (N x H x W, each scored without the memory its own mask added, as
-        a look-alike nobody labeled would be) and ``masks`` (N x H x W bool, at the maps' size).
+        confirmed masks: ``maps`` (H x W each, scored without the memory its own mask added, as a
+        look-alike nobody labeled would be; one size per category) and ``masks`` (bool, at each
+        map's size).
 
         Per category with ``min_masks`` or more, the level of ``MASK_LEVELS`` whose masks have the
         highest mean IoU with the confirmed ones, where it beats the fitted cut on them (a tie keeps
@@ -167,7 +168,7 @@ class Calibration:
             entries[cat] = fitted
             if len(idx) < min_masks or cat == ANY_CATEGORY:
                 continue
-            m, truth = maps[idx].float(), masks[idx].bool()
+            m, truth = torch.stack([maps[i] for i in idx]).float(), torch.stack([masks[i] for i in idx]).bool()
             ious = torch.stack([_mask_ious(replace(fitted, mask_level=level), m, truth).mean() for level in MASK_LEVELS])
             if ious.max() > _mask_ious(fitted, m, truth).mean():
                 entries[cat] = replace(fitted, mask_level=MASK_LEVELS[int(ious.argmax())], mask_labels=len(idx))

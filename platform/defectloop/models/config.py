@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from defectloop.data.tiles import Tile, tiles
+
 
 @dataclass
 class DMADConfig:
@@ -67,11 +69,21 @@ class ModelConfig:
     holdout_fraction: float = 0.1  # normal training images held back for threshold calibration
     threshold_quantile: float = 0.99
     smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
+    # tiles a side per category (data/tiles.py); a category not named is chosen at its first fit
+    # (models/tile_choice.py) and recorded here, so every version says how it sees each category
+    tiles: dict[str, int] = field(default_factory=dict)
+    max_tiles: int = 8  # tiles a side at most (64 tiles: 1152 px at 256 px tiles and the overlap below)
+    tile_overlap: int = 128  # pixels two neighbouring tiles share: each shows only its middle (data/tiles.py)
     dmad: DMADConfig = field(default_factory=DMADConfig)
     crad: CRADConfig = field(default_factory=CRADConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def tiling(self, category: str | None) -> list[Tile]:
+        """The tiles an image of this category is seen as (one, the whole image, for a category
+        without a choice)."""
+        return tiles(self.tiles.get(category or "", 1), self.image_size, self.tile_overlap)
 
     def with_settings(self, settings: list[str]) -> ModelConfig:
         """A copy with ``key=value`` settings applied (``dmad.steps=3000``; values read as JSON when they parse)."""

@@ -8,6 +8,7 @@ enhancement recomputed. Real (annotated) anomalies are weighted up against synth
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data.synthetic import DefectAugmenter
+from defectloop.data.tiles import runs
 from defectloop.features import Extracted, image_tensor, mask_cells
 from defectloop.memory import AbnormalBank, Provenance, knn
 from defectloop.models.abnormal_memory import Confirmed
@@ -99,11 +101,11 @@ def abnormal_examples(model: DMAD, train: Extracted, fit_idx: list[int], comm: C
             if len(cells):
                 found.append((Provenance(train_key(s.image_id), s.image_id, s.category, s.defect), cells))
                 if i not in validation:
-                    real.add(cells, i)
+                    real.add(cells, ids[s.image_id])
     for i, cells in synthetic_defects(model, train, fit_idx, math.ceil(cfg.synthetic_per_category / comm.world)):
         s = train.samples[i]
         found.append((Provenance(f"synthetic:{s.image_id}", s.image_id, s.category, "synthetic", "synthetic"), cells))
-        synthetic.add(cells, i)
+        synthetic.add(cells, ids[s.image_id])
     for prov, _ in confirmed:
         ids.setdefault(prov.image_id, len(train.samples) + len(ids))
     for prov, cells in list(confirmed)[comm.rank::comm.world]:  # trained on: shared out among the workers
@@ -132,24 +134,29 @@ def train_dmad_head(model: DMAD, train: Extracted, fit_idx: list[int], progress:
     defects held back from its training (see choose_heads)."""
     cfg, scorer = model.config.dmad, model.scorer
     g = torch.Generator().manual_seed(model.config.seed + comm.rank)
-    ids = {s.image_id: i for i, s in enumerate(train.samples)}  # this worker's images; others are -1
+    # owners: one number per image of this worker (the tiles of an image share it, so that a patch
+    # never meets its own image's entries, overlaps included); others' images are -1
+    image = {}
+    row_owner = torch.tensor([image.setdefault(s.parent_id, len(image)) for s in train.samples], dtype=torch.long)
+    ids = {s.image_id: int(row_owner[i]) for i, s in enumerate(train.samples)}
     bank = model.normal_bank
     bank_owner = torch.tensor([ids.get(x, -1) for x in bank.image_ids])[bank.owners]
-    defects = [(s.image_id, s.category, m is not None) for s, m in zip(train.samples, train.masks, strict=True) if s.label == 1]
-    held_ids = split_validation([d for part in comm.all_gather(defects) for d in part], cfg.validation_fraction,
+    defects = [(s.parent_id, s.category, m is not None) for s, m in zip(train.samples, train.masks, strict=True) if s.label == 1]
+    held_ids = split_validation(sorted({d for part in comm.all_gather(defects) for d in part}), cfg.validation_fraction,
                                 model.config.seed)
-    val_idx = [i for i, s in enumerate(train.samples) if s.label == 1 and s.image_id in held_ids]
+    val_idx = [i for i, s in enumerate(train.samples) if s.label == 1 and s.parent_id in held_ids]
     real, synthetic = abnormal_examples(model, train, fit_idx, comm, confirmed, ids, set(val_idx))
     ab_feats, ab_group, ab_provs = model.abnormal_bank.tensors()
     ab_owner = torch.tensor([ids.get(p.image_id, -1) for p in ab_provs], dtype=torch.long)[ab_group]
 
     # normal patch pool from the fitted images (this worker's share)
-    feats = train.features[fit_idx]
-    n_img, c, h, w = feats.shape
+    _, c, h, w = train.features.shape
+    n_img = len(fit_idx)
     n_pool = min(cfg.train_patches // comm.world, n_img * h * w)
     flat_idx = torch.randperm(n_img * h * w, generator=g)[:n_pool]
-    q_n = feats.permute(0, 2, 3, 1).reshape(-1, c)[flat_idx]
-    own_n = torch.tensor(fit_idx)[flat_idx // (h * w)]
+    image, cell = torch.tensor(fit_idx, dtype=torch.long)[flat_idx // (h * w)], flat_idx % (h * w)
+    q_n = train.features[image, :, cell // w, cell % w].float()  # only the patches drawn, not all of them
+    own_n = row_owner[image]
     near_n = nearest_normal(q_n, bank.features, bank_owner, own_n)
     if not warm:  # feature statistics and distance scale: the same on every worker
         keep = n_pool if comm.world == 1 else 4096
@@ -195,10 +202,13 @@ def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: li
     twin = model.with_memory(model.abnormal_bank.without({train_key(train.samples[i].image_id) for i in val_idx}),
                              model.normal_evidence)
     scores = {}
+    idx = sorted(idx)  # an image's tiles consecutive: scored as one image
+    parents = [train.samples[i].parent_id for i in idx]
+    firsts = [idx[k] for k in itertools.accumulate([0, *runs(parents)[:-1]])] if idx else []
     for mode in (HEAD, BANKS):
         twin.head_choices = HeadChoices(default=mode)
-        scores[mode] = twin.score_features(train.features[idx])[0] if idx else torch.zeros(0)
-    parts = comm.all_gather(([train.samples[i].category for i in idx], torch.tensor([train.samples[i].label for i in idx]),
+        scores[mode] = twin.score_images(train.features[idx], parents)[0] if idx else torch.zeros(0)
+    parts = comm.all_gather(([train.samples[i].category for i in firsts], torch.tensor([train.samples[i].label for i in firsts]),
                              scores[HEAD], scores[BANKS]))
     model.head_choices = HeadChoices.choose([c for p in parts for c in p[0]],
                                             *(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)), dict(masks))

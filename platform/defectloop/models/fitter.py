@@ -11,14 +11,18 @@ the collective (pure torch.distributed, so models stay free of Ray). The modules
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
 from defectloop.collective import LOCAL, Collective
-from defectloop.features import Extracted
+from defectloop.data import Sample
+from defectloop.data.tiles import runs
+from defectloop.features import Extracted, extract, feature_buffer
 from defectloop.memory import CoresetSampler, KCenterGreedy, NormalBank, extend_farthest, target_size
 from defectloop.models.abnormal_memory import AbnormalMemory, Confirmed
 from defectloop.models.base import AnomalyModel
@@ -26,6 +30,7 @@ from defectloop.models.calibration import Calibration
 from defectloop.models.crad_training import train_crad_head
 from defectloop.models.dmad_training import train_dmad_head
 from defectloop.models.holdout import split_holdout
+from defectloop.models.tile_choice import choose_tiles, tiled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,15 @@ class Fitter:
     def __init__(self, model: AnomalyModel, sampler: Callable[..., CoresetSampler] = KCenterGreedy):
         self.model = model
         self.sampler = sampler
+
+    def fit_samples(self, samples: Sequence[Sample], progress: bool = False, **fit: Any) -> dict:
+        """Choose the tiles of the categories the config does not name yet (models/tile_choice.py),
+        embed the samples as those tiles, and ``fit`` on them."""
+        model = self.model
+        model.config = choose_tiles(model.config, samples, model.embedder)
+        train = extract(model.embedder, tiled(samples, model.config), model.config.image_size,
+                        progress="features" if progress else False)
+        return self.fit(train, progress=progress, **fit)
 
     def fit(self, train: Extracted, progress: bool = False, comm: Collective = LOCAL,
             checkpoint: Callable[[str], None] | None = None, done: frozenset[str] = frozenset(),
@@ -91,10 +105,13 @@ class Fitter:
     def calibrate(self, train: Extracted, held_idx: list[int], comm: Collective = LOCAL) -> None:
         """Thresholds from the held-back normals of every worker (see Calibration)."""
         model = self.model
-        cats, scores, peaks = [train.samples[i].category for i in held_idx], torch.zeros(0), torch.zeros(0)
-        if held_idx:
-            scores, maps = model.score_features(train.features[held_idx])
-            peaks = maps.flatten(1).max(1).values
+        held = [train.samples[i] for i in held_idx]
+        counts = runs([s.parent_id for s in held])
+        cats = [held[i].category for i in itertools.accumulate([0, *counts[:-1]])] if held else []
+        scores, peaks = torch.zeros(0), torch.zeros(0)
+        if held_idx:  # per image: a tiled image's score and map come from its tiles
+            scores, maps = model.score_images(train.features[held_idx], [s.parent_id for s in held])
+            peaks = torch.stack([m.max() for m in maps])
         parts = comm.all_gather((cats, scores, peaks))
         if any(p[0] for p in parts):
             model.calibration = Calibration.fit([c for p in parts for c in p[0]], torch.cat([p[1] for p in parts]),
@@ -108,9 +125,8 @@ class Fitter:
         reduces the union to the final size (raw patches never leave their worker).
         """
         model, cfg = self.model, self.model.config
-        feats = train.features[fit_idx]  # n x C x H x W
-        n, c, h, w = feats.shape
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        flat = patch_rows(train.features, fit_idx)
+        n, (_, _, h, w) = len(fit_idx), train.features.shape
         owners = torch.arange(n).repeat_interleave(h * w)
         image_ids = [train.samples[i].image_id for i in fit_idx]
         total = int(comm.all_sum(flat.shape[0]))
@@ -163,3 +179,16 @@ class Fitter:
         n_new = int(comm.all_sum(len(new)))
         log.info("normal bank: %d entries added from %d new images to %d", len(added), n_new, len(bank))
         return {"normal_bank_size": len(model.normal_bank), "normal_bank_added": len(added), "new_normal_images": n_new}
+
+
+def patch_rows(features: torch.Tensor, images: list[int], chunk: int = 64) -> torch.Tensor:
+    """The patches of some images (N x C x H x W features) as rows (patches x C), copied once, a
+    chunk of images at a time, into a buffer that goes to disk when large (``feature_buffer``):
+    the images seen as tiles at their own resolution make millions of patches (5.4M on the dev
+    set with the screw at 3 x 3), and an index-then-permute copy held them twice in RAM."""
+    _, c, h, w = features.shape
+    out = feature_buffer((len(images) * h * w, c), max_memory=4 << 30)
+    for i in range(0, len(images), chunk):
+        part = features[images[i:i + chunk]]
+        out[i * h * w:(i + len(part)) * h * w] = part.permute(0, 2, 3, 1).reshape(-1, c)
+    return out

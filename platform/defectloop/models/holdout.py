@@ -27,26 +27,27 @@ def split_holdout(samples: Sequence, fraction: float, seed: int, always_held: Co
 
     An image is held back when a seeded hash of its id falls below ``fraction``, so its side never
     changes when images are added: a warm retraining must not calibrate on images whose patches
-    its bank already holds. Per category with two images or more, at least one is held back and
-    at least one fitted (the lowest and highest hash). Images whose id is in ``always_held`` are
-    held back, on top of these (confirmed normals kept out of a retraining to judge it).
+    its bank already holds. The tiles of an image go with it. Per category with two images or
+    more, at least one is held back and at least one fitted (the lowest and highest hash). Images
+    whose id is in ``always_held`` are held back, on top of these (confirmed normals kept out of a
+    retraining to judge it).
     """
-    by_cat: dict[str, list[int]] = {}
+    by_cat: dict[str, dict[str, list[int]]] = {}  # category -> image id -> its rows (tiles)
     for i, s in enumerate(samples):
         if s.label == 0:
-            by_cat.setdefault(s.category, []).append(i)
+            by_cat.setdefault(s.category, {}).setdefault(s.parent_id, []).append(i)
     fit, held = [], []
-    for _, idx in sorted(by_cat.items()):
-        u = {i: hash_unit(samples[i].image_id, f"{seed}/holdout") for i in idx}
-        forced = {i for i in idx if samples[i].image_id in always_held}
-        rest = [i for i in idx if i not in forced]
-        out = {i for i in rest if u[i] < fraction}
+    for _, images in sorted(by_cat.items()):
+        u = {image: hash_unit(image, f"{seed}/holdout") for image in images}
+        forced = {image for image in images if image in always_held}
+        rest = [image for image in images if image not in forced]
+        out = {image for image in rest if u[image] < fraction}
         if fraction > 0 and len(rest) > 1 and not out:
             out = {min(rest, key=u.__getitem__)}
         elif rest and len(out) == len(rest):
             out.discard(max(rest, key=u.__getitem__))
-        held += sorted(out | forced)
-        fit += [i for i in rest if i not in out]
+        held += [i for image in out | forced for i in images[image]]
+        fit += [i for image in rest if image not in out for i in images[image]]
     return sorted(fit), sorted(held)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from defectloop.data.tiles import stitch
 from defectloop.models.calibration import Calibration, Decision
 
 
@@ -94,8 +95,9 @@ def _jet_palette() -> bytes:
 class PostProcessor:
     """Patch scores -> smoothed maps -> image scores -> Predictions under a calibration."""
 
-    def __init__(self, image_size: int, smoothing_sigma: float):
+    def __init__(self, image_size: int, smoothing_sigma: float, tile_overlap: int = 0):
         self.size = image_size
+        self.overlap = tile_overlap
         self.sigma = smoothing_sigma * image_size / 256  # the sigma is given at 256 px
         self._ops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -107,16 +109,33 @@ class PostProcessor:
         a_h, a_w = self._ops[(h, w)]
         return a_h @ patch_scores @ a_w.T
 
-    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+    def image_scores(self, maps: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """The most anomalous 32 px window (stride 8 px, at 256 px) of each smoothed map, as the
         published CRAD: a defect is an area, while normal texture leaves scattered single-patch highs
-        (measured gains in docs/models.md)."""
+        (measured gains in docs/models.md). Maps of tiled images (a list: their sizes differ) are
+        scored as ``stitched`` scores them."""
+        if not isinstance(maps, torch.Tensor):
+            return torch.stack([self.image_scores(m[None])[0] for m in maps]) if len(maps) else torch.zeros(0)
         scale = self.size / 256
         window, stride = max(1, round(32 * scale)), max(1, round(8 * scale))
         return F.avg_pool2d(maps[:, None], window, stride).flatten(1).max(1).values
 
+    def stitched(self, scores: torch.Tensor, maps: torch.Tensor, counts: Sequence[int]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tiles' scores and maps -> their images': the most anomalous tile's score, and the tiles'
+        maps stitched (``counts``: tiles of each image, consecutive rows, n x n row by row)."""
+        out_scores, out_maps, start = [], [], 0
+        for count in counts:
+            n = math.isqrt(count)
+            if n * n != count:
+                raise ValueError(f"{count} tiles do not make a square")
+            out_maps.append(stitch(maps[start:start + count], n, self.overlap))
+            out_scores.append(scores[start] if n == 1 else self.image_scores(out_maps[-1][None])[0])
+            start += count
+        return (torch.stack(out_scores) if out_scores else scores[:0]), out_maps
+
     @staticmethod
-    def predictions(scores: torch.Tensor, maps: torch.Tensor, categories: Sequence[str | None],
+    def predictions(scores: torch.Tensor, maps: torch.Tensor | Sequence[torch.Tensor], categories: Sequence[str | None],
                     calibration: Calibration) -> list[Prediction]:
         out = []
         for s, m, cat in zip(scores.tolist(), maps, categories, strict=True):

@@ -1,0 +1,114 @@
+"""Tiles: how an image larger than the model's input is inspected at (near) its own resolution.
+
+A category inspected with ``n`` tiles a side has each image resized to ``side(n)`` pixels a side
+and cut into n x n overlapping tiles of the model's input size ``t``, ``overlap`` pixels apart
+from their neighbours' edges: side(n) = t + (n - 1) * (t - overlap). One tile (n = 1) is the
+whole image at the model's size. Every tile is a model input like any other image: the banks
+are built from tiles, and a tile is scored alone; the image's map is its tiles' maps stitched
+back (overlaps averaged) and its score the most anomalous tile's.
+
+Why tiles rather than a larger input: every batch of the backbone, the banks and the heads stays
+one shape (t x t), whatever mix of categories and scales, and memory per tile is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def side(n: int, tile: int, overlap: int) -> int:
+    """Pixels a side of an image cut into n x n tiles of ``tile`` px overlapping by ``overlap``."""
+    return tile + (n - 1) * (tile - overlap)
+
+
+def tiles_for(width: int, height: int, tile: int, overlap: int, most: int) -> int:
+    """Tiles a side that keep an image closest to its own resolution (in log scale), at most
+    ``most``: 1 for images up to about a tile's size."""
+    native = math.sqrt(width * height)
+    return min(range(1, max(1, most) + 1), key=lambda n: abs(math.log(side(n, tile, overlap) / native)))
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Tile (row, col) of an image cut into n x n tiles of ``size`` px overlapping by ``overlap``."""
+
+    n: int
+    row: int
+    col: int
+    size: int
+    overlap: int
+
+    @property
+    def key(self) -> str:
+        """The suffix of the tile's image id: ``@n:row,col``."""
+        return f"@{self.n}:{self.row},{self.col}"
+
+    @property
+    def side(self) -> int:
+        return side(self.n, self.size, self.overlap)
+
+    @property
+    def box(self) -> tuple[int, int]:
+        """(y, x) of the tile's top-left corner in the image resized to ``side``."""
+        step = self.size - self.overlap
+        return self.row * step, self.col * step
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The tile's pixels (size x size x 3) of an H x W x 3 uint8 image, resized to ``side`` first
+        (a large image box-reduced by an integer factor before, as ``read_image`` does: a camera
+        image never becomes a full-size float array)."""
+        img = Image.fromarray(image)
+        k = max(1, min(img.width, img.height) // (2 * self.side))
+        if k > 1:
+            img = img.reduce(k)
+        if img.size != (self.side, self.side):
+            img = img.resize((self.side, self.side), Image.BILINEAR)
+        y, x = self.box
+        return np.asarray(img)[y:y + self.size, x:x + self.size]
+
+    def crop_mask(self, mask: np.ndarray) -> np.ndarray:
+        """The defective fraction of each pixel of the tile (float32, size x size) of an H x W bool mask."""
+        img = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.side, self.side), Image.BOX)
+        y, x = self.box
+        return np.asarray(img, dtype=np.float32)[y:y + self.size, x:x + self.size] / 255.0
+
+
+def tiles(n: int, size: int, overlap: int) -> list[Tile]:
+    """The n x n tiles of an image, row by row (the order ``stitch`` takes their maps in)."""
+    return [Tile(n, r, c, size, overlap) for r in range(n) for c in range(n)]
+
+
+def stitch(maps: torch.Tensor, n: int, overlap: int) -> torch.Tensor:
+    """n*n tile maps (row by row, each size x size) -> the image's map (side x side). Each pixel
+    comes from the tile it lies deepest in (the middle of each overlap is the seam): a tile's
+    border, where the backbone saw padding instead of the image, is never shown when a
+    neighbour saw that place whole."""
+    if n == 1:
+        return maps[0]
+    m = maps.shape[-1]
+    step, half = m - overlap, overlap // 2
+    out = maps.new_zeros(side(n, m, overlap), side(n, m, overlap))
+    lo = [0 if i == 0 else half for i in range(n)]  # the part of each tile kept, along one side
+    hi = [m if i == n - 1 else m - (overlap - half) for i in range(n)]
+    for i in range(n):
+        for j in range(n):
+            out[i * step + lo[i]:i * step + hi[i], j * step + lo[j]:j * step + hi[j]] = \
+                maps[i * n + j, lo[i]:hi[i], lo[j]:hi[j]]
+    return out
+
+
+def runs(parents: Sequence[str]) -> list[int]:
+    """Lengths of the runs of equal ids: an image's tiles are consecutive rows wherever they go."""
+    out: list[int] = []
+    for i, p in enumerate(parents):
+        if i and p == parents[i - 1]:
+            out[-1] += 1
+        else:
+            out.append(1)
+    return out

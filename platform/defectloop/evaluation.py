@@ -1,0 +1,49 @@
+"""A model judged on labeled images: the metrics of ``defectloop evaluate``, the demo and the
+benchmarks, from one path (tiles stitched back into their images, masks at the maps' size)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from defectloop.data import Sample
+from defectloop.data.tiles import runs, stitch
+from defectloop.features import Extracted
+from defectloop.metrics import evaluate, served_mask_ious
+from defectloop.models import BANKS, DMAD, HEAD, AnomalyModel
+
+
+def evaluate_extracted(model: AnomalyModel, test: Extracted) -> tuple[dict, list[Sample], torch.Tensor, list[torch.Tensor]]:
+    """(the `evaluate` JSON, the images, their scores, their maps) of test features embedded as the
+    model's tiles (``models.tiled``): per category and mean metrics, the served masks' IoU, the tiles
+    a side each category is seen as and, for DMAD, which score serves it."""
+    parents = [s.parent_id for s in test.samples]
+    scores, maps = model.score_images(test.features, parents)
+    counts = runs(parents)
+    samples = [test.samples[i] for i in itertools.accumulate([0, *counts[:-1]])] if counts else []
+    cats = [s.category for s in samples]
+    masks = image_masks(test.masks, counts, model.config.tile_overlap)
+    shown = model.post.predictions(scores, maps, cats, model.calibration)  # what a user is shown
+    result = evaluate(cats, scores.numpy(), np.array([s.label for s in samples]), [m.numpy() for m in maps], masks,
+                      served_mask_ious(shown, samples))
+    result["skipped"] = test.skipped
+    for cat, m in result["categories"].items():
+        m["tiles"] = model.config.tiles.get(cat, 1)  # how the category was seen
+        if isinstance(model, DMAD):  # which score served it: the learned head's or the banks' alone
+            m["serves"] = HEAD if model.head_choices.serves_head(cat) else BANKS
+    return result, samples, scores, maps
+
+
+def image_masks(tile_masks: list[torch.Tensor | None], counts: list[int], overlap: int) -> list[np.ndarray | None]:
+    """Each image's defect mask at its map's size (its tiles' masks stitched), None where unknown."""
+    out: list[np.ndarray | None] = []
+    start = 0
+    for count in counts:
+        part = tile_masks[start:start + count]
+        start += count
+        out.append(None if any(m is None for m in part) else
+                   (stitch(torch.stack(part), math.isqrt(count), overlap) > 0.5).numpy())  # type: ignore[arg-type]
+    return out
