@@ -104,6 +104,27 @@ def test_a_tiled_model_finds_the_defects_and_every_path_scores_an_image_alike(ti
     assert pool.embeddings().shape == (6, model.dim)
 
 
+def test_saved_pool_features_of_another_tiling_are_embedded_again(tiled_model, tiny_data, tmp_path):
+    import copy
+
+    from defectloop.labeling.label_config import LabelConfig, build_label_config
+    from defectloop.labeling.predict import PoolPredictor
+
+    test = load_split(tiny_data).test[:4]
+    tasks = [{"id": i + 1, "data": {"image": str(s.path), "category": s.category}} for i, s in enumerate(test)]
+    config = LabelConfig.parse(build_label_config(["scratch"]))
+    saved = tmp_path / "pool_features.safetensors"
+
+    def fetch(t: dict) -> bytes:
+        return Path(t["data"]["image"]).read_bytes()
+
+    assert PoolPredictor(tiled_model, tasks, fetch, config, cache=saved).tiles == [9] * 4
+    whole = copy.copy(tiled_model)
+    whole.config = replace(tiled_model.config, tiles={})  # a version that sees these images whole
+    again = PoolPredictor(whole, tasks, fetch, config, cache=saved)
+    assert again.tiles == [1] * 4 and again.features.shape[0] == 4
+
+
 def test_a_confirmed_mask_on_a_tiled_image_adds_the_patches_under_it(tiny_data, small_config):
     """Each tile's patches under the mask join the abnormal bank: more than the whole image at the
     model's size would give (the defect seen at the tiles' resolution)."""

@@ -67,7 +67,8 @@ class PoolPredictor:
             present = {t["id"] for t in tasks}
             tiles = meta.get("tiles") or [1] * len(meta["task_ids"])
             starts = list(itertools.accumulate([0, *tiles]))
-            keep = [i for i, t in enumerate(meta["task_ids"]) if t in present]
+            seen_as = {c: len(model.config.tiling(c)) for c in set(meta["categories"])}  # tiles may have been chosen anew
+            keep = [i for i, t in enumerate(meta["task_ids"]) if t in present and tiles[i] == seen_as[meta["categories"][i]]]
             if keep:
                 self.features = load_file(str(cache))["features"][[r for i in keep for r in range(starts[i], starts[i + 1])]]
                 self.task_ids = [meta["task_ids"][i] for i in keep]
@@ -202,12 +203,14 @@ class PoolPredictor:
         for start in range(0, len(positions), 64):
             idx = positions[start:start + 64]
             rows = torch.tensor(self.rows(idx))
-            preds = model.predict_patches(self._scores.of(rows), [self.categories[i] for i in idx], [self.tiles[i] for i in idx])
-            by_row = self._scores.defects(rows)
+            patches = self._scores.of(rows)
+            preds = model.predict_patches(patches, [self.categories[i] for i in idx], [self.tiles[i] for i in idx])
+            by_row, peaks = self._scores.defects(rows), patches.flatten(1).max(1).values
             ends = list(itertools.accumulate(self.tiles[i] for i in idx))
             for i, p, end in zip(idx, preds, ends, strict=True):
                 mask = p.mask(*self.sizes[i])
-                defect = next((d for d in by_row[end - self.tiles[i]:end] if d), None)
+                start = end - self.tiles[i]
+                defect = by_row[start + int(peaks[start:end].argmax())]  # that of its most anomalous tile
                 self._outcomes[i] = Outcome(p.score, p.normalised_score, p.decision == "anomalous",
                                             self.codec.encode(mask) if mask.any() else None, defect)
 

@@ -195,8 +195,8 @@ def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: li
     defect, where it trained on real masks (models/head_choice.py). The held-back defects are
     scored without their own masks' bank entries, as unseen ones would be."""
     validation = set(val_idx)
-    masks = Counter(s.category for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True))
-                    if s.label == 1 and m is not None and i not in validation)
+    masks = Counter(c for _, c in {(s.parent_id, s.category) for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True))
+                                   if s.label == 1 and m is not None and i not in validation})  # images, not tiles
     masks = sum(comm.all_gather(masks), Counter()) + Counter(p.category for p, _ in confirmed if p.source == "annotation")
     idx = held_idx + val_idx
     twin = model.with_memory(model.abnormal_bank.without({train_key(train.samples[i].image_id) for i in val_idx}),

@@ -50,7 +50,7 @@ class Prediction:
     decision: Decision
     category: str | None
     known_category: bool  # False: the all-category thresholds were used
-    amap: np.ndarray  # S x S smoothed anomaly map at the model's input size
+    amap: np.ndarray  # smoothed anomaly map: S x S at the model's input size, or its tiles' side (stitched)
 
     def mask(self, width: int, height: int) -> np.ndarray:
         """H x W bool defect mask: where the map, at the image's size, exceeds the pixel threshold,
