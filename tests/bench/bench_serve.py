@@ -7,7 +7,8 @@ category of ../shared/data/dev. Then, in one run: in-process scoring throughput 
 model, batches of 16), and `defectloop serve` on local Ray with dynamic batching (max 16) and with
 batch size 1, each loaded by N requests of one image from C concurrent clients. Prints p50/p99
 latency, throughput, errors, and HTTP throughput as a ratio of in-process throughput; and one 2 MP
-and one 12 MP camera image end to end in process: megapixels/s and peak memory above the idle model.
+and one 12 MP camera image end to end in process, whole and as 8 x 8 tiles: megapixels/s and peak
+memory above the idle model (``--per-megapixel-only``: these alone).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ TOKEN = "bench-token"
 
 def train_registry(data: Path, per_category: int, out: Path) -> Path:
     from defectloop.data import load_split
-    from defectloop.features import extract
     from defectloop.models import Fitter, ModelConfig, create_model
     from defectloop.registry import Registry
 
@@ -44,7 +44,7 @@ def train_registry(data: Path, per_category: int, out: Path) -> Path:
             counts[s.category] += 1
             train.append(s)
     model = create_model(ModelConfig(kind="dmad"))
-    Fitter(model).fit(extract(model.embedder, train, model.config.image_size, progress="bench: features"), progress=True)
+    Fitter(model).fit_samples(train, progress=True)
     Registry(out).register(model)
     return out
 
@@ -73,45 +73,52 @@ def _rss_kb(field: str) -> int:
 
 def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
     """Camera-sized images end to end in process, as /v1/score answers one: decode and reduce
-    (``read_image``), resize, score, then the mask and the heatmap at the image's own size.
+    (``read_image``), resize or cut into tiles, score, then the mask and the heatmap at the image's
+    own size. Each image twice: whole (the model's input size) and as the most tiles a category
+    may be seen as (``max_tiles`` a side: 8 x 8 tiles of 256 px, 1152 px; the model's banks are
+    whatever they are, the cost is the point).
 
     A 2 MP and a 12 MP JPEG are made from one dev image (bicubic upscale). Peak memory is the
     process's peak resident set above the idle, warmed-up model (the kernel's peak counter reset
     through /proc/self/clear_refs before each image)."""
     import io
+    from dataclasses import replace
 
     from PIL import Image
 
     from defectloop.data import read_image
-    from defectloop.features import image_tensor
+    from defectloop.features import tile_tensors
     from defectloop.scoring import ModelHandle
 
     handle = ModelHandle(registry)
-    size = handle.served.model.config.image_size
+    model = handle.served.model
+    model.config = replace(model.config, tiles={**model.config.tiles, "tiled": model.config.max_tiles})
     base = Image.open(source).convert("RGB")
     rows = []
     for name, (w, h) in (("2 MP", (1632, 1224)), ("12 MP", (4000, 3000))):
         buf = io.BytesIO()
         base.resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=92)
         data = buf.getvalue()
+        for view in ("whole", "tiled"):
+            tiling = model.config.tiling(view)
 
-        def once(data: bytes = data) -> None:
-            image, (width, height) = read_image(data, size)
-            p = handle.score([image_tensor(image, size)], [None])[0].prediction
-            p.mask(width, height)
-            p.heatmap_png(width, height)
+            def once(data: bytes = data, tiling=tiling, view=view) -> None:
+                image, (width, height) = read_image(data, tiling[0].side)
+                p = handle.score([tile_tensors(image, tiling, model.config.image_size)], [view])[0].prediction
+                p.mask(width, height)
+                p.heatmap_png(width, height)
 
-        once()  # warm-up
-        idle = _rss_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        best = float("inf")
-        for _ in range(rounds):
-            t = time.perf_counter()
-            once()
-            best = min(best, time.perf_counter() - t)
-        peak = _rss_kb("VmHWM") - idle
-        rows.append({"image": name, "megapixels": w * h / 1e6, "s": best, "megapixels_per_s": w * h / 1e6 / best,
-                     "peak_above_idle_mb": peak / 1024})
+            once()  # warm-up
+            idle = _rss_kb("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            best = float("inf")
+            for _ in range(rounds):
+                t = time.perf_counter()
+                once()
+                best = min(best, time.perf_counter() - t)
+            peak = _rss_kb("VmHWM") - idle
+            rows.append({"image": name, "view": f"{len(tiling)} tile(s)", "megapixels": w * h / 1e6, "s": best,
+                         "megapixels_per_s": w * h / 1e6 / best, "peak_above_idle_mb": peak / 1024})
     return rows
 
 
@@ -173,6 +180,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--port", type=int, default=8311)
+    ap.add_argument("--per-megapixel-only", action="store_true", help="the camera images alone, no HTTP load test")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     registry = Path(args.registry) if args.registry else train_registry(
@@ -186,8 +194,10 @@ def main() -> None:
     local = in_process(registry, payloads * 2)
     print(f"in-process (decode + resize + score, batch 16): {local:.2f} img/s")
     for r in per_megapixel(registry, images[0]):
-        print(f"in-process, one {r['image']} JPEG (decode + score + mask and heatmap at full size): "
+        print(f"in-process, one {r['image']} JPEG as {r['view']} (decode + score + mask and heatmap at full size): "
               f"{r['s']:.2f} s = {r['megapixels_per_s']:.1f} MP/s, peak memory {r['peak_above_idle_mb']:.0f} MB above idle")
+    if args.per_megapixel_only:
+        return
     rows = {}
     for batch in (16, 1):
         proc = serve(registry, batch, args.port)
