@@ -29,8 +29,8 @@ from PIL import Image
 
 from defectloop.data import ImageError, Sample
 from defectloop.data.synthetic import add_defect
-from defectloop.data.tiles import tiles, tiles_for
-from defectloop.features import PatchEmbedder, image_tensor, load_backbone
+from defectloop.data.tiles import Tile, tiles, tiles_for
+from defectloop.features import PatchEmbedder, load_backbone, tile_tensors
 from defectloop.memory import KCenterGreedy, build_index
 from defectloop.metrics import auroc
 from defectloop.models.config import ModelConfig
@@ -126,11 +126,9 @@ def _images(samples: Sequence[Sample]):
 
 
 @torch.no_grad()
-def _patches(embedder: PatchEmbedder, image: np.ndarray, grid) -> torch.Tensor:
+def _patches(embedder: PatchEmbedder, image: np.ndarray, grid: Sequence[Tile]) -> torch.Tensor:
     """Patch features (tiles x h x w rows, C columns) of an image seen as ``grid``."""
-    size = grid[0].size
-    batch = torch.stack([image_tensor(t.crop(image) if len(grid) > 1 else image, size) for t in grid])
-    f = embedder(batch).float()
+    f = embedder(tile_tensors(image, grid, grid[0].size)).float()
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 
