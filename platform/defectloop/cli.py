@@ -103,22 +103,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed: int, plots: Path | None = None):
     """Score the test split of ``data`` and compute metrics (and plots)."""
     from defectloop.data import load_image, load_split
-    from defectloop.evaluation import evaluate_extracted, image_masks
+    from defectloop.evaluation import evaluate_extracted
     from defectloop.features import extract
     from defectloop.models import tiled
 
     split = load_split(data, categories, k, seed)
     test = extract(model.embedder, tiled(split.test, model.config), model.config.image_size, progress="scoring")
-    result, samples, scores, maps = evaluate_extracted(model, test)
+    done = evaluate_extracted(model, test)
+    samples, scores, maps = done.samples, done.scores, done.maps
     cats = [s.category for s in samples]
     labels = np.array([s.label for s in samples])
     if plots is not None:
-        from defectloop.data.tiles import runs
         from defectloop.features import image_tensor
         from defectloop.plots import overlays, score_histograms
 
         plots.mkdir(parents=True, exist_ok=True)
-        masks = image_masks(test.masks, runs([s.parent_id for s in test.samples]), model.config.tile_overlap)
         score_histograms(plots / "score_histograms.png", cats, scores.numpy(), labels,
                          {c: model.calibration.threshold(c) for c in set(cats)})
         for cat in sorted(set(cats)):
@@ -128,8 +127,8 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
                     for i in idx]
             titles = [f"{samples[i].defect} {scores[i]:.2f}" for i in idx]
             overlays(plots / f"overlay_{cat}.png", imgs, np.stack([maps[i].numpy() for i in idx]), titles,
-                     [masks[i] for i in idx])
-    return result
+                     [done.masks[i] for i in idx])
+    return done.result
 
 
 def print_table(result: dict) -> None:

@@ -155,7 +155,7 @@ def annotate(project: LabelingProject, task_ids: list[int], truth: dict[int, Sam
 
 def held_out_metrics(model: AnomalyModel, test: Extracted) -> dict:
     """Mean metrics on the held-out split, with the image AUROC per category (``per_category``)."""
-    result = evaluate_extracted(model, test)[0]
+    result = evaluate_extracted(model, test).result
     return {**result["mean"], "per_category": {c: m["image_auroc"] for c, m in sorted(result["categories"].items())}}
 
 

@@ -3,29 +3,39 @@ benchmarks, from one path (tiles stitched back into their images, masks at the m
 
 from __future__ import annotations
 
-import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from defectloop.data import Sample
-from defectloop.data.tiles import runs, stitch
+from defectloop.data.tiles import firsts, runs, stitch
 from defectloop.features import Extracted
 from defectloop.metrics import evaluate, served_mask_ious
 from defectloop.models import BANKS, DMAD, HEAD, AnomalyModel
 
 
-def evaluate_extracted(model: AnomalyModel, test: Extracted) -> tuple[dict, list[Sample], torch.Tensor, list[torch.Tensor]]:
-    """(the `evaluate` JSON, the images, their scores, their maps) of test features embedded as the
-    model's tiles (``models.tiled``): per category and mean metrics, the served masks' IoU, the tiles
-    a side each category is seen as and, for DMAD, which score serves it."""
+@dataclass(frozen=True)
+class Evaluated:
+    """The `evaluate` JSON, and per test image what it was computed from (tiles stitched)."""
+
+    result: dict
+    samples: list[Sample]  # each image's first tile: what it is known as
+    scores: torch.Tensor
+    maps: list[torch.Tensor]
+    masks: list[np.ndarray | None]  # ground truth at each map's size, None where unknown
+
+
+def evaluate_extracted(model: AnomalyModel, test: Extracted) -> Evaluated:
+    """The metrics of test features embedded as the model's tiles (``models.tiled``): per category
+    and mean, the served masks' IoU, the tiles a side each category is seen as and, for DMAD,
+    which score serves it."""
     parents = [s.parent_id for s in test.samples]
     scores, maps = model.score_images(test.features, parents)
-    counts = runs(parents)
-    samples = [test.samples[i] for i in itertools.accumulate([0, *counts[:-1]])] if counts else []
+    samples = [test.samples[i] for i in firsts(parents)]
     cats = [s.category for s in samples]
-    masks = image_masks(test.masks, counts, model.config.tile_overlap)
+    masks = image_masks(test.masks, runs(parents), model.config.tile_overlap)
     shown = model.post.predictions(scores, maps, cats, model.calibration)  # what a user is shown
     result = evaluate(cats, scores.numpy(), np.array([s.label for s in samples]), [m.numpy() for m in maps], masks,
                       served_mask_ious(shown, samples))
@@ -34,7 +44,7 @@ def evaluate_extracted(model: AnomalyModel, test: Extracted) -> tuple[dict, list
         m["tiles"] = model.config.tiles.get(cat, 1)  # how the category was seen
         if isinstance(model, DMAD):  # which score served it: the learned head's or the banks' alone
             m["serves"] = HEAD if model.head_choices.serves_head(cat) else BANKS
-    return result, samples, scores, maps
+    return Evaluated(result, samples, scores, maps, masks)
 
 
 def image_masks(tile_masks: list[torch.Tensor | None], counts: list[int], overlap: int) -> list[np.ndarray | None]:

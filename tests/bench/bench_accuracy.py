@@ -160,7 +160,8 @@ def main() -> None:
         stats = Fitter(model).fit(train, progress=True)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
-        res, samples, scores, maps = evaluate_extracted(model, test)
+        done = evaluate_extracted(model, test)
+        res, samples, scores, maps = done.result, done.samples, done.scores, done.maps
         score_s = time.perf_counter() - t
         res.update(fit_s=fit_s, head_tiles_per_s=len(test.samples) / score_s,
                    fit={k: v for k, v in stats.items() if k != "crad_history"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from defectloop.data import Sample, load_image, load_mask, load_split
-from defectloop.data.tiles import Tile, runs, side, stitch, tiles, tiles_for
+from defectloop.data.tiles import Tile, firsts, runs, side, stitch, tiles, tiles_for
 from defectloop.features import extract, image_tensor, tile_tensors
 from defectloop.metrics import auroc
 from defectloop.models import Fitter, ModelConfig, choose_tiles, create_model, tiled
@@ -46,6 +46,7 @@ def test_an_image_s_tiles_are_one_run_and_stay_on_one_side_of_the_hold_out(tiny_
     samples = tiled(split.train, ModelConfig(image_size=64, tile_overlap=32, tiles={"tile": 3}))
     assert len(samples) == sum(9 if s.category == "tile" else 1 for s in split.train)
     assert runs([s.parent_id for s in samples]) == [9 if s.category == "tile" else 1 for s in split.train]
+    assert [samples[i].parent_id for i in firsts([s.parent_id for s in samples])] == [s.parent_id for s in split.train]
     assert len({s.image_id for s in samples}) == len(samples)  # a tile has an id of its own
     fit, held = split_holdout(samples, 0.2, 0)
     side_of = {}

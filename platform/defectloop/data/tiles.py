@@ -106,7 +106,12 @@ def stitch(maps: torch.Tensor, n: int, overlap: int) -> torch.Tensor:
     return out
 
 
-def runs(parents: Sequence[str]) -> list[int]:
+def firsts(parents: Sequence) -> list[int]:
+    """Where each run of equal ids starts: the first tile of each image."""
+    return [i for i, p in enumerate(parents) if i == 0 or p != parents[i - 1]]
+
+
+def runs(parents: Sequence) -> list[int]:
     """Lengths of the runs of equal ids: an image's tiles are consecutive rows wherever they go."""
     out: list[int] = []
     for i, p in enumerate(parents):

@@ -89,7 +89,7 @@ class PoolPredictor:
         self.features = torch.cat([self.features, feats]) if self.task_ids else feats
         self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
         self.tiles = self.tiles + tiles
-        for cached in ("index", "starts"):
+        for cached in ("index", "starts", "task_of_row"):
             self.__dict__.pop(cached, None)
         if self.cache is not None:  # rewritten whole, atomically: a crash leaves the old file or the new one
             self.cache.parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +239,9 @@ class PoolPredictor:
         """Per task position, its first row of ``features`` (and the number of rows, last)."""
         return list(itertools.accumulate([0, *self.tiles]))
 
-    @property
+    @functools.cached_property
     def task_of_row(self) -> list[int]:
+        """Per row of ``features``, the position of its task."""
         return [i for i, n in enumerate(self.tiles) for _ in range(n)]
 
     def rows(self, positions: list[int]) -> list[int]:

@@ -70,10 +70,7 @@ class AnomalyModel(nn.Module):
                          tiles: Sequence[int] | None = None) -> list[Prediction]:
         """One Prediction per image of patch features (B x C x H x W): a row each, or ``tiles[i]``
         consecutive rows (its tiles) for image i."""
-        scores, maps = self.score_features(feats)
-        if tiles is not None:
-            return self.post.predictions(*self.post.stitched(scores, maps, tiles), categories, self.calibration)
-        return self.post.predictions(scores, maps, categories, self.calibration)
+        return self._predictions(*self.score_features(feats), categories, tiles)
 
     def pool_scores(self, feats: torch.Tensor) -> PatchScores:
         """The patch scores of a pool's features (B x C x H x W), kept current as the memory changes."""
@@ -84,7 +81,11 @@ class AnomalyModel(nn.Module):
         """One Prediction per image of patch scores (B x H x W, e.g. from ``pool_scores``): a row
         each, or ``tiles[i]`` consecutive rows for image i."""
         maps = self.post.maps(patch_scores)
-        scores = self.post.image_scores(maps)
+        return self._predictions(self.post.image_scores(maps), maps, categories, tiles)
+
+    def _predictions(self, scores: torch.Tensor, maps: torch.Tensor, categories: Sequence[str | None],
+                     tiles: Sequence[int] | None) -> list[Prediction]:
+        """Rows' scores and maps -> Predictions: a row an image, or ``tiles[i]`` rows stitched for image i."""
         if tiles is not None:
             return self.post.predictions(*self.post.stitched(scores, maps, tiles), categories, self.calibration)
         return self.post.predictions(scores, maps, categories, self.calibration)

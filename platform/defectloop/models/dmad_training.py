@@ -8,7 +8,6 @@ enhancement recomputed. Real (annotated) anomalies are weighted up against synth
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data.synthetic import DefectAugmenter
-from defectloop.data.tiles import runs
+from defectloop.data.tiles import firsts
 from defectloop.features import Extracted, image_tensor, mask_cells
 from defectloop.memory import AbnormalBank, Provenance, knn
 from defectloop.models.abnormal_memory import Confirmed
@@ -198,17 +197,16 @@ def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: li
     masks = Counter(c for _, c in {(s.parent_id, s.category) for i, (s, m) in enumerate(zip(train.samples, train.masks, strict=True))
                                    if s.label == 1 and m is not None and i not in validation})  # images, not tiles
     masks = sum(comm.all_gather(masks), Counter()) + Counter(p.category for p, _ in confirmed if p.source == "annotation")
-    idx = held_idx + val_idx
+    idx = sorted(held_idx + val_idx)  # an image's tiles consecutive: scored as one image
     twin = model.with_memory(model.abnormal_bank.without({train_key(train.samples[i].image_id) for i in val_idx}),
                              model.normal_evidence)
     scores = {}
-    idx = sorted(idx)  # an image's tiles consecutive: scored as one image
     parents = [train.samples[i].parent_id for i in idx]
-    firsts = [idx[k] for k in itertools.accumulate([0, *runs(parents)[:-1]])] if idx else []
+    images = [idx[k] for k in firsts(parents)]  # each image's first tile: its category and label
     for mode in (HEAD, BANKS):
         twin.head_choices = HeadChoices(default=mode)
         scores[mode] = twin.score_images(train.features[idx], parents)[0] if idx else torch.zeros(0)
-    parts = comm.all_gather(([train.samples[i].category for i in firsts], torch.tensor([train.samples[i].label for i in firsts]),
+    parts = comm.all_gather(([train.samples[i].category for i in images], torch.tensor([train.samples[i].label for i in images]),
                              scores[HEAD], scores[BANKS]))
     model.head_choices = HeadChoices.choose([c for p in parts for c in p[0]],
                                             *(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)), dict(masks))

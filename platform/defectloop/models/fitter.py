@@ -11,7 +11,6 @@ the collective (pure torch.distributed, so models stay free of Ray). The modules
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Collection, Sequence
@@ -21,7 +20,7 @@ import torch
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data import Sample
-from defectloop.data.tiles import runs
+from defectloop.data.tiles import firsts
 from defectloop.features import Extracted, extract, feature_buffer
 from defectloop.memory import CoresetSampler, KCenterGreedy, NormalBank, extend_farthest, target_size
 from defectloop.models.abnormal_memory import AbnormalMemory, Confirmed
@@ -105,12 +104,11 @@ class Fitter:
     def calibrate(self, train: Extracted, held_idx: list[int], comm: Collective = LOCAL) -> None:
         """Thresholds from the held-back normals of every worker (see Calibration)."""
         model = self.model
-        held = [train.samples[i] for i in held_idx]
-        counts = runs([s.parent_id for s in held])
-        cats = [held[i].category for i in itertools.accumulate([0, *counts[:-1]])] if held else []
+        parents = [train.samples[i].parent_id for i in held_idx]
+        cats = [train.samples[held_idx[k]].category for k in firsts(parents)]
         scores, peaks = torch.zeros(0), torch.zeros(0)
         if held_idx:  # per image: a tiled image's score and map come from its tiles
-            scores, maps = model.score_images(train.features[held_idx], [s.parent_id for s in held])
+            scores, maps = model.score_images(train.features[held_idx], parents)
             peaks = torch.stack([m.max() for m in maps])
         parts = comm.all_gather((cats, scores, peaks))
         if any(p[0] for p in parts):

@@ -122,8 +122,9 @@ class PostProcessor:
 
     def stitched(self, scores: torch.Tensor, maps: torch.Tensor, counts: Sequence[int]
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Tiles' scores and maps -> their images': the most anomalous tile's score, and the tiles'
-        maps stitched (``counts``: tiles of each image, consecutive rows, n x n row by row)."""
+        """Tiles' scores and maps -> their images': the tiles' maps stitched (``counts``: tiles of
+        each image, consecutive rows, n x n row by row) and each stitched map's image score (one
+        tile: its own score)."""
         out_scores, out_maps, start = [], [], 0
         for count in counts:
             n = math.isqrt(count)

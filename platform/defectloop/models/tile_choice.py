@@ -64,11 +64,11 @@ def choose_tiles(config: ModelConfig, samples: Sequence[Sample], embedder: Patch
             continue
         embedder = embedder or PatchEmbedder(load_backbone(config.backbone, config.backbone_checkpoint))
         defects = [s for s in samples if s.category == cat and s.label == 1 and s.tile is None]
-        real = len(defects) >= 2
-        aurocs = {n: _validation_auroc(embedder, config, normals, defects if real else [], n) for n in (1, most)}
+        defects = defects if len(defects) >= 2 else []  # one labeled defect ranks nothing: synthetic ones
+        aurocs = {n: _validation_auroc(embedder, config, normals, defects, n) for n in (1, most)}
         chosen[cat] = most if aurocs[most] > aurocs[1] + MARGIN else 1
         log.info("category %s: %d x %d tiles (image AUROC on %s defects: %s)", cat, chosen[cat], chosen[cat],
-                 "real" if real else "synthetic", ", ".join(f"{n} x {n} {a:.3f}" for n, a in aurocs.items()))
+                 "real" if defects else "synthetic", ", ".join(f"{n} x {n} {a:.3f}" for n, a in aurocs.items()))
     return replace(config, tiles=chosen)
 
 
@@ -88,8 +88,8 @@ def _typical_size(samples: Sequence[Sample]) -> tuple[int, int]:
 
 def _validation_auroc(embedder: PatchEmbedder, config: ModelConfig, normals: Sequence[Sample],
                       defects: Sequence[Sample], n: int) -> float:
-    """Image AUROC of held-back normals against defects, with a PatchCore bank of the other normals,
-    every image seen as n x n tiles."""
+    """Image AUROC of held-back normals against ``defects`` (none: the same normals with small
+    synthetic defects), with a PatchCore bank of the other normals, every image seen as n x n tiles."""
     salt = f"{config.seed}/tiles"
     order = sorted(normals, key=lambda s: hash_unit(s.parent_id, salt))
     held, fit = order[:VALIDATION_IMAGES], order[VALIDATION_IMAGES:VALIDATION_IMAGES + FIT_IMAGES]
@@ -101,14 +101,15 @@ def _validation_auroc(embedder: PatchEmbedder, config: ModelConfig, normals: Seq
     index = build_index(bank)
     post = PostProcessor(config.image_size, config.smoothing_sigma, config.tile_overlap)
 
+    g = embedder.grid(config.image_size)
+
     def score(image: np.ndarray) -> float:
         q = _patches(embedder, image, grid)
-        g = embedder.grid(config.image_size)
         maps = post.maps(index.search(q)[0].view(len(grid), g, g))
         return float(post.stitched(post.image_scores(maps), maps, [len(grid)])[0][0])
 
     clean = list(_images(held))
-    if len(defects) >= 2:
+    if defects:
         bad = list(_images(defects[:VALIDATION_IMAGES]))
     else:  # small synthetic defects, at the images' own resolution
         rng = np.random.default_rng(config.seed)
