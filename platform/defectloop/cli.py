@@ -249,6 +249,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from defectloop.workers.ingest import ingest
 
     config = _model_config(args)
+    if args.registry:  # the features the served version reads: its backbone, input size and tiles
+        from defectloop.models import read_config
+        from defectloop.registry import resolve_model_dir
+
+        config = read_config(resolve_model_dir(args.registry))
     images = pool_images(args.pool)  # each image's category: the first folder below the pool
     sources = [p.uri for p in images]
     if not sources:
@@ -490,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--batch-size", type=int, default=16)
     ig.add_argument("--ray-address", help="Ray cluster to use (default: start a local one)")
     ig.add_argument("--json", help="write one row per image here (source, digest, size, embedded, node)")
+    ig.add_argument("--registry", help="registry or model version (local or s3://): embed as its current version "
+                    "sees images (backbone, input size, tiles per category) instead of --config and the flags below")
     model_opts(ig)
     ig.set_defaults(func=cmd_ingest)
 

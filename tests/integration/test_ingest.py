@@ -112,6 +112,28 @@ def test_ingestion_killed_halfway_embeds_each_image_once(ray_head, tmp_path):
         assert torch.allclose(a, b, atol=1e-2 * scale) and torch.allclose(a, ref, atol=1e-2 * scale)
 
 
+def test_ingestion_embeds_as_the_registry_s_version_sees_images(ray_head, tmp_path):
+    """``--registry``: the backbone, input size and tiles come from the version, not the flags, so
+    a category the version sees as 2 x 2 tiles is cached as those tiles (and the other whole)."""
+    pool = make_dataset(tmp_path / "pool", n_train=3, n_test_good=0, n_test_bad=0, size=SIZE, seed=5,
+                        categories=("tile", "disc"))
+    version = tmp_path / "version"
+    version.mkdir()
+    config = ModelConfig(image_size=64, tile_overlap=32, tiles={"tile": 2})
+    (version / "config.json").write_text(json.dumps(config.to_dict()))
+    out, cache = tmp_path / "rows.json", tmp_path / "cache"
+    cmd = [*ingest_command(pool, cache, ray_head.address, out), "--registry", str(version)]
+    run = subprocess.run(cmd, env=driver_env(ray_head), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(r["embedded"] for r in rows)
+    features = FeatureCache(LocalStore(cache), config.backbone, None, 64)
+    for r in rows:
+        tiled = "/tile/" in r["source"]
+        got = features.get(r["digest"], tiles=2 if tiled else 1).features
+        assert got.shape == ((4, 152, 8, 8) if tiled else (152, 8, 8)), (r["source"], got.shape)
+
+
 def test_ingestion_spreads_over_two_nodes(tmp_path_factory):
     """Two one-CPU Ray nodes on this machine (``ray start --head`` and ``ray start --address``): the
     ingestion's two backbone actors run one on each, and both embed."""

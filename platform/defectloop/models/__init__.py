@@ -44,16 +44,21 @@ def create_model(config: ModelConfig, index: IndexFactory = build_index) -> Anom
         return cls(config, index)
 
 
-def load_model(folder: str | Path, index: IndexFactory = build_index) -> AnomalyModel:
-    """Load a saved model version directory."""
+def read_config(folder: str | Path) -> ModelConfig:
+    """The config of a saved model version directory."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"not a model version directory (no config.json): {folder}")
-    model = create_model(ModelConfig.from_dict(json.loads((folder / "config.json").read_text())), index)
-    model.load_state(folder)
+    return ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+
+
+def load_model(folder: str | Path, index: IndexFactory = build_index) -> AnomalyModel:
+    """Load a saved model version directory."""
+    model = create_model(read_config(folder), index)
+    model.load_state(Path(folder))
     return model.eval()
 
 
 __all__ = ["ANY_CATEGORY", "BANKS", "CRAD", "DMAD", "HEAD", "MODEL_TYPES", "AbnormalMemory", "AnomalyModel", "CRADConfig",
            "Calibration", "Choice", "Confirmed", "DMADConfig", "Fitter", "HeadChoices", "ModelConfig", "PatchCore", "PatchScores",
-           "Prediction", "choose_tiles", "create_model", "held_back", "load_model", "tiled"]
+           "Prediction", "choose_tiles", "create_model", "held_back", "load_model", "read_config", "tiled"]
