@@ -3,9 +3,11 @@
     .venv/bin/python tests/bench/bench_serve.py [--registry DIR] [--requests 500] [--clients 16]
 
 Without --registry it trains a DMAD model (product defaults, 256 px) on the first images of each
-category of ../shared/data/dev. Then, in one run: in-process scoring throughput (decode + resize +
-model, batches of 16), and `defectloop serve` on local Ray with dynamic batching (max 16) and with
-batch size 1, each loaded by N requests of one image from C concurrent clients. Prints p50/p99
+category of ../shared/data/dev (a category whose images are larger than the model's input may be
+seen as tiles: the fit chooses). Every image is sent with its category, so it is scored as the
+category's tiles. Then, in one run: in-process scoring throughput (decode + tiles + model, batches
+of 16 images), and `defectloop serve` on local Ray with dynamic batching (max 16) and with batch
+size 1, each loaded by N requests of one image from C concurrent clients. Prints p50/p99
 latency, throughput, errors, and HTTP throughput as a ratio of in-process throughput; and one 2 MP
 and one 12 MP camera image end to end in process, whole and as 8 x 8 tiles: megapixels/s and peak
 memory above the idle model (``--per-megapixel-only``: these alone).
@@ -49,19 +51,34 @@ def train_registry(data: Path, per_category: int, out: Path) -> Path:
     return out
 
 
-def in_process(registry: Path, payloads: list[bytes], batch: int = 16) -> float:
-    from defectloop.data import load_image
-    from defectloop.features import image_tensor
+def in_process(registry: Path, payloads: list[tuple[bytes, str]], batch: int = 16) -> tuple[float, float]:
+    """Images/s and tiles/s of what a request's images go through on a replica: read at the size
+    their category's tiles need, cut into tiles, scored in batches of ``batch`` images."""
+    from defectloop.data import read_image
+    from defectloop.features import tile_tensors
     from defectloop.scoring import ModelHandle
 
     handle = ModelHandle(registry)
-    size = handle.served.model.config.image_size
-    handle.score([image_tensor(load_image(payloads[0]), size)] * batch, [None] * batch)  # warm-up
+    config = handle.served.model.config
+    print(f"tiles a side: {config.tiles or 'none'}")
+
+    def inputs(chunk: list[tuple[bytes, str]]) -> list[torch.Tensor]:
+        out = []
+        for data, category in chunk:
+            tiling = config.tiling(category)
+            out.append(tile_tensors(read_image(data, tiling[0].side)[0], tiling, config.image_size))
+        return out
+
+    handle.score(inputs(payloads[:batch]), [c for _, c in payloads[:batch]])  # warm-up
     t0 = time.perf_counter()
+    tiles = 0
     for i in range(0, len(payloads), batch):
         chunk = payloads[i:i + batch]
-        handle.score([image_tensor(load_image(p), size) for p in chunk], [None] * len(chunk))
-    return len(payloads) / (time.perf_counter() - t0)
+        tensors = inputs(chunk)
+        tiles += sum(len(t) for t in tensors)
+        handle.score(tensors, [c for _, c in chunk])
+    wall = time.perf_counter() - t0
+    return len(payloads) / wall, tiles / wall
 
 
 def _rss_kb(field: str) -> int:
@@ -122,7 +139,7 @@ def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
     return rows
 
 
-def load_test(url: str, payloads: list[bytes], n: int, clients: int) -> dict:
+def load_test(url: str, payloads: list[tuple[bytes, str]], n: int, clients: int) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(n))
@@ -135,16 +152,17 @@ def load_test(url: str, payloads: list[bytes], n: int, clients: int) -> dict:
                     i = next(counter, None)
                 if i is None:
                     return
+                data, category = payloads[i % len(payloads)]
                 t = time.perf_counter()
-                r = c.post(f"{url}/v1/score", files=[("files", ("x.png", payloads[i % len(payloads)], "image/png"))])
+                r = c.post(f"{url}/v1/score", params={"category": category}, files=[("files", ("x.png", data, "image/png"))])
                 latencies.append(time.perf_counter() - t)
                 if r.status_code != 200:
                     errors.append(f"{r.status_code}: {r.text[:100]}")
 
     # warm-up outside the measurement
     with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-        for p in payloads[:4]:
-            c.post(f"{url}/v1/score", files=[("files", ("x.png", p, "image/png"))])
+        for data, category in payloads[:4]:
+            c.post(f"{url}/v1/score", params={"category": category}, files=[("files", ("x.png", data, "image/png"))])
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -180,19 +198,21 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--port", type=int, default=8311)
+    ap.add_argument("--categories", default=None, help="comma-separated: load-test these categories' images only")
     ap.add_argument("--per-megapixel-only", action="store_true", help="the camera images alone, no HTTP load test")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     registry = Path(args.registry) if args.registry else train_registry(
         Path(args.data), args.per_category, Path(tempfile.mkdtemp(prefix="bench-serve-")) / "registry")
-    images = sorted(Path(args.data).glob("*/test/*/*.png"))
+    images = sorted(p for p in Path(args.data).glob("*/test/*/*.png")
+                    if not args.categories or p.parts[-4] in args.categories.split(","))
     random.Random(0).shuffle(images)
-    payloads = [p.read_bytes() for p in images[:64]]
+    payloads = [(p.read_bytes(), p.parts[-4]) for p in images[:64]]  # each sent with its category
     print(f"registry {registry}; {len(payloads)} distinct test images, "
-          f"{np.mean([len(p) for p in payloads]) / 1024:.0f} KiB on average")
+          f"{np.mean([len(p) for p, _ in payloads]) / 1024:.0f} KiB on average")
 
-    local = in_process(registry, payloads * 2)
-    print(f"in-process (decode + resize + score, batch 16): {local:.2f} img/s")
+    local, local_tiles = in_process(registry, payloads * 2)
+    print(f"in-process (decode + tiles + score, batch 16 images): {local:.2f} img/s, {local_tiles:.1f} tiles/s")
     for r in per_megapixel(registry, images[0]):
         print(f"in-process, one {r['image']} JPEG as {r['view']} (decode + score + mask and heatmap at full size): "
               f"{r['s']:.2f} s = {r['megapixels_per_s']:.1f} MP/s, peak memory {r['peak_above_idle_mb']:.0f} MB above idle")
