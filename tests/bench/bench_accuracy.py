@@ -29,6 +29,7 @@ import torch
 
 from defectloop.data import load_split
 from defectloop.data.images import load_mask
+from defectloop.data.tiles import firsts
 from defectloop.evaluation import evaluate_extracted
 from defectloop.features import Extracted, PatchEmbedder, extract, image_tensor, load_backbone
 from defectloop.labeling.feedback import cells_at, encode_cells
@@ -43,6 +44,42 @@ ROOT = Path(__file__).resolve().parents[2]
 def subset(ex: Extracted, keep) -> Extracted:
     idx = [i for i, s in enumerate(ex.samples) if keep(s)]
     return Extracted(ex.features[idx], [ex.samples[i] for i in idx], [ex.masks[i] for i in idx], ex.skipped)
+
+
+def throughput(embedder: PatchEmbedder, fitted: dict, rows: list, size: int, backbone: str, rounds: int) -> dict:
+    """Tiles/s of each fitted model's scorer (embedding + search + head + stitched maps: an image's
+    tiles scored together, as ``score_images`` does) against the bare backbone's, on the same tiles
+    embedded in batches of 16, both as the product runs it (batch norms folded, channels-last) and
+    as loaded (the stock timm/torchvision forward). Rounds alternate among them and each keeps its
+    best round, so that the machine's load (the backbone alone varied from 20 to 104 img/s between
+    runs) hits all alike."""
+    inputs = torch.stack([image_tensor(s.read(), size) for s in rows])
+    parents = [s.parent_id for s in rows]
+
+    def embedded(net) -> list:
+        return [net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)]
+
+    stock_backbone = load_backbone(backbone, fast=False)
+    runs = {"backbone": lambda: embedded(embedder.backbone), "backbone_as_loaded": lambda: embedded(stock_backbone),
+            **{n: (lambda m=fitted[n]: m.score_images(torch.cat(embedded(m.embedder)).float(), parents)) for n in fitted}}
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t)
+    n, images = len(rows), len(set(parents))
+    bb, stock = n / best["backbone"], n / best["backbone_as_loaded"]
+    out = {"tiles": n, "images": images, "backbone_img_s": bb, "backbone_as_loaded_img_s": stock}
+    print(f"{n} tiles of {images} images: backbone {bb:.1f} tiles/s, as loaded {stock:.1f} tiles/s", flush=True)
+    for name in fitted:
+        r = n / best[name]
+        out.update({f"{name}_img_s": r, f"{name}_ratio": r / bb, f"{name}_ratio_as_loaded": r / stock})
+        print(f"  {name}: {r:.1f} tiles/s = {r / bb:.2f}x the backbone, {r / stock:.2f}x as loaded", flush=True)
+    return out
 
 
 def mask_edges(model, samples: list, scores: torch.Tensor, maps: list[torch.Tensor], k: int, seed: int,
@@ -180,31 +217,18 @@ def main() -> None:
             print(f"{'':11s} scored by: " + ", ".join(f"{c} {v['serves']}" for c, v in stats["heads"]["categories"].items()),
                   flush=True)
 
-    # throughput at the input size, batch 16 of real test images: scorer (embedding + search + head + maps)
-    # vs the bare backbone, both as the product runs it (batch norms folded, channels-last) and as
-    # loaded (the stock timm/torchvision forward); rounds alternate among them and each keeps its
-    # best round, so that the machine's load (the backbone alone varied from 20 to 104 img/s
-    # between runs) hits all alike
-    step = max(1, len(test.samples) // 16)  # 16 tiles (whole images where a category is seen whole)
-    batch = torch.stack([image_tensor(s.read(), args.image_size) for s in test.samples[::step][:16]])
-    runs = {"backbone": embedder.backbone, "backbone_as_loaded": load_backbone(args.backbone, fast=False),
-            **{n: (lambda b, m=fitted[n]: m.score_features(m.embedder(b))) for n in fitted}}
-    best = dict.fromkeys(runs, float("inf"))
-    with torch.no_grad():
-        for fn in runs.values():
-            fn(batch)
-        for _ in range(args.throughput_rounds):
-            for name, fn in runs.items():
-                t = time.perf_counter()
-                fn(batch)
-                best[name] = min(best[name], time.perf_counter() - t)
-    bb, stock = 16 / best["backbone"], 16 / best["backbone_as_loaded"]
-    out["throughput"] = {"backbone_img_s": bb, "backbone_as_loaded_img_s": stock, "matmul_dtype": str(matmul_dtype())}
-    print(f"scoring products in {matmul_dtype()}; backbone {bb:.1f} tiles/s, as loaded {stock:.1f} tiles/s", flush=True)
-    for name in fitted:
-        r = 16 / best[name]
-        out["throughput"].update({f"{name}_img_s": r, f"{name}_ratio": r / bb, f"{name}_ratio_as_loaded": r / stock})
-        print(f"throughput {name}: {r:.1f} tiles/s = {r / bb:.2f}x the backbone, {r / stock:.2f}x as loaded", flush=True)
+    # throughput at the input size, on the tiles of 16 test images (a stride through the test set, so
+    # that categories mix as there) and, where a category is tiled, of 4 of its images alone
+    starts = firsts([s.parent_id for s in test.samples])
+    mix = [test.samples[i].parent_id for i in starts[::max(1, len(starts) // 16)][:16]]
+    tiled_ids = [test.samples[i].parent_id for i in starts if config.tiles.get(test.samples[i].category, 1) > 1]
+    out["throughput"] = {"matmul_dtype": str(matmul_dtype())}
+    print(f"scoring products in {matmul_dtype()}", flush=True)
+    for name, images in (("test mix", mix), ("tiled images", tiled_ids[::max(1, len(tiled_ids) // 4)][:4])):
+        if images:
+            print(f"throughput, {name}:", flush=True)
+            out["throughput"][name] = throughput(embedder, fitted, [s for s in test.samples if s.parent_id in set(images)],
+                                                 args.image_size, args.backbone, args.throughput_rounds)
 
     # coreset: 51k patches (50 images of one category at 256 px, fewer at a larger size), 10% and 1%,
     # ours vs the plain greedy loop

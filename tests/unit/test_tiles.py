@@ -89,6 +89,11 @@ def test_a_tiled_model_finds_the_defects_and_every_path_scores_an_image_alike(ti
     scores, maps = model.score_images(feats.features, [s.parent_id for s in feats.samples])
     assert len(scores) == len(test) and all(m.shape == (128, 128) for m in maps)
     assert auroc(scores.numpy(), np.array([s.label for s in test])) > 0.9
+    # only the patches the stitched maps read were searched, and the maps are those of all patches
+    keep = model.post.needed([9] * len(test), 8, 8)
+    assert keep.shape == (9 * len(test), 8, 8) and 0.3 < keep.float().mean() < 1
+    every_score, every_map = model.post.stitched(*model.score_features(feats.features), [9] * len(test))
+    assert torch.equal(scores, every_score) and all(torch.equal(a, b) for a, b in zip(maps, every_map, strict=True))
 
     images = [load_image(s.path) for s in test[:6]]
     inputs = [tile_tensors(img, model.config.tiling(s.category), 64) for img, s in zip(images, test[:6], strict=True)]

@@ -87,6 +87,13 @@ def tiles(n: int, size: int, overlap: int) -> list[Tile]:
     return [Tile(n, r, c, size, overlap) for r in range(n) for c in range(n)]
 
 
+def shown(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Along one side, the pixels [lo, hi) of the i-th of n tiles that its image's stitched map
+    shows: from the middle of one overlap to the middle of the next (the whole tile when n = 1)."""
+    half = overlap // 2
+    return [(0 if i == 0 else half, size if i == n - 1 else size - (overlap - half)) for i in range(n)]
+
+
 def stitch(maps: torch.Tensor, n: int, overlap: int) -> torch.Tensor:
     """n*n tile maps (row by row, each size x size) -> the image's map (side x side). Each pixel
     comes from the tile it lies deepest in (the middle of each overlap is the seam): a tile's
@@ -95,14 +102,11 @@ def stitch(maps: torch.Tensor, n: int, overlap: int) -> torch.Tensor:
     if n == 1:
         return maps[0]
     m = maps.shape[-1]
-    step, half = m - overlap, overlap // 2
+    step, part = m - overlap, shown(n, m, overlap)
     out = maps.new_zeros(side(n, m, overlap), side(n, m, overlap))
-    lo = [0 if i == 0 else half for i in range(n)]  # the part of each tile kept, along one side
-    hi = [m if i == n - 1 else m - (overlap - half) for i in range(n)]
-    for i in range(n):
-        for j in range(n):
-            out[i * step + lo[i]:i * step + hi[i], j * step + lo[j]:j * step + hi[j]] = \
-                maps[i * n + j, lo[i]:hi[i], lo[j]:hi[j]]
+    for i, (y0, y1) in enumerate(part):
+        for j, (x0, x1) in enumerate(part):
+            out[i * step + y0:i * step + y1, j * step + x0:j * step + x1] = maps[i * n + j, y0:y1, x0:x1]
     return out
 
 

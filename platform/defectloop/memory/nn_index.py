@@ -59,6 +59,19 @@ def row_min(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tens
     return d, j
 
 
+def smallest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of each row of x and their columns, ascending (ties: the first
+    column): ``x.topk(k, largest=False)`` for a small k, 2x faster on CPU as k argmins (16384
+    queries' distances to 158 lists, k = 4: topk 10.4 ms, this 5.0 ms)."""
+    k = min(k, x.shape[1])
+    work, rows = x.clone(), torch.arange(x.shape[0])
+    cols = torch.empty(x.shape[0], k, dtype=torch.long)
+    for i in range(k):
+        cols[:, i] = work.argmin(1)
+        work[rows, cols[:, i]] = float("inf")
+    return x.gather(1, cols), cols
+
+
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = None,
         exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours: (distances Q x k, indices Q x k), sorted nearest first.
@@ -163,13 +176,18 @@ class IVFIndex:
     larger residuals, hence coarser bfloat16 ranking on tightly clustered banks (synthetic: recall
     0.978 against 0.999 in float32); on the dev bank float32 gains little (0.973) at 1.9x the time.
 
+    3 lists probed, not 4: on the bank of the dev set with the screw as 3 x 3 tiles (100k entries,
+    the 16384 patches of one tiled screw image and 7 whole images), 58 ms against 70 ms at recall
+    0.979 against 0.986 (mean distance excess 0.08% against 0.03%); 221 lists with 4 probed took
+    68 ms (0.986), 111 with 3 63 ms (0.972).
+
     Args:
         bank: M x D entries.
         n_lists: number of k-means lists (default about sqrt(M) / 2).
         nprobe: lists scanned per query; recall rises with it.
     """
 
-    def __init__(self, bank: torch.Tensor, n_lists: int | None = None, nprobe: int = 4, seed: int = 0):
+    def __init__(self, bank: torch.Tensor, n_lists: int | None = None, nprobe: int = 3, seed: int = 0):
         bank = bank.float()
         self.features = bank
         self.dtype = matmul_dtype()
@@ -188,7 +206,7 @@ class IVFIndex:
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = queries.float()
         n = q.shape[0]
-        probe_d, probe = sq_dists(q, self.centroids, self.cent_sq).topk(self.nprobe, dim=1, largest=False)
+        probe_d, probe = smallest(sq_dists(q, self.centroids, self.cent_sq), self.nprobe)
         # (query, list) pairs grouped by list: each list's queries are one contiguous block
         pair_list, order = probe.reshape(-1).sort(stable=True)
         pair_q = torch.arange(n).repeat_interleave(self.nprobe)[order]
@@ -215,7 +233,7 @@ class IVFIndex:
         return d, rows.gather(1, pick[:, None])[:, 0]
 
 
-def build_index(bank: torch.Tensor, exact_max: int = 384, nprobe: int = 4, seed: int = 0) -> NNIndex:
+def build_index(bank: torch.Tensor, exact_max: int = 384, nprobe: int = 3, seed: int = 0) -> NNIndex:
     """The index a bank of this size should use: exact when small, IVF otherwise (16384 queries on
     subsets of the dev bank, measured: exact 10 ms and IVF 14 ms at 256 entries, IVF 1.7x faster
     at 512, 2.4x at 1024 and 8x at 4096, recall 0.987-0.992)."""

@@ -8,7 +8,7 @@ once evaluated, ``metrics.json``. Fitting is the business of :mod:`defectloop.mo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,22 @@ from defectloop.models.calibration import Calibration
 from defectloop.models.config import ModelConfig
 from defectloop.models.patch_scores import PatchScores
 from defectloop.models.prediction import PostProcessor, Prediction
+
+
+def kept_patches(feats: torch.Tensor, keep: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """B x C x H x W features -> the patches as rows (N x C), only those in ``keep`` where given,
+    and the function that puts one score per row back as B x H x W (0 for the patches left out)."""
+    b, c, h, w = feats.shape
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)
+    if keep is None:
+        return rows, lambda s: s.view(b, h, w)
+    where = keep.reshape(-1)
+
+    def put(s: torch.Tensor) -> torch.Tensor:
+        return s.new_zeros(b * h * w).masked_scatter_(where, s).view(b, h, w)
+
+    return rows[where], put
 
 
 class AnomalyModel(nn.Module):
@@ -46,31 +62,38 @@ class AnomalyModel(nn.Module):
         self.fitted = False
 
     # ----- scoring -------------------------------------------------------------------------
-    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """B x C x H x W patch features -> B x H x W anomaly scores (higher = more anomalous)."""
+    def patch_scores(self, feats: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """B x C x H x W patch features -> B x H x W anomaly scores (higher = more anomalous).
+        ``keep`` (B x H x W bool): the patches needed (``PostProcessor.needed``); a model may leave
+        the others 0."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def score_features(self, feats: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B) and smoothed anomaly maps (B x S x S) from patch features."""
+    def score_features(self, feats: torch.Tensor, batch_size: int = 64,
+                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B) and smoothed anomaly maps (B x S x S) from patch features (only the
+        patches in ``keep`` computed, where given: the rest of a map is then not the tile's)."""
         self.eval()
         scores, maps = [], []
         for i in range(0, feats.shape[0], batch_size):
-            maps.append(self.post.maps(self.patch_scores(feats[i:i + batch_size])))
+            part = None if keep is None else keep[i:i + batch_size]
+            maps.append(self.post.maps(self.patch_scores(feats[i:i + batch_size], part)))
             scores.append(self.post.image_scores(maps[-1]))
         return torch.cat(scores), torch.cat(maps)
 
     def score_images(self, feats: torch.Tensor, parents: Sequence) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image scores and maps from the features of tiles (B x C x H x W), ``parents`` naming
         each tile's image: an image's tiles are consecutive rows (see data/tiles.py)."""
-        scores, maps = self.score_features(feats)
-        return self.post.stitched(scores, maps, runs(parents))
+        counts = runs(parents)
+        scores, maps = self.score_features(feats, keep=self.post.needed(counts, *feats.shape[2:]))
+        return self.post.stitched(scores, maps, counts)
 
     def predict_features(self, feats: torch.Tensor, categories: Sequence[str | None],
                          tiles: Sequence[int] | None = None) -> list[Prediction]:
         """One Prediction per image of patch features (B x C x H x W): a row each, or ``tiles[i]``
         consecutive rows (its tiles) for image i."""
-        return self._predictions(*self.score_features(feats), categories, tiles)
+        keep = None if tiles is None else self.post.needed(tiles, *feats.shape[2:])
+        return self._predictions(*self.score_features(feats, keep=keep), categories, tiles)
 
     def pool_scores(self, feats: torch.Tensor) -> PatchScores:
         """The patch scores of a pool's features (B x C x H x W), kept current as the memory changes."""

@@ -218,6 +218,7 @@ class CRAD(AnomalyModel):
                              cfg.expansion, cfg.layers, cfg.use_global, cfg.refine)
 
     @torch.no_grad()
-    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+    def patch_scores(self, feats: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Every patch, ``keep`` or not: the network reads the whole grid at once."""
         x = self.head.normalise(feats)
         return (self.head(x) - x).norm(dim=1)

@@ -29,7 +29,7 @@ from torch import nn
 
 from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, NormalBank, build_index
 from defectloop.models.abnormal_memory import AbnormalMemory
-from defectloop.models.base import AnomalyModel
+from defectloop.models.base import AnomalyModel, kept_patches
 from defectloop.models.config import ModelConfig
 from defectloop.models.head_choice import HeadChoices
 from defectloop.models.patch_scores import PatchScores
@@ -213,10 +213,9 @@ class DMAD(AbnormalMemory, AnomalyModel):
         return Enhanced(q, q - nearest, d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a, self.head_gate(rows))
 
     @torch.no_grad()
-    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = feats.shape
-        e = self.enhance(feats.permute(0, 2, 3, 1).reshape(-1, c))
-        return self.scorer(e).view(b, h, w)
+    def patch_scores(self, feats: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        q, put = kept_patches(feats, keep)
+        return put(self.scorer(self.enhance(q)))
 
     def pool_scores(self, feats: torch.Tensor) -> DMADPatchScores:
         return DMADPatchScores(self, feats)

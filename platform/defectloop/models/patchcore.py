@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from defectloop.models.base import AnomalyModel
+from defectloop.models.base import AnomalyModel, kept_patches
 
 
 class PatchCore(AnomalyModel):
@@ -13,7 +13,6 @@ class PatchCore(AnomalyModel):
     kind = "patchcore"
 
     @torch.no_grad()
-    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = feats.shape
-        d, _ = self.normal_bank.index.search(feats.permute(0, 2, 3, 1).reshape(-1, c))
-        return d.view(b, h, w)
+    def patch_scores(self, feats: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        q, put = kept_patches(feats, keep)
+        return put(self.normal_bank.index.search(q)[0])

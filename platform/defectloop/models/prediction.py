@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectloop.data.tiles import stitch
+from defectloop.data.tiles import shown, stitch
 from defectloop.models.calibration import Calibration, Decision
 
 
@@ -100,14 +100,39 @@ class PostProcessor:
         self.overlap = tile_overlap
         self.sigma = smoothing_sigma * image_size / 256  # the sigma is given at 256 px
         self._ops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._needed: dict[tuple[int, int, int], torch.Tensor] = {}  # (n, h, w) -> n*n x h x w
+
+    def _operators(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (h, w) not in self._ops:
+            self._ops[(h, w)] = map_operator(h, self.size, self.sigma), map_operator(w, self.size, self.sigma)
+        return self._ops[(h, w)]
 
     def maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """B x H x W patch scores -> B x S x S maps (bilinear upsampling, then Gaussian smoothing)."""
-        h, w = patch_scores.shape[1:]
-        if (h, w) not in self._ops:
-            self._ops[(h, w)] = map_operator(h, self.size, self.sigma), map_operator(w, self.size, self.sigma)
-        a_h, a_w = self._ops[(h, w)]
+        a_h, a_w = self._operators(*patch_scores.shape[1:])
         return a_h @ patch_scores @ a_w.T
+
+    def needed(self, counts: Sequence[int], h: int, w: int) -> torch.Tensor | None:
+        """Which patches (B x H x W bool) of tiles (``counts``: tiles of each image, consecutive
+        rows) reach their images' stitched maps; None when every image is one tile (all do).
+
+        A stitched map shows only the middle of an inner tile (``tiles.shown``), and the map
+        operators say exactly which patches weigh on those pixels: every other patch's score is
+        multiplied by zero, so a model need not compute it. For 3 x 3 tiles of 256 px overlapping
+        by 128 px that is 63% of the patches, for 8 x 8 tiles 53%."""
+        if all(c == 1 for c in counts):
+            return None
+        parts = []
+        for count in counts:
+            n = math.isqrt(count)
+            if (n, h, w) not in self._needed:
+                a_h, a_w = self._operators(h, w)
+                part = shown(n, self.size, self.overlap)
+                rows = [a_h[y0:y1].ne(0).any(0) for y0, y1 in part]
+                cols = [a_w[x0:x1].ne(0).any(0) for x0, x1 in part]
+                self._needed[(n, h, w)] = torch.stack([r[:, None] & c[None] for r in rows for c in cols])
+            parts.append(self._needed[(n, h, w)])
+        return torch.cat(parts)
 
     def image_scores(self, maps: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """The most anomalous 32 px window (stride 8 px, at 256 px) of each smoothed map, as the
@@ -118,7 +143,9 @@ class PostProcessor:
             return torch.stack([self.image_scores(m[None])[0] for m in maps]) if len(maps) else torch.zeros(0)
         scale = self.size / 256
         window, stride = max(1, round(32 * scale)), max(1, round(8 * scale))
-        return F.avg_pool2d(maps[:, None], window, stride).flatten(1).max(1).values
+        # a window's mean as the mean of its columns' means: the same windows, 2.5x faster on CPU
+        columns = F.avg_pool2d(maps[:, None], (window, 1), (stride, 1))
+        return F.avg_pool2d(columns, (1, window), (1, stride)).flatten(1).max(1).values
 
     def stitched(self, scores: torch.Tensor, maps: torch.Tensor, counts: Sequence[int]
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
