@@ -3,14 +3,13 @@ benchmarks, from one path (tiles stitched back into their images, masks at the m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from defectloop.data import Sample
-from defectloop.data.tiles import firsts, runs, stitch
+from defectloop.data.tiles import firsts, per_side, runs, stitch
 from defectloop.features import Extracted
 from defectloop.metrics import evaluate, served_mask_ious
 from defectloop.models import BANKS, DMAD, HEAD, AnomalyModel
@@ -55,5 +54,5 @@ def image_masks(tile_masks: list[torch.Tensor | None], counts: list[int], overla
         part = tile_masks[start:start + count]
         start += count
         out.append(None if any(m is None for m in part) else
-                   (stitch(torch.stack(part), math.isqrt(count), overlap) > 0.5).numpy())  # type: ignore[arg-type]
+                   (stitch(torch.stack(part), per_side(count), overlap) > 0.5).numpy())  # type: ignore[arg-type]
     return out

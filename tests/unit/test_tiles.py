@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from defectloop.data import Sample, load_image, load_mask, load_split
-from defectloop.data.tiles import Tile, firsts, runs, side, stitch, tiles, tiles_for
+from defectloop.data.tiles import Tile, firsts, per_side, runs, side, stitch, tiles, tiles_for
 from defectloop.features import extract, image_tensor, tile_tensors
 from defectloop.metrics import auroc
 from defectloop.models import Fitter, ModelConfig, choose_tiles, create_model, tiled
@@ -23,6 +23,9 @@ def test_the_tiling_nearest_an_image_s_own_resolution():
     assert tiles_for(300, 300, 256, 128, most=8) == 1  # about a tile: seen whole
     assert tiles_for(4000, 3000, 256, 128, most=8) == 8  # a 12 MP camera: as far as allowed
     assert tiles_for(640, 640, 256, 128, most=8) == 4
+    assert per_side(9) == 3 and per_side(1) == 1
+    with pytest.raises(ValueError, match="do not make a square"):
+        per_side(8)
 
 
 def test_stitched_crops_give_back_the_image_at_the_tiles_scale():

@@ -30,6 +30,14 @@ def side(n: int, tile: int, overlap: int) -> int:
     return tile + (n - 1) * (tile - overlap)
 
 
+def per_side(count: int) -> int:
+    """Tiles a side of an image cut into ``count`` tiles (n x n)."""
+    n = math.isqrt(count)
+    if n * n != count:
+        raise ValueError(f"{count} tiles do not make a square")
+    return n
+
+
 def tiles_for(width: int, height: int, tile: int, overlap: int, most: int) -> int:
     """Tiles a side that keep an image closest to its own resolution (in log scale), at most
     ``most``: 1 for images up to about a tile's size."""

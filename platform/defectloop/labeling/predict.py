@@ -12,7 +12,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from defectloop.data import read_image
+from defectloop.data.tiles import per_side
 from defectloop.features import tile_tensors
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.brush import BrushRLE, MaskCodec
@@ -120,13 +120,13 @@ class PoolPredictor:
             for (pos, digest, x), f in zip(batch, out, strict=True):
                 feats[pos] = f
                 if features is not None:
-                    features.put(digest, f if len(x) > 1 else f[0], sizes[pos], math.isqrt(len(x)))
+                    features.put(digest, f if len(x) > 1 else f[0], sizes[pos], per_side(len(x)))
             batch.clear()
 
         for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
             category = str(t["data"].get("category", ""))
             tiling = config.tiling(category)
-            n = math.isqrt(len(tiling))
+            n = per_side(len(tiling))
             try:
                 data = self.fetch(t)
                 digest = content_hash(data)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectloop.data.tiles import shown, stitch
+from defectloop.data.tiles import per_side, shown, stitch
 from defectloop.models.calibration import Calibration, Decision
 
 
@@ -124,7 +124,7 @@ class PostProcessor:
             return None
         parts = []
         for count in counts:
-            n = math.isqrt(count)
+            n = per_side(count)
             if (n, h, w) not in self._needed:
                 a_h, a_w = self._operators(h, w)
                 part = shown(n, self.size, self.overlap)
@@ -154,9 +154,7 @@ class PostProcessor:
         tile: its own score)."""
         out_scores, out_maps, start = [], [], 0
         for count in counts:
-            n = math.isqrt(count)
-            if n * n != count:
-                raise ValueError(f"{count} tiles do not make a square")
+            n = per_side(count)
             out_maps.append(stitch(maps[start:start + count], n, self.overlap))
             out_scores.append(scores[start] if n == 1 else self.image_scores(out_maps[-1][None])[0])
             start += count
