@@ -46,7 +46,8 @@ def subset(ex: Extracted, keep) -> Extracted:
     return Extracted(ex.features[idx], [ex.samples[i] for i in idx], [ex.masks[i] for i in idx], ex.skipped)
 
 
-def throughput(embedder: PatchEmbedder, fitted: dict, rows: list, size: int, backbone: str, rounds: int) -> dict:
+def throughput(embedder: PatchEmbedder, stock_backbone: torch.nn.Module, fitted: dict, rows: list, size: int,
+               rounds: int) -> dict:
     """Tiles/s of each fitted model's scorer (embedding + search + head + stitched maps: an image's
     tiles scored together, as ``score_images`` does) against the bare backbone's, on the same tiles
     embedded in batches of 16, both as the product runs it (batch norms folded, channels-last) and
@@ -59,7 +60,6 @@ def throughput(embedder: PatchEmbedder, fitted: dict, rows: list, size: int, bac
     def embedded(net) -> list:
         return [net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)]
 
-    stock_backbone = load_backbone(backbone, fast=False)
     runs = {"backbone": lambda: embedded(embedder.backbone), "backbone_as_loaded": lambda: embedded(stock_backbone),
             **{n: (lambda m=fitted[n]: m.score_images(torch.cat(embedded(m.embedder)).float(), parents)) for n in fitted}}
     best = dict.fromkeys(runs, float("inf"))
@@ -224,11 +224,13 @@ def main() -> None:
     tiled_ids = [test.samples[i].parent_id for i in starts if config.tiles.get(test.samples[i].category, 1) > 1]
     out["throughput"] = {"matmul_dtype": str(matmul_dtype())}
     print(f"scoring products in {matmul_dtype()}", flush=True)
+    stock_backbone = load_backbone(args.backbone, fast=False)
     for name, images in (("test mix", mix), ("tiled images", tiled_ids[::max(1, len(tiled_ids) // 4)][:4])):
         if images:
             print(f"throughput, {name}:", flush=True)
-            out["throughput"][name] = throughput(embedder, fitted, [s for s in test.samples if s.parent_id in set(images)],
-                                                 args.image_size, args.backbone, args.throughput_rounds)
+            out["throughput"][name] = throughput(embedder, stock_backbone, fitted,
+                                                 [s for s in test.samples if s.parent_id in set(images)],
+                                                 args.image_size, args.throughput_rounds)
 
     # coreset: 51k patches (50 images of one category at 256 px, fewer at a larger size), 10% and 1%,
     # ours vs the plain greedy loop
