@@ -79,16 +79,62 @@ def test_exact_index_matches_brute_force():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ivf_index_recall(monkeypatch, dtype):
     """Lists ranked in bfloat16 (where the CPU is fast at it) on a tightly clustered bank: recall
-    0.976-0.979 over seeds (float32: 0.999), distances on average within 1% of the exact ones."""
+    0.971-0.989 over seeds (float32: 0.999), distances on average within 0.3-1.1% of the exact
+    ones (bfloat16 rounds the queries relative to their distance from the bank's mean, which such
+    a bank makes large next to the distances between neighbours)."""
     monkeypatch.setattr(nn_index, "matmul_dtype", lambda: dtype)
     bank = _clustered(8000, 32)
     q = bank[:2000] + 0.1 * torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
     d, i = IVFIndex(bank).search(q)  # the defaults, as scoring uses them
     _, ie = ExactIndex(bank).search(q)
-    assert (i == ie).float().mean() > 0.97
+    assert (i == ie).float().mean() > 0.96
     assert torch.allclose(d, (q - bank[i]).norm(dim=1), atol=1e-3)
     d_exact = (q - bank[ie]).norm(dim=1)
-    assert ((d - d_exact) / d_exact).mean() < 0.01
+    assert ((d - d_exact) / d_exact).mean() < 0.015
+
+
+def test_ivf_index_scans_the_nearest_lists_up_to_nprobe(monkeypatch):
+    """Every list within the spread is scanned, but never more than nprobe: with all lists in
+    reach and nprobe of them allowed, the answer is the nearest entry of the nprobe nearest lists."""
+    monkeypatch.setattr(nn_index, "matmul_dtype", lambda: torch.float32)
+    bank = _clustered(3000, 16)
+    q = bank[:300] + 0.5 * torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    _, exact = ExactIndex(bank).search(q)
+    every = IVFIndex(bank, nprobe=10_000, spread=float("inf"))
+    assert torch.equal(every.search(q)[1], exact)
+    two = IVFIndex(bank, nprobe=2, spread=float("inf"))
+    assert two.n_lists > 2
+    d, i = two.search(q)
+    centroids = torch.stack([bank[two.order[a:b]].mean(0) for a, b in zip(two.offsets, two.offsets[1:], strict=False)])
+    of_entry = torch.empty(len(bank), dtype=torch.long)
+    of_entry[two.order] = torch.repeat_interleave(torch.arange(two.n_lists), torch.tensor(two.offsets).diff())
+    near_lists = torch.cdist(q, centroids).topk(2, largest=False).indices
+    allowed = (of_entry[None, :, None] == near_lists[:, None, :]).any(2)  # queries x entries
+    expected = torch.cdist(q, bank).masked_fill(~allowed, float("inf")).min(1)
+    assert (i == expected.indices).float().mean() > 0.97  # list centroids are k-means', not recomputed means
+    assert (d >= torch.cdist(q, bank).min(1).values - 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_index_within_is_exact_below_it(monkeypatch, dtype):
+    """Asked only below ``within``, the index answers exactly there; elsewhere with a distance not
+    below ``within`` (true distances too), and a first pass in bfloat16 spares most far queries."""
+    monkeypatch.setattr(nn_index, "matmul_dtype", lambda: dtype)
+    g = torch.Generator().manual_seed(0)
+    bank = 5 + torch.randn(200, 32, generator=g)
+    q = torch.cat([bank[:50] + 0.05 * torch.randn(50, 32, generator=g), 5 + 3 * torch.randn(450, 32, generator=g)])
+    index = ExactIndex(bank)
+    d_all, i_all = index.search(q)
+    within = torch.full((len(q),), 4.0)
+    d, i = index.search(q, within)
+    searched = i >= 0
+    assert torch.equal(d[searched], d_all[searched]) and torch.equal(i[searched], i_all[searched])
+    assert (d_all < within)[:50].all() and searched[d_all < within].all()
+    assert (d[~searched] >= within[~searched]).all() and (d_all[~searched] >= within[~searched]).all()
+    if dtype == torch.bfloat16:
+        assert searched[50:].float().mean() < 0.5
+    else:  # no first pass: a float32 one would cost what the search does
+        assert searched.all()
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])

@@ -22,9 +22,14 @@ from defectloop.precision import matmul_dtype
 
 
 class NNIndex(Protocol):
-    """Strategy: distance to, and row of, the nearest bank entry for each query."""
+    """Strategy: distance to, and row of, the nearest bank entry for each query.
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ``within`` (one distance per query, optional): the caller needs the distance only where it
+    is below this. An index may then answer a query whose nearest entry it can prove farther
+    with a distance not below ``within`` and row -1, without searching further.
+    """
+
+    def search(self, queries: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 #: strategy: builds the nearest-neighbour index a bank searches with (``build_index`` by default)
@@ -125,14 +130,75 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int | None = N
 
 
 class ExactIndex:
-    """Brute force: one GEMM per chunk of queries."""
+    """Brute force: one GEMM per chunk of queries.
+
+    With ``within``, a first pass in the matmul type (bfloat16 where native) bounds every
+    query's nearest distance from below, and only the queries whose bound falls below
+    ``within`` are searched exactly. DMAD asks for its abnormal distance only where it is below
+    the normal one (elsewhere the abnormal term of the score is 0): for the 25.9k patches that 32
+    tiles of the dev benchmark's test set need, that leaves 0.02% of them, and the search of the
+    202 synthetic defect entries takes 5.8 ms against 12.5 ms. The bound is rigorous (see
+    :func:`product_lower_bound`), so scores are those of the exact search.
+    """
 
     def __init__(self, bank: torch.Tensor):
         self.bank = bank.float().contiguous()
+        self.dtype = matmul_dtype()
+        self.screens = self.dtype != torch.float32 and len(self.bank) > 0  # a float32 first pass would cost as much
+        if self.screens:
+            self.mean = self.bank.mean(0)
+            moved = self.bank - self.mean
+            self.rows = entry_rows(moved, moved.pow(2).sum(1), self.dtype)
+            self.radius = float(moved.norm(dim=1).max())
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d, i = knn(queries, self.bank, 1)
-        return d[:, 0], i[:, 0]
+    def search(self, queries: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if within is None or not self.screens:
+            d, i = knn(queries, self.bank, 1)
+            return d[:, 0], i[:, 0]
+        q = queries.float()
+        rows, norm = query_rows(q, self.mean, self.dtype)
+        lower = product_lower_bound((rows @ self.rows.T).amin(1).float(), norm, self.radius, self.dtype, q.shape[1])
+        need = (lower < within.float().pow(2)).nonzero()[:, 0]
+        d = torch.maximum(lower.clamp_min(0).sqrt(), within.float())  # a distance not below within
+        i = torch.full((len(q),), -1, dtype=torch.long)
+        if len(need):
+            d_need, i_need = knn(q[need], self.bank, 1)
+            d[need], i[need] = d_need[:, 0], i_need[:, 0]
+        return d, i
+
+
+def query_rows(q: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries as rows [q - mean, 1, 1, ||q - mean||^2] (the norm as hi + lo) in ``dtype``, and
+    their norms ||q - mean||: a product with :func:`entry_rows` gives squared distances."""
+    n, dim = q.shape
+    moved = q - mean
+    sq = moved.pow(2).sum(1)
+    rows = torch.empty(n, dim + 4, dtype=dtype)
+    rows[:, :dim], rows[:, dim:dim + 2], rows[:, dim + 2:] = moved, 1, split_bf16(sq)
+    return rows, sq.sqrt()
+
+
+def entry_rows(moved: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Entries as rows [-2 e, offset, 1, 1] (the offset as hi + lo) in ``dtype``: against
+    :func:`query_rows`, ||q' - e||^2 when ``offset`` is ||e||^2."""
+    return torch.cat([-2 * moved, split_bf16(offset), torch.ones(len(moved), 2)], 1).to(dtype)
+
+
+def product_lower_bound(approx: torch.Tensor, norm: torch.Tensor, radius: float, dtype: torch.dtype,
+                        dim: int) -> torch.Tensor:
+    """A lower bound on the squared distance of a query to its nearest entry, from the least
+    product of its :func:`query_rows` row with the :func:`entry_rows` rows (``approx``), the
+    query's norm and the entries' largest norm ``radius`` (both after the mean is taken off).
+
+    Rounding of a product whose inputs are rounded to ``dtype`` (unit roundoff u: 2^-8 for
+    bfloat16), accumulated in float32 and rounded to ``dtype`` again, for q and e of norms a and
+    b: the inputs cost at most (4u + 2u^2) ab (Cauchy-Schwarz over -2 q.e), the hi + lo norms
+    u^2 (a^2 + b^2), the float32 sum of dim + 4 terms (dim + 4) 2^-24 (a + b)^2 (1 + 2u), the
+    output u times itself. Taken twice, for margin.
+    """
+    u = torch.finfo(dtype).eps / 2
+    err = (4 * u + 2 * u * u) * norm * radius + (u * u + (dim + 4) * 2.0 ** -24 * (1 + 2 * u)) * (norm + radius) ** 2
+    return approx / (1 + u) - 2 * err
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, sample: int = 65536) -> torch.Tensor:
@@ -159,84 +225,117 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
 class IVFIndex:
     """Inverted-file index: approximate nearest neighbour, exact within the probed lists.
 
-    An entry b of list c is kept as its residual r = b - c, and a query q probing c as its own
-    residual s = q - c: ||q - b||^2 = ||s||^2 - 2 s.r + ||r||^2. Each residual carries its squared
-    norm as two extra columns (hi + lo, see :func:`split_bf16`), so that one product per list
-    yields the squared distances themselves: in bfloat16 their rounding is then relative to the
-    distance, not to the residuals' norms (which would swap near ties: recall 0.989 against
-    0.9994), and the loop over lists is one GEMM and one min.
+    Entries are grouped into k-means lists; a query scans the lists whose centroids are nearest.
+    All vectors are first moved by the bank's mean mu (q' = q - mu), so that bfloat16 rounds
+    them relative to the bank's spread rather than to its offset from the origin. An entry b of
+    list c is kept as its residual r = b - c: with s = q - c,
+    ||q - b||^2 = ||s||^2 - 2 q'.r + (2 c'.r + ||r||^2). A (query, list) pair is the row
+    [q', 1, 1, ||s||^2] and an entry the row [-2r, 2 c'.r + ||r||^2, 1, 1] (each norm as two
+    columns, hi + lo, see :func:`split_bf16`), so that one product per list yields the squared
+    distances themselves: in bfloat16 their rounding is then relative to the distance (ranking
+    on the bare products swapped near ties: recall 0.989 against 0.9994), and the loop over
+    lists is one GEMM and one min. A query's row is cut once for all its pairs, not a residual
+    per pair and list as before.
 
-    The defaults, about sqrt(M)/2 lists with 4 probed, scan the same share of the bank as sqrt(M)
-    lists with 8 probed at half the per-list overhead (a topk over the lists per query, one GEMM
-    and one min per list, which together cost as much as the scanning). Measured on the unified
-    dev bank (60k entries, the 16384 patches of 16 test images): 59 ms against 86 ms, recall 0.966
-    against 0.984 (mean distance excess 0.18% against 0.06%); on the dev benchmark's fitted models,
-    image AUROC -0.2 (PatchCore) and -0.1 (DMAD-10), pixel AUROC unchanged, scoring throughput
-    0.66x -> 0.76x the backbone for DMAD-10 and 0.73x -> 0.79x for PatchCore. Larger lists hold
-    larger residuals, hence coarser bfloat16 ranking on tightly clustered banks (synthetic: recall
-    0.978 against 0.999 in float32); on the dev bank float32 gains little (0.973) at 1.9x the time.
+    A query scans up to ``nprobe`` lists: the nearest, and the next ones whose centroid lies
+    within ``1 + spread`` times its squared distance. Most queries lie well inside one list and
+    scan one or two; those near a boundary scan more. Where the two best lists' best entries come
+    within ``tie`` (relative, squared) of each other in bfloat16, both are ranked again in
+    float32; elsewhere only the best is measured.
 
-    3 lists probed, not 4: on the bank of the dev set with the screw as 3 x 3 tiles (100k entries,
-    the 16384 patches of one tiled screw image and 7 whole images), 58 ms against 70 ms at recall
-    0.979 against 0.986 (mean distance excess 0.08% against 0.03%); 221 lists with 4 probed took
-    68 ms (0.986), 111 with 3 63 ms (0.972).
+    Measured on the bank of the dev set with the screw as 3 x 3 tiles (100k entries, 158 lists),
+    for the 25.9k patches that 32 tiles' maps need, against the 3 nearest lists always scanned
+    with per-pair residuals (interleaved in one process): 60 ms against 79 ms, nearest-entry
+    recall 0.972 against 0.972, mean distance excess 0.11% against 0.18%; the lists scanned
+    hold 1834 entries per query against 2416. On a tightly clustered synthetic bank the mean
+    moves off the clusters and costs a little precision (recall 0.972 against 0.979).
+
+    About sqrt(M)/2 lists: the same share of the bank as sqrt(M) lists at half the per-list
+    overhead (one GEMM and one min per list). Larger lists hold larger residuals, hence coarser
+    bfloat16 ranking on tightly clustered banks (synthetic: recall 0.978 against 0.999 in
+    float32); on the dev bank float32 gained little at 1.9x the time.
 
     Args:
         bank: M x D entries.
         n_lists: number of k-means lists (default about sqrt(M) / 2).
-        nprobe: lists scanned per query; recall rises with it.
+        nprobe: the most lists a query scans.
+        spread: how much farther (relative, squared) than the nearest a list's centroid may be
+            and still be scanned.
+        tie: how near (relative, squared) the second list's best must come to be measured too.
     """
 
-    def __init__(self, bank: torch.Tensor, n_lists: int | None = None, nprobe: int = 3, seed: int = 0):
+    def __init__(self, bank: torch.Tensor, n_lists: int | None = None, nprobe: int = 4, spread: float = 0.5,
+                 tie: float = 0.05, seed: int = 0):
         bank = bank.float()
         self.features = bank
         self.dtype = matmul_dtype()
         self.n_lists = n_lists or max(1, int(round(math.sqrt(bank.shape[0]) / 2)))
-        self.nprobe = min(nprobe, self.n_lists)
-        self.centroids = kmeans(bank, self.n_lists, seed=seed)
-        self.cent_sq = self.centroids.pow(2).sum(1)
-        assign = knn(bank, self.centroids, 1)[1][:, 0]
+        self.nprobe, self.spread = min(nprobe, self.n_lists), spread
+        self.tie = tie
+        self.mean = bank.mean(0)
+        centroids = kmeans(bank, self.n_lists, seed=seed)
+        assign = knn(bank, centroids, 1)[1][:, 0]
         self.order = torch.argsort(assign, stable=True)  # sorted position -> original row
-        res = bank[self.order] - self.centroids[assign[self.order]]
-        ones = torch.ones(len(res), 2)
-        self.entries = torch.cat([-2 * res, split_bf16(res.pow(2).sum(1)), ones], 1).to(self.dtype)
+        moved = centroids - self.mean  # c'
+        self.centroids = entry_rows(moved, moved.pow(2).sum(1), self.dtype)
+        res = bank[self.order] - centroids[assign[self.order]]
+        self.entries = entry_rows(res, 2 * (moved[assign[self.order]] * res).sum(1) + res.pow(2).sum(1), self.dtype)
         counts = torch.bincount(assign, minlength=self.n_lists)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``within`` is not used: every query is searched.)"""
         q = queries.float()
-        n = q.shape[0]
-        probe_d, probe = smallest(sq_dists(q, self.centroids, self.cent_sq), self.nprobe)
-        # (query, list) pairs grouped by list: each list's queries are one contiguous block
-        pair_list, order = probe.reshape(-1).sort(stable=True)
-        pair_q = torch.arange(n).repeat_interleave(self.nprobe)[order]
-        pair_cols = torch.cat([torch.ones(len(pair_q), 2), split_bf16(probe_d.reshape(-1)[order])], 1)
-        pair_d = torch.full((len(pair_q),), float("inf"))
-        pair_row = torch.zeros(len(pair_q), dtype=torch.long)
+        n, dim = q.shape
+        rows = query_rows(q, self.mean, self.dtype)[0]
+        to_list = (rows @ self.centroids.T).float().clamp_min_(0)  # ||s||^2 (rounding: a query on a centroid < 0)
+        scanned = to_list <= to_list.amin(1, keepdim=True) * (1 + self.spread)
+        crowded = (scanned.sum(1) > self.nprobe).nonzero()[:, 0]
+        if len(crowded):  # more lists that near than a query may scan: the nearest ones
+            scanned[crowded] = False
+            scanned[crowded[:, None], smallest(to_list[crowded], self.nprobe)[1]] = True
+        # the (query, list) pairs scanned, grouped by list: each list's queries are one contiguous block
+        pair_q, pair_list = scanned.nonzero().unbind(1)  # by query
+        counts = scanned.sum(1)
+        slots = pair_q * self.nprobe + torch.arange(len(pair_q)) - (counts.cumsum(0) - counts)[pair_q]  # n x nprobe table
+        pair_list, order = pair_list.sort(stable=True)
+        pair_q, slots = pair_q[order], slots[order]
+        pairs = rows[pair_q]
+        pairs[:, dim + 2:] = split_bf16(to_list[pair_q, pair_list])
+        pair_d = torch.full((len(slots),), float("inf"))
+        pair_row = torch.zeros(len(slots), dtype=torch.long)
         bounds = torch.searchsorted(pair_list, torch.arange(self.n_lists + 1)).tolist()
         for lst in range(self.n_lists):
             lo, hi = bounds[lst], bounds[lst + 1]
             start, end = self.offsets[lst], self.offsets[lst + 1]
-            if lo == hi or start == end:
+            if lo == hi or start == end:  # no query, or a k-means list left empty
                 continue
-            res = torch.cat([q.index_select(0, pair_q[lo:hi]) - self.centroids[lst], pair_cols[lo:hi]], 1)
-            d, j = (res.to(self.dtype) @ self.entries[start:end].T).min(1)
+            d, j = (pairs[lo:hi] @ self.entries[start:end].T).min(1)
             pair_d[lo:hi] = d.float()
             pair_row[lo:hi] = j + start
-        # each query's two best pairs (from two lists), ranked again by float32 distance: coarse
-        # bfloat16 distances tie often, and ties must not leave the choice to the order of writes
-        by_query_d, by_query_row = torch.empty_like(pair_d), torch.empty_like(pair_row)
-        by_query_d[order], by_query_row[order] = pair_d, pair_row
-        cand = by_query_d.view(n, -1).topk(min(2, self.nprobe), dim=1, largest=False).indices
-        rows = self.order[by_query_row.view(n, -1).gather(1, cand)]
-        d, pick = (q[:, None] - self.features[rows]).norm(dim=2).min(1)
-        return d, rows.gather(1, pick[:, None])[:, 0]
+        # each query's best entry by float32 distance; where its second list's best comes near (the
+        # coarse bfloat16 distances tie often), both are ranked again in float32: the choice must not
+        # be left to the order of writes
+        table_d = torch.full((n * self.nprobe,), float("inf"))
+        table_row = torch.zeros(n * self.nprobe, dtype=torch.long)
+        table_d[slots], table_row[slots] = pair_d, pair_row
+        top_d, cand = table_d.view(n, -1).topk(min(2, self.nprobe), dim=1, largest=False)
+        best = self.order[table_row.view(n, -1).gather(1, cand)]
+        d = torch.linalg.vector_norm(self.features[best[:, 0]].sub_(q), dim=1)
+        nearest = best[:, 0].clone()
+        if self.nprobe > 1:
+            close = (top_d[:, 1] <= top_d[:, 0] * (1 + self.tie)).nonzero()[:, 0]
+            d_second = torch.linalg.vector_norm(self.features[best[close, 1]].sub_(q[close]), dim=1)
+            nearer = d_second < d[close]
+            d[close] = torch.where(nearer, d_second, d[close])
+            nearest[close] = torch.where(nearer, best[close, 1], nearest[close])
+        return d, nearest
 
 
-def build_index(bank: torch.Tensor, exact_max: int = 384, nprobe: int = 3, seed: int = 0) -> NNIndex:
+def build_index(bank: torch.Tensor, exact_max: int = 384, seed: int = 0) -> NNIndex:
     """The index a bank of this size should use: exact when small, IVF otherwise (16384 queries on
     subsets of the dev bank, measured: exact 10 ms and IVF 14 ms at 256 entries, IVF 1.7x faster
     at 512, 2.4x at 1024 and 8x at 4096, recall 0.987-0.992)."""
     if bank.shape[0] <= exact_max:
         return ExactIndex(bank)
-    return IVFIndex(bank, nprobe=nprobe, seed=seed)
+    return IVFIndex(bank, seed=seed)

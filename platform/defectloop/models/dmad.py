@@ -200,17 +200,22 @@ class DMAD(AbnormalMemory, AnomalyModel):
         """The distance that stands for "no abnormal entry to compare"."""
         return NO_ABNORMAL * float(self.scorer.scale)
 
-    def nearest_abnormal(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest_abnormal(self, q: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to the nearest abnormal entry and its row in the bank's tensors (``no_abnormal()``
-        and -1 while the bank is empty)."""
+        and -1 while the bank is empty); ``within``: needed only below it (see NNIndex)."""
         if len(self.abnormal_bank):
-            return self.abnormal_bank.index.search(q)
+            return self.abnormal_bank.index.search(q, within)
         return torch.full((len(q),), self.no_abnormal()), torch.full((len(q),), -1, dtype=torch.long)
 
     def enhance(self, q: torch.Tensor, d_a: torch.Tensor | None = None) -> Enhanced:
-        """Enhancement of test patches against the current memory (no exclusions); ``d_a`` when known."""
+        """Enhancement of test patches against the current memory (no exclusions); ``d_a`` when known.
+
+        The abnormal distance is exact where it is below the normal one: elsewhere it is only
+        known not to be below it, all the score needs (the abnormal term is 0 there)."""
         d_n, nearest, _, rows = self.nearest_normal(q)
-        return Enhanced(q, q - nearest, d_n, self.nearest_abnormal(q)[0] if d_a is None else d_a, self.head_gate(rows))
+        if d_a is None:
+            d_a = self.nearest_abnormal(q, within=d_n)[0]
+        return Enhanced(q, nearest.neg_().add_(q), d_n, d_a, self.head_gate(rows))  # r_n in place of the copy
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
