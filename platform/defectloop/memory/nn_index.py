@@ -2,7 +2,7 @@
 
 On CPU the search over a bank of tens of thousands of entries would cost more than the backbone
 itself, so banks above ``exact_max`` entries use :class:`IVFIndex`: entries are grouped into
-k-means lists and each query scans only its ``nprobe`` closest lists (batched: one small GEMM per
+k-means lists and each query scans only the few lists it lies near (batched: one small GEMM per
 list for all queries that probe it). Small banks use :class:`ExactIndex`.
 
 The IVF ranks candidates with products in :func:`~defectloop.precision.matmul_dtype` (bfloat16
@@ -12,6 +12,7 @@ the distances; the distance returned to the chosen entry is then recomputed in f
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -34,11 +35,6 @@ class NNIndex(Protocol):
 
 #: strategy: builds the nearest-neighbour index a bank searches with (``build_index`` by default)
 IndexFactory = Callable[[torch.Tensor], NNIndex]
-
-
-def sq_dists(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between rows of q and b (b_sq: squared norms of b)."""
-    return torch.addmm(b_sq, q, b.T, alpha=-2).add_((q * q).sum(1, keepdim=True)).clamp_min_(0)
 
 
 def row_min(x: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,20 +140,26 @@ class ExactIndex:
     def __init__(self, bank: torch.Tensor):
         self.bank = bank.float().contiguous()
         self.dtype = matmul_dtype()
-        self.screens = self.dtype != torch.float32 and len(self.bank) > 0  # a float32 first pass would cost as much
-        if self.screens:
-            self.mean = self.bank.mean(0)
-            moved = self.bank - self.mean
-            self.rows = entry_rows(moved, moved.pow(2).sum(1), self.dtype)
-            self.radius = float(moved.norm(dim=1).max())
+
+    @functools.cached_property
+    def _screen(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(the bank's mean, its entries as :func:`entry_rows`, their largest norm about the mean)
+        for the first pass; None where it would not pay (float32 costs what the search does)."""
+        if self.dtype == torch.float32 or not len(self.bank):
+            return None
+        mean = self.bank.mean(0)
+        moved = self.bank - mean
+        return mean, entry_rows(moved, moved.pow(2).sum(1), self.dtype), float(moved.norm(dim=1).max())
 
     def search(self, queries: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if within is None or not self.screens:
+        screen = None if within is None else self._screen
+        if screen is None:
             d, i = knn(queries, self.bank, 1)
             return d[:, 0], i[:, 0]
+        mean, entries, radius = screen
         q = queries.float()
-        rows, norm = query_rows(q, self.mean, self.dtype)
-        lower = product_lower_bound((rows @ self.rows.T).amin(1).float(), norm, self.radius, self.dtype, q.shape[1])
+        rows, norm = query_rows(q, mean, self.dtype)
+        lower = product_lower_bound((rows @ entries.T).amin(1).float(), norm, radius, self.dtype, q.shape[1])
         need = (lower < within.float().pow(2)).nonzero()[:, 0]
         d = torch.maximum(lower.clamp_min(0).sqrt(), within.float())  # a distance not below within
         i = torch.full((len(q),), -1, dtype=torch.long)
@@ -277,7 +279,7 @@ class IVFIndex:
         assign = knn(bank, centroids, 1)[1][:, 0]
         self.order = torch.argsort(assign, stable=True)  # sorted position -> original row
         moved = centroids - self.mean  # c'
-        self.centroids = entry_rows(moved, moved.pow(2).sum(1), self.dtype)
+        self.centroid_rows = entry_rows(moved, moved.pow(2).sum(1), self.dtype)
         res = bank[self.order] - centroids[assign[self.order]]
         self.entries = entry_rows(res, 2 * (moved[assign[self.order]] * res).sum(1) + res.pow(2).sum(1), self.dtype)
         counts = torch.bincount(assign, minlength=self.n_lists)
@@ -288,15 +290,16 @@ class IVFIndex:
         q = queries.float()
         n, dim = q.shape
         rows = query_rows(q, self.mean, self.dtype)[0]
-        to_list = (rows @ self.centroids.T).float().clamp_min_(0)  # ||s||^2 (rounding: a query on a centroid < 0)
+        to_list = (rows @ self.centroid_rows.T).float().clamp_min_(0)  # ||s||^2 (rounding: a query on a centroid < 0)
         scanned = to_list <= to_list.amin(1, keepdim=True) * (1 + self.spread)
-        crowded = (scanned.sum(1) > self.nprobe).nonzero()[:, 0]
+        counts = scanned.sum(1)
+        crowded = (counts > self.nprobe).nonzero()[:, 0]
         if len(crowded):  # more lists that near than a query may scan: the nearest ones
             scanned[crowded] = False
             scanned[crowded[:, None], smallest(to_list[crowded], self.nprobe)[1]] = True
+            counts[crowded] = self.nprobe
         # the (query, list) pairs scanned, grouped by list: each list's queries are one contiguous block
         pair_q, pair_list = scanned.nonzero().unbind(1)  # by query
-        counts = scanned.sum(1)
         slots = pair_q * self.nprobe + torch.arange(len(pair_q)) - (counts.cumsum(0) - counts)[pair_q]  # n x nprobe table
         pair_list, order = pair_list.sort(stable=True)
         pair_q, slots = pair_q[order], slots[order]
