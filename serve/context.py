@@ -115,8 +115,8 @@ class Decoded(NamedTuple):
 def decode(name: str, category: str | None, data: bytes, ctx: ScoringContext) -> Decoded:
     """Bytes -> a Decoded image, or the 4xx that says why not (413 over the pixel limit)."""
     try:  # read at the size the category's tiles need (the model's input size for one tile)
-        tiling = ctx.handle.served.model.config.tiling(category)
-        image, size = read_image(data, tiling[0].side, max_pixels=int(ctx.settings.max_megapixels * 1e6))
+        size_needed = ctx.handle.served.model.config.read_size(category)
+        image, size = read_image(data, size_needed, max_pixels=int(ctx.settings.max_megapixels * 1e6))
     except ImageTooLarge as e:
         raise HTTPException(413, f"{name}: {e.reason}") from e
     except ImageError as e:

@@ -14,12 +14,12 @@ run embedded it, and the node that did.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from defectloop.data.tiles import Grid
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.workspace import pool_images
 from defectloop.models import ModelConfig
@@ -67,26 +67,26 @@ class _Embed:
         from defectloop.features import tile_tensors
 
         rows = []  # (source, digest, width, height, embedded, error)
-        todo: list[tuple[int, torch.Tensor]] = []  # (row, the inputs of the image's tiles)
+        todo: list[tuple[int, Grid, torch.Tensor]] = []  # (row, its grid, the inputs of the image's tiles)
         for source, category in zip(batch["source"].tolist(), batch["category"].tolist(), strict=True):
             try:
-                tiling = self.config.tiling(category)
+                grid = self.config.grid(category)
                 data = read_uri(source, self.roots)
                 digest = content_hash(data)
-                hit = self.cache.find(digest, math.isqrt(len(tiling)))
+                hit = self.cache.find(digest, grid)
                 if hit is not None:
                     rows.append([source, digest, *hit.size, False, ""])
                     continue
-                img, (w, h) = read_image(data, tiling[0].side)
-                todo.append((len(rows), tile_tensors(img, tiling, self.config.image_size)))
+                img, (w, h) = read_image(data, self.config.read_size(category))
+                todo.append((len(rows), grid, tile_tensors(img, self.config.tiling(category), self.config.image_size)))
                 rows.append([source, digest, w, h, True, ""])
             except Exception as e:  # an unreadable image is reported, the rest go on
                 rows.append([source, "", 0, 0, False, f"{type(e).__name__}: {e}"])
         if todo:
             with torch.no_grad():
-                feats = self.embedder(torch.cat([t for _, t in todo])).float().split([len(t) for _, t in todo])
-            for (i, t), f in zip(todo, feats, strict=True):
-                self.cache.put(rows[i][1], f if len(t) > 1 else f[0], (rows[i][2], rows[i][3]), math.isqrt(len(t)))
+                feats = self.embedder(torch.cat([t for *_, t in todo])).float().split([len(t) for *_, t in todo])
+            for (i, grid, t), f in zip(todo, feats, strict=True):
+                self.cache.put(rows[i][1], f if len(t) > 1 else f[0], (rows[i][2], rows[i][3]), grid)
         cols = list(zip(*rows, strict=True))
         return {"source": np.array(cols[0], dtype=object), "digest": np.array(cols[1], dtype=object),
                 "width": np.array(cols[2]), "height": np.array(cols[3]), "embedded": np.array(cols[4]),

@@ -114,7 +114,7 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
     cats = [s.category for s in samples]
     labels = np.array([s.label for s in samples])
     if plots is not None:
-        from defectloop.features import image_tensor
+        from defectloop.data.tiles import resized
         from defectloop.plots import overlays, score_histograms
 
         plots.mkdir(parents=True, exist_ok=True)
@@ -122,9 +122,7 @@ def evaluate_model(model, data: str, categories: list[str] | None, k: int, seed:
                          {c: model.calibration.threshold(c) for c in set(cats)})
         for cat in sorted(set(cats)):
             idx = [i for i in np.argsort(-scores.numpy()) if cats[i] == cat][:8]
-            size = maps[idx[0]].shape[-1]  # the image as its map sees it (tiles stitched)
-            imgs = [(image_tensor(load_image(samples[i].path), size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-                    for i in idx]
+            imgs = [resized(load_image(samples[i].path), *maps[i].shape) for i in idx]  # as its map sees it
             titles = [f"{samples[i].defect} {scores[i]:.2f}" for i in idx]
             overlays(plots / f"overlay_{cat}.png", imgs, np.stack([maps[i].numpy() for i in idx]), titles,
                      [done.masks[i] for i in idx])
@@ -140,7 +138,7 @@ def print_table(result: dict) -> None:
     print(head)
     print("-" * len(head))
     for name, m in [*result["categories"].items(), ("mean", result["mean"])]:
-        tiles = f"{m['tiles']}x{m['tiles']}" if "tiles" in m else ""
+        tiles = "x".join(map(str, m["tiles"])) if "tiles" in m else ""  # rows x cols
         print(f"{name:18s}" + "".join(f"{fmt(m[k]):>12s}" for k in METRIC_KEYS) + f"{m['n_test']:>8d}{tiles:>7s}"
               + (f"  {m.get('serves', '')}" if serves else ""))
 
@@ -168,7 +166,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score images: a line each (score, threshold, decision, heatmap), or one JSON list with ``--json``."""
     from defectloop.data import ImageError, load_image
-    from defectloop.features import image_tensor, tile_tensors
+    from defectloop.data.tiles import resized
+    from defectloop.features import tile_tensors
     from defectloop.models import load_model
     from defectloop.registry import resolve_model_dir
 
@@ -186,15 +185,14 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"error {e}", file=sys.stderr)
             failed += 1
             continue
-        (p,) = model.predict(img, [args.category], [len(img)])
+        (p,) = model.predict(img, [args.category], [model.config.grid(args.category)])
         heatmap = None
         if args.heatmaps:
             from defectloop.plots import overlays
 
             heatmap = Path(args.heatmaps) / path.relative_to(root).with_name(f"{path.stem}_heatmap.png")
             heatmap.parent.mkdir(parents=True, exist_ok=True)
-            shown = image_tensor(image, p.amap.shape[0])  # the image as its map sees it (tiles stitched)
-            overlays(heatmap, [(shown.permute(1, 2, 0).numpy() * 255).astype(np.uint8)], p.amap[None],
+            overlays(heatmap, [resized(image, *p.amap.shape)], p.amap[None],  # the image as its map sees it
                      [f"{p.score:.3f} {p.decision}"])
         threshold = "none" if p.threshold is None else f"{p.threshold:.4f}"
         whose = args.category if p.known_category else "all categories"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from defectloop.data import Sample
-from defectloop.data.tiles import firsts, per_side, runs, stitch
+from defectloop.data.tiles import Grid, firsts, image_grids, stitch
 from defectloop.features import Extracted
 from defectloop.metrics import evaluate, served_mask_ious
 from defectloop.models import BANKS, DMAD, HEAD, AnomalyModel
@@ -31,28 +31,29 @@ def evaluate_extracted(model: AnomalyModel, test: Extracted) -> Evaluated:
     and mean, the served masks' IoU, the tiles a side each category is seen as and, for DMAD,
     which score serves it."""
     parents = [s.parent_id for s in test.samples]
-    scores, maps = model.score_images(test.features, parents)
+    grids = image_grids(test.samples)
+    scores, maps = model.score_images(test.features, grids)
     samples = [test.samples[i] for i in firsts(parents)]
     cats = [s.category for s in samples]
-    masks = image_masks(test.masks, runs(parents), model.config.tile_overlap)
+    masks = image_masks(test.masks, grids, model.config.tile_overlap)
     shown = model.post.predictions(scores, maps, cats, model.calibration)  # what a user is shown
     result = evaluate(cats, scores.numpy(), np.array([s.label for s in samples]), [m.numpy() for m in maps], masks,
                       served_mask_ious(shown, samples))
     result["skipped"] = test.skipped
     for cat, m in result["categories"].items():
-        m["tiles"] = model.config.tiles.get(cat, 1)  # how the category was seen
+        m["tiles"] = list(model.config.grid(cat))  # how the category was seen: [rows, cols]
         if isinstance(model, DMAD):  # which score served it: the learned head's or the banks' alone
             m["serves"] = HEAD if model.head_choices.serves_head(cat) else BANKS
     return Evaluated(result, samples, scores, maps, masks)
 
 
-def image_masks(tile_masks: list[torch.Tensor | None], counts: list[int], overlap: int) -> list[np.ndarray | None]:
+def image_masks(tile_masks: list[torch.Tensor | None], grids: list[Grid], overlap: int) -> list[np.ndarray | None]:
     """Each image's defect mask at its map's size (its tiles' masks stitched), None where unknown."""
     out: list[np.ndarray | None] = []
     start = 0
-    for count in counts:
-        part = tile_masks[start:start + count]
-        start += count
+    for grid in grids:
+        part = tile_masks[start:start + grid.count]
+        start += grid.count
         out.append(None if any(m is None for m in part) else
-                   (stitch(torch.stack(part), per_side(count), overlap) > 0.5).numpy())  # type: ignore[arg-type]
+                   (stitch(torch.stack(part), grid, overlap) > 0.5).numpy())  # type: ignore[arg-type]
     return out

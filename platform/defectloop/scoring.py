@@ -152,5 +152,9 @@ class ModelHandle:
         inputs = torch.cat(stacks)
         feats = torch.cat([served.model.embedder(inputs[i:i + batch_size].to(self.device)).float().cpu()
                            for i in range(0, len(inputs), batch_size)])
-        preds = served.model.predict_features(feats, categories, [len(t) for t in stacks])
+        grids = [served.model.config.grid(c) for c in categories]
+        for t, g, c in zip(stacks, grids, categories, strict=True):
+            if len(t) != g.count:  # cut by a version that saw the category otherwise
+                raise ValueError(f"category {c!r}: {len(t)} tiles given, the served model sees it as {g.rows} x {g.cols}")
+        preds = served.model.predict_features(feats, categories, grids)
         return [Scored(p, served) for p in preds]

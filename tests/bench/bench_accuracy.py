@@ -29,7 +29,7 @@ import torch
 
 from defectloop.data import load_split
 from defectloop.data.images import load_mask
-from defectloop.data.tiles import firsts
+from defectloop.data.tiles import firsts, image_grids
 from defectloop.evaluation import evaluate_extracted
 from defectloop.features import Extracted, PatchEmbedder, extract, image_tensor, load_backbone
 from defectloop.labeling.feedback import cells_at, encode_cells
@@ -55,13 +55,13 @@ def throughput(embedder: PatchEmbedder, stock_backbone: torch.nn.Module, fitted:
     best round, so that the machine's load (the backbone alone varied from 20 to 104 img/s between
     runs) hits all alike."""
     inputs = torch.stack([image_tensor(s.read(), size) for s in rows])
-    parents = [s.parent_id for s in rows]
+    grids = image_grids(rows)
 
     def embedded(net) -> list:
         return [net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)]
 
     runs = {"backbone": lambda: embedded(embedder.backbone), "backbone_as_loaded": lambda: embedded(stock_backbone),
-            **{n: (lambda m=fitted[n]: m.score_images(torch.cat(embedded(m.embedder)).float(), parents)) for n in fitted}}
+            **{n: (lambda m=fitted[n]: m.score_images(torch.cat(embedded(m.embedder)).float(), grids)) for n in fitted}}
     best = dict.fromkeys(runs, float("inf"))
     with torch.no_grad():
         for fn in runs.values():
@@ -71,7 +71,7 @@ def throughput(embedder: PatchEmbedder, stock_backbone: torch.nn.Module, fitted:
                 t = time.perf_counter()
                 fn()
                 best[name] = min(best[name], time.perf_counter() - t)
-    n, images = len(rows), len(set(parents))
+    n, images = len(rows), len(grids)
     bb, stock = n / best["backbone"], n / best["backbone_as_loaded"]
     out = {"tiles": n, "images": images, "backbone_img_s": bb, "backbone_as_loaded_img_s": stock}
     print(f"{n} tiles of {images} images: backbone {bb:.1f} tiles/s, as loaded {stock:.1f} tiles/s", flush=True)
@@ -164,9 +164,9 @@ def main() -> None:
     else:
         config = replace(config, tiles={} if args.tiles == "none" else json.loads(args.tiles))
     out["tiles"] = config.tiles
-    print(f"tiles a side: {config.tiles or 'none'}", flush=True)
+    print(f"tiles (rows, cols): {config.tiles or 'none'}", flush=True)
     cache = Path(args.cache)
-    named = "-".join(f"{c}{n}" for c, n in sorted(config.tiles.items()) if n > 1)
+    named = "-".join(f"{c}{g.key}" for c, g in sorted(config.tiles.items()) if g.count > 1)
     if args.image_size != ModelConfig.image_size or cats or named:
         cache = cache.with_name(f"{cache.stem}-{args.image_size}{'-' + '-'.join(cats) if cats else ''}"
                                 f"{'-tiles-' + named if named else ''}{cache.suffix}")
@@ -221,7 +221,7 @@ def main() -> None:
     # that categories mix as there) and, where a category is tiled, of 4 of its images alone
     starts = firsts([s.parent_id for s in test.samples])
     mix = [test.samples[i].parent_id for i in starts[::max(1, len(starts) // 16)][:16]]
-    tiled_ids = [test.samples[i].parent_id for i in starts if config.tiles.get(test.samples[i].category, 1) > 1]
+    tiled_ids = [test.samples[i].parent_id for i in starts if config.grid(test.samples[i].category).count > 1]
     out["throughput"] = {"matmul_dtype": str(matmul_dtype())}
     print(f"scoring products in {matmul_dtype()}", flush=True)
     stock_backbone = load_backbone(args.backbone, fast=False)

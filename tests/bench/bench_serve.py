@@ -60,13 +60,13 @@ def in_process(registry: Path, payloads: list[tuple[bytes, str]], batch: int = 1
 
     handle = ModelHandle(registry)
     config = handle.served.model.config
-    print(f"tiles a side: {config.tiles or 'none'}")
+    print(f"tiles (rows, cols): {config.tiles or 'none'}")
 
     def inputs(chunk: list[tuple[bytes, str]]) -> list[torch.Tensor]:
         out = []
         for data, category in chunk:
-            tiling = config.tiling(category)
-            out.append(tile_tensors(read_image(data, tiling[0].side)[0], tiling, config.image_size))
+            out.append(tile_tensors(read_image(data, config.read_size(category))[0], config.tiling(category),
+                                    config.image_size))
         return out
 
     handle.score(inputs(payloads[:batch]), [c for _, c in payloads[:batch]])  # warm-up
@@ -91,9 +91,11 @@ def _rss_kb(field: str) -> int:
 def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
     """Camera-sized images end to end in process, as /v1/score answers one: decode and reduce
     (``read_image``), resize or cut into tiles, score, then the mask and the heatmap at the image's
-    own size. Each image twice: whole (the model's input size) and as the most tiles a category
-    may be seen as (``max_tiles`` a side: 8 x 8 tiles of 256 px, 1152 px; the model's banks are
-    whatever they are, the cost is the point).
+    own size. Each image three times: whole (the model's input size), as the grid a category of
+    such images is seen as (its aspect kept, the long side at ``max_tiles``: 6 x 8 tiles of
+    256 px, 896 x 1152 px, for a 4:3 camera), and stretched to the most tiles allowed (8 x 8,
+    1152 px square, as before grids followed the aspect). The model's banks are whatever they
+    are: the cost is the point.
 
     A 2 MP and a 12 MP JPEG are made from one dev image (bicubic upscale). Peak memory is the
     process's peak resident set above the idle, warmed-up model (the kernel's peak counter reset
@@ -104,23 +106,26 @@ def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
     from PIL import Image
 
     from defectloop.data import read_image
+    from defectloop.data.tiles import tiles_for
     from defectloop.features import tile_tensors
     from defectloop.scoring import ModelHandle
 
     handle = ModelHandle(registry)
     model = handle.served.model
-    model.config = replace(model.config, tiles={**model.config.tiles, "tiled": model.config.max_tiles})
+    c = model.config
     base = Image.open(source).convert("RGB")
     rows = []
     for name, (w, h) in (("2 MP", (1632, 1224)), ("12 MP", (4000, 3000))):
         buf = io.BytesIO()
         base.resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=92)
         data = buf.getvalue()
-        for view in ("whole", "tiled"):
+        model.config = replace(c, tiles={**c.tiles, "grid": tiles_for(w, h, c.image_size, c.tile_overlap, c.max_tiles),
+                                         "square": [c.max_tiles] * 2})
+        for view in ("whole", "grid", "square"):
             tiling = model.config.tiling(view)
 
             def once(data: bytes = data, tiling=tiling, view=view) -> None:
-                image, (width, height) = read_image(data, tiling[0].side)
+                image, (width, height) = read_image(data, model.config.read_size(view))
                 p = handle.score([tile_tensors(image, tiling, model.config.image_size)], [view])[0].prediction
                 p.mask(width, height)
                 p.heatmap_png(width, height)
@@ -134,7 +139,8 @@ def per_megapixel(registry: Path, source: Path, rounds: int = 3) -> list[dict]:
                 once()
                 best = min(best, time.perf_counter() - t)
             peak = _rss_kb("VmHWM") - idle
-            rows.append({"image": name, "view": f"{len(tiling)} tile(s)", "megapixels": w * h / 1e6, "s": best,
+            rows.append({"image": name, "view": f"{view} {'x'.join(map(str, model.config.grid(view)))} tiles",
+                         "megapixels": w * h / 1e6, "s": best,
                          "megapixels_per_s": w * h / 1e6 / best, "peak_above_idle_mb": peak / 1024})
     return rows
 

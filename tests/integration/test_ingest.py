@@ -17,6 +17,7 @@ import torch
 
 from defectloop.data import load_image
 from defectloop.data.synthetic import make_dataset
+from defectloop.data.tiles import WHOLE, Grid
 from defectloop.features import PatchEmbedder, image_tensor, load_backbone
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.models import ModelConfig
@@ -130,7 +131,7 @@ def test_ingestion_embeds_as_the_registry_s_version_sees_images(ray_head, tmp_pa
     features = FeatureCache(LocalStore(cache), config.backbone, None, 64)
     for r in rows:
         tiled = "/tile/" in r["source"]
-        got = features.get(r["digest"], tiles=2 if tiled else 1).features
+        got = features.get(r["digest"], Grid(2, 2) if tiled else WHOLE).features
         assert got.shape == ((4, 152, 8, 8) if tiled else (152, 8, 8)), (r["source"], got.shape)
 
 

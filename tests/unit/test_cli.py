@@ -28,7 +28,7 @@ def test_train_evaluate_score(tiny_data, tmp_path, cfg_file, capsys):
     assert set(res["categories"]) == {"disc", "mesh"}
     keys = {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "mask_iou", "n_test"}
     assert set(res["mean"]) == keys and all(set(v) == keys | {"serves", "tiles"} for v in res["categories"].values())
-    assert all(v["tiles"] == 1 for v in res["categories"].values())  # 128 px images, 128 px model: seen whole
+    assert all(v["tiles"] == [1, 1] for v in res["categories"].values())  # 128 px images, 128 px model: seen whole
     assert all(0 <= v["mask_iou"] <= 1 for v in res["categories"].values())  # every test defect has a mask
     assert res["categories"]["disc"]["n_test"] == 10
     # one mask per category, none held back: the head serves where it trained on a real mask

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
+from defectloop.data.tiles import WHOLE, Grid
 from defectloop.store import Store, join, open_store
 
 
@@ -49,26 +50,26 @@ class FeatureCache:
         """The cache in a folder or under an ``s3://`` prefix."""
         return cls(open_store(location), backbone, checkpoint, image_size)
 
-    def _key(self, digest: str, tiles: int = 1) -> str:
-        return join(self.prefix, digest[:2], f"{digest}{f'-tiles{tiles}' if tiles > 1 else ''}.safetensors")
+    def _key(self, digest: str, grid: Grid = WHOLE) -> str:
+        return join(self.prefix, digest[:2], f"{digest}{f'-tiles{grid.key}' if grid.count > 1 else ''}.safetensors")
 
     def __contains__(self, digest: str) -> bool:
         return self.store.exists(self._key(digest))
 
-    def put(self, digest: str, features: torch.Tensor, size: tuple[int, int], tiles: int = 1) -> None:
-        """An image's features: C x H x W, or T x C x H x W for the image seen as ``tiles`` x ``tiles``."""
-        self.store.write(self._key(digest, tiles), save({"features": features.half().contiguous(),
+    def put(self, digest: str, features: torch.Tensor, size: tuple[int, int], grid: Grid = WHOLE) -> None:
+        """An image's features: C x H x W, or T x C x H x W for the image cut into ``grid``."""
+        self.store.write(self._key(digest, grid), save({"features": features.half().contiguous(),
                                                          "size": torch.tensor(size, dtype=torch.int32)}))
 
-    def get(self, digest: str, tiles: int = 1) -> Cached:
-        t = load(self.store.read(self._key(digest, tiles)))
+    def get(self, digest: str, grid: Grid = WHOLE) -> Cached:
+        t = load(self.store.read(self._key(digest, grid)))
         w, h = t["size"].tolist()
         return Cached(t["features"], (w, h))
 
-    def find(self, digest: str, tiles: int = 1) -> Cached | None:
+    def find(self, digest: str, grid: Grid = WHOLE) -> Cached | None:
         """The entry, or None where there is none: one read, not a check and then a read."""
         try:
-            return self.get(digest, tiles)
+            return self.get(digest, grid)
         except FileNotFoundError:
             return None
 

@@ -221,7 +221,7 @@ class LiveLoop:
         predictor = self.loop.predictor
         positions = [predictor.index[t] for t in tasks]
         rows = predictor.rows(positions)
-        scores, _ = model.score_images(predictor.features[rows], [predictor.task_of_row[r] for r in rows])
+        scores, _ = model.score_images(predictor.features[rows], [predictor.grids[i] for i in positions])
         normalised = [model.calibration.normalise(s, predictor.categories[i])
                       for s, i in zip(scores.tolist(), positions, strict=True)]
         return auroc(np.array(normalised), np.array(labels))

@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from defectloop.data import read_image
-from defectloop.data.tiles import per_side
+from defectloop.data.tiles import Grid
 from defectloop.features import tile_tensors
 from defectloop.features.cache import FeatureCache, content_hash
 from defectloop.labeling.brush import BrushRLE, MaskCodec
@@ -60,35 +61,36 @@ class PoolPredictor:
         self._calibration: Calibration | None = None  # the thresholds the outcomes were decided by
         self.unreadable: set[int] = set()  # tasks whose image could not be read: not tried again
         self.task_ids, self.sizes, self.categories = [], [], []
-        self.tiles: list[int] = []  # per task: its rows of ``features`` (the tiles its category is seen as)
+        self.grids: list[Grid] = []  # per task: the grid of tiles its category is seen as (its rows of ``features``)
         self.features = torch.zeros(0)  # a row per tile, a task's tiles consecutive
         if cache is not None and cache.is_file():  # embedded by an earlier run (same backbone): its tasks still here
             meta = json.loads(cache.with_suffix(".json").read_text())
             present = {t["id"] for t in tasks}
-            tiles = meta.get("tiles") or [1] * len(meta["task_ids"])
-            starts = list(itertools.accumulate([0, *tiles]))
-            seen_as = {c: len(model.config.tiling(c)) for c in set(meta["categories"])}  # tiles may have been chosen anew
-            keep = [i for i, t in enumerate(meta["task_ids"]) if t in present and tiles[i] == seen_as[meta["categories"][i]]]
+            # [rows, cols] per task; files saved before oblong grids held each task's count of tiles (n * n)
+            grids = [Grid.of(g if isinstance(g, list) else math.isqrt(g)) for g in meta.get("tiles") or [1] * len(meta["task_ids"])]
+            starts = list(itertools.accumulate([0, *(g.count for g in grids)]))
+            seen_as = {c: model.config.grid(c) for c in set(meta["categories"])}  # tiles may have been chosen anew
+            keep = [i for i, t in enumerate(meta["task_ids"]) if t in present and grids[i] == seen_as[meta["categories"][i]]]
             if keep:
                 self.features = load_file(str(cache))["features"][[r for i in keep for r in range(starts[i], starts[i + 1])]]
                 self.task_ids = [meta["task_ids"][i] for i in keep]
                 self.sizes = [tuple(meta["sizes"][i]) for i in keep]
                 self.categories = [meta["categories"][i] for i in keep]
-                self.tiles = [tiles[i] for i in keep]
+                self.grids = [grids[i] for i in keep]
             log.info("pool: %d of %d tasks' features from %s", len(keep), len(tasks), cache)
         known = set(self.task_ids)
         missing = [t for t in tasks if t["id"] not in known]
         if missing:
             self._join(*self._embed(model, missing))
 
-    def _join(self, ids: list[int], sizes: list[tuple[int, int]], categories: list[str], tiles: list[int],
+    def _join(self, ids: list[int], sizes: list[tuple[int, int]], categories: list[str], grids: list[Grid],
               feats: torch.Tensor) -> None:
         """Embedded tasks join the pool (and the saved features, with a ``cache``)."""
         if not ids:
             return
         self.features = torch.cat([self.features, feats]) if self.task_ids else feats
         self.task_ids, self.sizes, self.categories = self.task_ids + ids, self.sizes + sizes, self.categories + categories
-        self.tiles = self.tiles + tiles
+        self.grids = self.grids + grids
         for cached in ("index", "starts", "task_of_row"):
             self.__dict__.pop(cached, None)
         if self.cache is not None:  # rewritten whole, atomically: a crash leaves the old file or the new one
@@ -98,13 +100,13 @@ class PoolPredictor:
             meta = self.cache.with_suffix(".json")
             meta_tmp = meta.with_name(f".{meta.name}.tmp")
             meta_tmp.write_text(json.dumps({"task_ids": self.task_ids, "sizes": self.sizes, "categories": self.categories,
-                                            "tiles": self.tiles}))
+                                            "tiles": self.grids}))
             tmp.replace(self.cache)
             meta_tmp.replace(meta)
 
     def _embed(self, model: AnomalyModel, tasks: list[dict]
-               ) -> tuple[list[int], list[tuple[int, int]], list[str], list[int], torch.Tensor]:
-        """(task ids, image sizes, categories, tiles, features: a row per tile) of the tasks whose
+               ) -> tuple[list[int], list[tuple[int, int]], list[str], list[Grid], torch.Tensor]:
+        """(task ids, image sizes, categories, grids, features: a row per tile) of the tasks whose
         image can be read."""
         task_ids: list[int] = []
         sizes: list[tuple[int, int]] = []  # (width, height) of the original images
@@ -112,48 +114,48 @@ class PoolPredictor:
         config, features = model.config, self.feature_cache
         feats: list[torch.Tensor | None] = []  # per task: cached features (tiles x C x H x W), or None until embedded
         hits = 0
-        batch: list[tuple[int, str, torch.Tensor]] = []  # (position, digest, its tiles' inputs) waiting for the backbone
+        grids: list[Grid] = []
+        batch: list[tuple[int, str, Grid, torch.Tensor]] = []  # (position, digest, grid, its tiles' inputs) waiting for the backbone
 
         def embed() -> None:
-            inputs = torch.cat([x for _, _, x in batch])
-            out = model.embedder(inputs).float().split([len(x) for _, _, x in batch])
-            for (pos, digest, x), f in zip(batch, out, strict=True):
+            inputs = torch.cat([x for *_, x in batch])
+            out = model.embedder(inputs).float().split([len(x) for *_, x in batch])
+            for (pos, digest, grid, x), f in zip(batch, out, strict=True):
                 feats[pos] = f
                 if features is not None:
-                    features.put(digest, f if len(x) > 1 else f[0], sizes[pos], per_side(len(x)))
+                    features.put(digest, f if len(x) > 1 else f[0], sizes[pos], grid)
             batch.clear()
 
         for t in progress_bar(tasks, desc="embedding the pool", unit="image"):
             category = str(t["data"].get("category", ""))
-            tiling = config.tiling(category)
-            n = per_side(len(tiling))
+            grid = config.grid(category)
             try:
                 data = self.fetch(t)
                 digest = content_hash(data)
-                hit = features.find(digest, n) if features is not None else None
-                img = None if hit else read_image(data, tiling[0].side)
+                hit = features.find(digest, grid) if features is not None else None
+                img = None if hit else read_image(data, config.read_size(category))
             except Exception as e:  # an unreadable image is left out of the predictions and reported
                 log.warning("task %s: cannot read its image (%s); no prediction", t["id"], e)
                 self.unreadable.add(t["id"])
                 continue
             task_ids.append(t["id"])
             categories.append(category)
+            grids.append(grid)
             if hit:
                 sizes.append(hit.size)
-                feats.append(hit.features.float().view(len(tiling), *hit.features.shape[-3:]))
+                feats.append(hit.features.float().view(grid.count, *hit.features.shape[-3:]))
                 hits += 1
                 continue
             sizes.append(img[1])
             feats.append(None)
-            batch.append((len(feats) - 1, digest, tile_tensors(img[0], tiling, config.image_size)))
-            if sum(len(x) for _, _, x in batch) >= self.batch_size:
+            batch.append((len(feats) - 1, digest, grid, tile_tensors(img[0], config.tiling(category), config.image_size)))
+            if sum(len(x) for *_, x in batch) >= self.batch_size:
                 embed()
         if batch:
             embed()
         if features is not None:
             log.info("pool: %d of %d images' features from the feature cache", hits, len(tasks))
-        tiles = [len(f) for f in feats]  # type: ignore[arg-type]
-        return task_ids, sizes, categories, tiles, torch.cat(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
+        return task_ids, sizes, categories, grids, torch.cat(feats) if feats else torch.zeros(0)  # type: ignore[arg-type]
 
     def add(self, model: AnomalyModel, tasks: list[dict]) -> list[int]:
         """Tasks imported since the pool was embedded: the new ones among ``tasks`` are embedded and
@@ -163,12 +165,12 @@ class PoolPredictor:
         new = [t for t in tasks if t["id"] not in known]
         if not new:
             return []
-        ids, sizes, categories, tiles, feats = self._embed(model, new)
+        ids, sizes, categories, grids, feats = self._embed(model, new)
         if not ids:
             return []
         scores = self._scores if self._scores is not None and self._scores.model is model else None
         first = len(self.task_ids)
-        self._join(ids, sizes, categories, tiles, feats)
+        self._join(ids, sizes, categories, grids, feats)
         if scores is not None:
             scores.grow(self.features)
             self._outcomes += [Outcome(0.0, 0.0, False, None)] * len(ids)
@@ -204,12 +206,12 @@ class PoolPredictor:
             idx = positions[start:start + 64]
             rows = torch.tensor(self.rows(idx))
             patches = self._scores.of(rows)
-            preds = model.predict_patches(patches, [self.categories[i] for i in idx], [self.tiles[i] for i in idx])
+            preds = model.predict_patches(patches, [self.categories[i] for i in idx], [self.grids[i] for i in idx])
             by_row, peaks = self._scores.defects(rows), patches.flatten(1).max(1).values
-            ends = list(itertools.accumulate(self.tiles[i] for i in idx))
+            ends = list(itertools.accumulate(self.grids[i].count for i in idx))
             for i, p, end in zip(idx, preds, ends, strict=True):
                 mask = p.mask(*self.sizes[i])
-                start = end - self.tiles[i]
+                start = end - self.grids[i].count
                 defect = by_row[start + int(peaks[start:end].argmax())]  # that of its most anomalous tile
                 self._outcomes[i] = Outcome(p.score, p.normalised_score, p.decision == "anomalous",
                                             self.codec.encode(mask) if mask.any() else None, defect)
@@ -237,12 +239,12 @@ class PoolPredictor:
     @functools.cached_property
     def starts(self) -> list[int]:
         """Per task position, its first row of ``features`` (and the number of rows, last)."""
-        return list(itertools.accumulate([0, *self.tiles]))
+        return list(itertools.accumulate([0, *(g.count for g in self.grids)]))
 
     @functools.cached_property
     def task_of_row(self) -> list[int]:
         """Per row of ``features``, the position of its task."""
-        return [i for i, n in enumerate(self.tiles) for _ in range(n)]
+        return [i for i, g in enumerate(self.grids) for _ in range(g.count)]
 
     def rows(self, positions: list[int]) -> list[int]:
         """The rows of ``features`` (tiles) of the tasks at these positions, each task's consecutive."""
@@ -251,7 +253,7 @@ class PoolPredictor:
     def embeddings(self, first: int = 0) -> torch.Tensor:
         """One vector per task from ``first`` on: the mean of its patch features (near-duplicate checks)."""
         means = self.features[self.starts[first]:].mean((2, 3))
-        return torch.stack([m.mean(0) for m in means.split(self.tiles[first:])]) if len(means) else means
+        return torch.stack([m.mean(0) for m in means.split([g.count for g in self.grids[first:]])]) if len(means) else means
 
     def raw_scores(self, model: AnomalyModel, task_ids: list[int]) -> torch.Tensor:
         """Image scores of the given tasks under ``model`` (what thresholds are set on)."""
@@ -267,7 +269,7 @@ class PoolPredictor:
         if not patches:
             return []
         maps = model.post.maps(torch.stack(patches))
-        return model.post.stitched(model.post.image_scores(maps), maps, [self.tiles[i] for i in positions])[1]
+        return model.post.stitched(model.post.image_scores(maps), maps, [self.grids[i] for i in positions])[1]
 
     def normalised_scores(self, model: AnomalyModel) -> list[float]:
         """Each task's normalised score under ``model``, in ``task_ids`` order."""

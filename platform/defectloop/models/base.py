@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from defectloop.data.tiles import runs
+from defectloop.data.tiles import Grid
 from defectloop.features import PatchEmbedder, load_backbone
 from defectloop.memory import IndexFactory, NormalBank, build_index
 from defectloop.models.calibration import Calibration
@@ -81,44 +81,43 @@ class AnomalyModel(nn.Module):
             scores.append(self.post.image_scores(maps[-1]))
         return torch.cat(scores), torch.cat(maps)
 
-    def score_images(self, feats: torch.Tensor, parents: Sequence) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image scores and maps from the features of tiles (B x C x H x W), ``parents`` naming
-        each tile's image: an image's tiles are consecutive rows (see data/tiles.py)."""
-        counts = runs(parents)
-        scores, maps = self.score_features(feats, keep=self.post.needed(counts, *feats.shape[2:]))
-        return self.post.stitched(scores, maps, counts)
+    def score_images(self, feats: torch.Tensor, grids: Sequence[Grid]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image scores and maps from the features of tiles (B x C x H x W), ``grids`` giving the
+        grid of each image: an image's tiles are consecutive rows (see data/tiles.py)."""
+        scores, maps = self.score_features(feats, keep=self.post.needed(grids, *feats.shape[2:]))
+        return self.post.stitched(scores, maps, grids)
 
     def predict_features(self, feats: torch.Tensor, categories: Sequence[str | None],
-                         tiles: Sequence[int] | None = None) -> list[Prediction]:
-        """One Prediction per image of patch features (B x C x H x W): a row each, or ``tiles[i]``
-        consecutive rows (its tiles) for image i."""
-        keep = None if tiles is None else self.post.needed(tiles, *feats.shape[2:])
-        return self._predictions(*self.score_features(feats, keep=keep), categories, tiles)
+                         grids: Sequence[Grid] | None = None) -> list[Prediction]:
+        """One Prediction per image of patch features (B x C x H x W): a row each, or
+        ``grids[i].count`` consecutive rows (its tiles) for image i."""
+        keep = None if grids is None else self.post.needed(grids, *feats.shape[2:])
+        return self._predictions(*self.score_features(feats, keep=keep), categories, grids)
 
     def pool_scores(self, feats: torch.Tensor) -> PatchScores:
         """The patch scores of a pool's features (B x C x H x W), kept current as the memory changes."""
         return PatchScores(self, feats)
 
     def predict_patches(self, patch_scores: torch.Tensor, categories: Sequence[str | None],
-                        tiles: Sequence[int] | None = None) -> list[Prediction]:
+                        grids: Sequence[Grid] | None = None) -> list[Prediction]:
         """One Prediction per image of patch scores (B x H x W, e.g. from ``pool_scores``): a row
-        each, or ``tiles[i]`` consecutive rows for image i."""
+        each, or ``grids[i].count`` consecutive rows for image i."""
         maps = self.post.maps(patch_scores)
-        return self._predictions(self.post.image_scores(maps), maps, categories, tiles)
+        return self._predictions(self.post.image_scores(maps), maps, categories, grids)
 
     def _predictions(self, scores: torch.Tensor, maps: torch.Tensor, categories: Sequence[str | None],
-                     tiles: Sequence[int] | None) -> list[Prediction]:
-        """Rows' scores and maps -> Predictions: a row an image, or ``tiles[i]`` rows stitched for image i."""
-        if tiles is not None:
-            return self.post.predictions(*self.post.stitched(scores, maps, tiles), categories, self.calibration)
+                     grids: Sequence[Grid] | None) -> list[Prediction]:
+        """Rows' scores and maps -> Predictions: a row an image, or ``grids[i]`` tiles stitched for image i."""
+        if grids is not None:
+            return self.post.predictions(*self.post.stitched(scores, maps, grids), categories, self.calibration)
         return self.post.predictions(scores, maps, categories, self.calibration)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, categories: Sequence[str | None],
-                tiles: Sequence[int] | None = None) -> list[Prediction]:
+                grids: Sequence[Grid] | None = None) -> list[Prediction]:
         """Images (B x 3 x S x S in [0, 1], S = ``config.image_size``) -> one Prediction each; or
-        tiles, ``tiles[i]`` consecutive ones for image i (``features.tile_tensors``)."""
-        return self.predict_features(self.embedder(images).float(), categories, tiles)
+        tiles, ``grids[i].count`` consecutive ones for image i (``features.tile_tensors``)."""
+        return self.predict_features(self.embedder(images).float(), categories, grids)
 
     def memory_by_category(self) -> dict[str, dict[str, int]]:
         """Bank entries per category: {category: {"normal": n, "abnormal": m}} (image ids start with

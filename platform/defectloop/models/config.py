@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from defectloop.data.tiles import Tile, tiles
+from defectloop.data.tiles import WHOLE, Grid, Tile, tiles
 
 
 @dataclass
@@ -69,21 +69,34 @@ class ModelConfig:
     holdout_fraction: float = 0.1  # normal training images held back for threshold calibration
     threshold_quantile: float = 0.99
     smoothing_sigma: float = 4.0  # Gaussian on the anomaly map, in pixels at 256 px
-    # tiles a side per category (data/tiles.py); a category not named is chosen at its first fit
-    # (models/tile_choice.py) and recorded here, so every version says how it sees each category
-    tiles: dict[str, int] = field(default_factory=dict)
-    max_tiles: int = 8  # tiles a side at most (64 tiles: 1152 px at 256 px tiles and the overlap below)
+    # the grid of tiles per category (data/tiles.py: rows x cols, or n for n x n); a category not
+    # named is chosen at its first fit (models/tile_choice.py) and recorded here, so every version
+    # says how it sees each category
+    tiles: dict[str, Grid] = field(default_factory=dict)
+    max_tiles: int = 8  # tiles a side at most (8 x 8: 1152 px at 256 px tiles and the overlap below)
     tile_overlap: int = 128  # pixels two neighbouring tiles share: each shows only its middle (data/tiles.py)
     dmad: DMADConfig = field(default_factory=DMADConfig)
     crad: CRADConfig = field(default_factory=CRADConfig)
 
+    def __post_init__(self) -> None:
+        self.tiles = {str(c): Grid.of(g) for c, g in self.tiles.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def tiling(self, category: str | None) -> list[Tile]:
-        """The tiles an image of this category is seen as (one, the whole image, for a category
+    def grid(self, category: str | None) -> Grid:
+        """The grid an image of this category is cut into (1 x 1, the whole image, for a category
         without a choice)."""
-        return tiles(self.tiles.get(category or "", 1), self.image_size, self.tile_overlap)
+        return self.tiles.get(category or "", WHOLE)
+
+    def tiling(self, category: str | None) -> list[Tile]:
+        """The tiles an image of this category is seen as."""
+        return tiles(self.grid(category), self.image_size, self.tile_overlap)
+
+    def read_size(self, category: str | None) -> int:
+        """The model size ``read_image`` reads an image of this category for: the long side of
+        the image as its tiles cut it."""
+        return max(self.grid(category).shape(self.image_size, self.tile_overlap))
 
     def with_settings(self, settings: list[str]) -> ModelConfig:
         """A copy with ``key=value`` settings applied (``dmad.steps=3000``; values read as JSON when they parse)."""

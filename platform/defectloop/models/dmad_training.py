@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data.synthetic import DefectAugmenter
-from defectloop.data.tiles import firsts
+from defectloop.data.tiles import firsts, image_grids
 from defectloop.features import Extracted, image_tensor, mask_cells
 from defectloop.memory import AbnormalBank, Provenance, knn
 from defectloop.models.abnormal_memory import Confirmed
@@ -203,9 +203,10 @@ def choose_heads(model: DMAD, train: Extracted, held_idx: list[int], val_idx: li
     scores = {}
     parents = [train.samples[i].parent_id for i in idx]
     images = [idx[k] for k in firsts(parents)]  # each image's first tile: its category and label
+    grids = image_grids([train.samples[i] for i in idx])
     for mode in (HEAD, BANKS):
         twin.head_choices = HeadChoices(default=mode)
-        scores[mode] = twin.score_images(train.features[idx], parents)[0] if idx else torch.zeros(0)
+        scores[mode] = twin.score_images(train.features[idx], grids)[0] if idx else torch.zeros(0)
     parts = comm.all_gather(([train.samples[i].category for i in images], torch.tensor([train.samples[i].label for i in images]),
                              scores[HEAD], scores[BANKS]))
     model.head_choices = HeadChoices.choose([c for p in parts for c in p[0]],

@@ -20,7 +20,7 @@ import torch
 
 from defectloop.collective import LOCAL, Collective
 from defectloop.data import Sample
-from defectloop.data.tiles import firsts
+from defectloop.data.tiles import firsts, image_grids
 from defectloop.features import Extracted, extract, feature_buffer
 from defectloop.memory import CoresetSampler, KCenterGreedy, NormalBank, extend_farthest, target_size
 from defectloop.models.abnormal_memory import AbnormalMemory, Confirmed
@@ -108,7 +108,7 @@ class Fitter:
         cats = [train.samples[held_idx[k]].category for k in firsts(parents)]
         scores, peaks = torch.zeros(0), torch.zeros(0)
         if held_idx:  # per image: a tiled image's score and map come from its tiles
-            scores, maps = model.score_images(train.features[held_idx], parents)
+            scores, maps = model.score_images(train.features[held_idx], image_grids([train.samples[i] for i in held_idx]))
             peaks = torch.stack([m.max() for m in maps])
         parts = comm.all_gather((cats, scores, peaks))
         if any(p[0] for p in parts):

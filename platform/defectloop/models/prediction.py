@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectloop.data.tiles import per_side, shown, stitch
+from defectloop.data.tiles import Grid, shown, stitch
 from defectloop.models.calibration import Calibration, Decision
 
 
@@ -50,7 +50,7 @@ class Prediction:
     decision: Decision
     category: str | None
     known_category: bool  # False: the all-category thresholds were used
-    amap: np.ndarray  # smoothed anomaly map: S x S at the model's input size, or its tiles' side (stitched)
+    amap: np.ndarray  # smoothed anomaly map: S x S at the model's input size, or its grid's shape (stitched)
 
     def mask(self, width: int, height: int) -> np.ndarray:
         """H x W bool defect mask: where the map, at the image's size, exceeds the pixel threshold,
@@ -100,7 +100,7 @@ class PostProcessor:
         self.overlap = tile_overlap
         self.sigma = smoothing_sigma * image_size / 256  # the sigma is given at 256 px
         self._ops: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._needed: dict[tuple[int, int, int], torch.Tensor] = {}  # (n, h, w) -> n*n x h x w
+        self._needed: dict[tuple[Grid, int, int], torch.Tensor] = {}  # (grid, h, w) -> tiles x h x w
 
     def _operators(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (h, w) not in self._ops:
@@ -112,26 +112,24 @@ class PostProcessor:
         a_h, a_w = self._operators(*patch_scores.shape[1:])
         return a_h @ patch_scores @ a_w.T
 
-    def needed(self, counts: Sequence[int], h: int, w: int) -> torch.Tensor | None:
-        """Which patches (B x H x W bool) of tiles (``counts``: tiles of each image, consecutive
-        rows) reach their images' stitched maps; None when every image is one tile (all do).
+    def needed(self, grids: Sequence[Grid], h: int, w: int) -> torch.Tensor | None:
+        """Which patches (B x H x W bool) of tiles (``grids``: the grid of each image, its tiles
+        consecutive rows) reach their images' stitched maps; None when every image is one tile (all do).
 
         A stitched map shows only the middle of an inner tile (``tiles.shown``), and the map
         operators say exactly which patches weigh on those pixels: every other patch's score is
         multiplied by zero, so a model need not compute it. For 3 x 3 tiles of 256 px overlapping
         by 128 px that is 63% of the patches, for 8 x 8 tiles 53%."""
-        if all(c == 1 for c in counts):
+        if all(g.count == 1 for g in grids):
             return None
         parts = []
-        for count in counts:
-            n = per_side(count)
-            if (n, h, w) not in self._needed:
+        for grid in grids:
+            if (grid, h, w) not in self._needed:
                 a_h, a_w = self._operators(h, w)
-                part = shown(n, self.size, self.overlap)
-                rows = [a_h[y0:y1].ne(0).any(0) for y0, y1 in part]
-                cols = [a_w[x0:x1].ne(0).any(0) for x0, x1 in part]
-                self._needed[(n, h, w)] = torch.stack([r[:, None] & c[None] for r in rows for c in cols])
-            parts.append(self._needed[(n, h, w)])
+                rows = [a_h[y0:y1].ne(0).any(0) for y0, y1 in shown(grid.rows, self.size, self.overlap)]
+                cols = [a_w[x0:x1].ne(0).any(0) for x0, x1 in shown(grid.cols, self.size, self.overlap)]
+                self._needed[(grid, h, w)] = torch.stack([r[:, None] & c[None] for r in rows for c in cols])
+            parts.append(self._needed[(grid, h, w)])
         return torch.cat(parts)
 
     def image_scores(self, maps: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -147,17 +145,16 @@ class PostProcessor:
         columns = F.avg_pool2d(maps[:, None], (window, 1), (stride, 1))
         return F.avg_pool2d(columns, (1, window), (1, stride)).flatten(1).max(1).values
 
-    def stitched(self, scores: torch.Tensor, maps: torch.Tensor, counts: Sequence[int]
+    def stitched(self, scores: torch.Tensor, maps: torch.Tensor, grids: Sequence[Grid]
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Tiles' scores and maps -> their images': the tiles' maps stitched (``counts``: tiles of
-        each image, consecutive rows, n x n row by row) and each stitched map's image score (one
-        tile: its own score)."""
+        """Tiles' scores and maps -> their images': the tiles' maps stitched (``grids``: the grid
+        of each image, its tiles consecutive rows, row by row) and each stitched map's image score
+        (one tile: its own score)."""
         out_scores, out_maps, start = [], [], 0
-        for count in counts:
-            n = per_side(count)
-            out_maps.append(stitch(maps[start:start + count], n, self.overlap))
-            out_scores.append(scores[start] if n == 1 else self.image_scores(out_maps[-1][None])[0])
-            start += count
+        for grid in grids:
+            out_maps.append(stitch(maps[start:start + grid.count], grid, self.overlap))
+            out_scores.append(scores[start] if grid.count == 1 else self.image_scores(out_maps[-1][None])[0])
+            start += grid.count
         return (torch.stack(out_scores) if out_scores else scores[:0]), out_maps
 
     @staticmethod

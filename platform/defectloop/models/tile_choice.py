@@ -1,11 +1,11 @@
-"""How many tiles a side each category is inspected with, chosen at its first fit.
+"""The grid of tiles each category is inspected with, chosen at its first fit.
 
 A 256 px view of a 512 px screw or a 640 px circuit board erases defects a few pixels wide: on
 the dev screw images, PatchCore at 256 px ranks the test images at 89.9 image AUROC, seen as
 3 x 3 tiles at their own 512 px at 98.3 (pixel AUROC 98.5 -> 99.6, docs/models.md). Other images
 lose by it: magnetic tile (about 290 px, of every aspect) upsampled to 2 x 2 tiles fell from 94.2
 to 91.3. So per category the candidates are one tile (the whole image at the model's size) and
-the tiling nearest the images' own resolution (at most ``max_tiles`` a side; images about a
+the grid nearest the images' own resolution and aspect (at most ``max_tiles`` a side; images about a
 tile's size have no other candidate), and the tiles serve only where they rank validation images
 better by ``MARGIN``: held-back normal training images against labeled defects of the category
 where it has two or more, else against the same normals with a small synthetic defect painted at
@@ -29,7 +29,7 @@ from PIL import Image
 
 from defectloop.data import ImageError, Sample
 from defectloop.data.synthetic import add_defect
-from defectloop.data.tiles import Tile, tiles, tiles_for
+from defectloop.data.tiles import WHOLE, Grid, Tile, tiles, tiles_for
 from defectloop.features import PatchEmbedder, load_backbone, tile_tensors
 from defectloop.memory import KCenterGreedy, build_index
 from defectloop.metrics import auroc
@@ -51,24 +51,24 @@ def tiled(samples: Sequence[Sample], config: ModelConfig) -> list[Sample]:
 
 
 def choose_tiles(config: ModelConfig, samples: Sequence[Sample], embedder: PatchEmbedder | None = None) -> ModelConfig:
-    """``config`` with a tile count for every category of ``samples`` it does not name yet."""
+    """``config`` with a grid of tiles for every category of ``samples`` it does not name yet."""
     todo = sorted({s.category for s in samples} - set(config.tiles))
     if not todo:
         return config
     chosen = dict(config.tiles)
     for cat in todo:
         normals = sorted((s for s in samples if s.category == cat and s.label == 0), key=lambda s: s.parent_id)
-        most = tiles_for(*_typical_size(normals), config.image_size, config.tile_overlap, config.max_tiles)
-        if most == 1 or len(normals) < 4:
-            chosen[cat] = 1
+        native = tiles_for(*_typical_size(normals), config.image_size, config.tile_overlap, config.max_tiles)
+        if native == WHOLE or len(normals) < 4:
+            chosen[cat] = WHOLE
             continue
         embedder = embedder or PatchEmbedder(load_backbone(config.backbone, config.backbone_checkpoint))
         defects = [s for s in samples if s.category == cat and s.label == 1 and s.tile is None]
         defects = defects if len(defects) >= 2 else []  # one labeled defect ranks nothing: synthetic ones
-        aurocs = {n: _validation_auroc(embedder, config, normals, defects, n) for n in (1, most)}
-        chosen[cat] = most if aurocs[most] > aurocs[1] + MARGIN else 1
-        log.info("category %s: %d x %d tiles (image AUROC on %s defects: %s)", cat, chosen[cat], chosen[cat],
-                 "real" if defects else "synthetic", ", ".join(f"{n} x {n} {a:.3f}" for n, a in aurocs.items()))
+        aurocs = {g: _validation_auroc(embedder, config, normals, defects, g) for g in (WHOLE, native)}
+        chosen[cat] = native if aurocs[native] > aurocs[WHOLE] + MARGIN else WHOLE
+        log.info("category %s: %d x %d tiles (image AUROC on %s defects: %s)", cat, *chosen[cat],
+                 "real" if defects else "synthetic", ", ".join(f"{r} x {c} {a:.3f}" for (r, c), a in aurocs.items()))
     return replace(config, tiles=chosen)
 
 
@@ -87,16 +87,16 @@ def _typical_size(samples: Sequence[Sample]) -> tuple[int, int]:
 
 
 def _validation_auroc(embedder: PatchEmbedder, config: ModelConfig, normals: Sequence[Sample],
-                      defects: Sequence[Sample], n: int) -> float:
+                      defects: Sequence[Sample], grid: Grid) -> float:
     """Image AUROC of held-back normals against ``defects`` (none: the same normals with small
-    synthetic defects), with a PatchCore bank of the other normals, every image seen as n x n tiles."""
+    synthetic defects), with a PatchCore bank of the other normals, every image cut into ``grid``."""
     salt = f"{config.seed}/tiles"
     order = sorted(normals, key=lambda s: hash_unit(s.parent_id, salt))
     held, fit = order[:VALIDATION_IMAGES], order[VALIDATION_IMAGES:VALIDATION_IMAGES + FIT_IMAGES]
     if len(fit) < 2:
         held, fit = order[: len(order) // 2], order[len(order) // 2:]
-    grid = tiles(n, config.image_size, config.tile_overlap)
-    bank = torch.cat([_patches(embedder, img, grid) for img in _images(fit)])
+    tiling = tiles(grid, config.image_size, config.tile_overlap)
+    bank = torch.cat([_patches(embedder, img, tiling) for img in _images(fit)])
     bank = bank[KCenterGreedy(seed=config.seed).select(bank, max(1, int(config.coreset_ratio * 2 * len(bank))))]
     index = build_index(bank)
     post = PostProcessor(config.image_size, config.smoothing_sigma, config.tile_overlap)
@@ -104,9 +104,9 @@ def _validation_auroc(embedder: PatchEmbedder, config: ModelConfig, normals: Seq
     g = embedder.grid(config.image_size)
 
     def score(image: np.ndarray) -> float:
-        q = _patches(embedder, image, grid)
-        maps = post.maps(index.search(q)[0].view(len(grid), g, g))
-        return float(post.stitched(post.image_scores(maps), maps, [len(grid)])[0][0])
+        q = _patches(embedder, image, tiling)
+        maps = post.maps(index.search(q)[0].view(len(tiling), g, g))
+        return float(post.stitched(post.image_scores(maps), maps, [grid])[0][0])
 
     clean = list(_images(held))
     if defects:
@@ -127,9 +127,9 @@ def _images(samples: Sequence[Sample]):
 
 
 @torch.no_grad()
-def _patches(embedder: PatchEmbedder, image: np.ndarray, grid: Sequence[Tile]) -> torch.Tensor:
-    """Patch features (tiles x h x w rows, C columns) of an image seen as ``grid``."""
-    f = embedder(tile_tensors(image, grid, grid[0].size)).float()
+def _patches(embedder: PatchEmbedder, image: np.ndarray, tiling: Sequence[Tile]) -> torch.Tensor:
+    """Patch features (tiles x h x w rows, C columns) of an image seen as ``tiling``."""
+    f = embedder(tile_tensors(image, tiling, tiling[0].size)).float()
     return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 
