@@ -12,7 +12,7 @@ import torch
 
 from defectloop.data import Sample, load_image, load_mask, load_split
 from defectloop.data.tiles import WHOLE, Grid, firsts, image_grids, resized, side, stitch, tiles, tiles_for
-from defectloop.features import extract, image_tensor, tile_tensors
+from defectloop.features import extract, image_tensor, tile_mask_tensors, tile_tensors
 from defectloop.metrics import auroc
 from defectloop.models import Fitter, ModelConfig, choose_tiles, create_model, tiled
 from defectloop.models.holdout import split_holdout
@@ -47,6 +47,10 @@ def test_stitched_crops_give_back_the_image_at_the_grid_s_shape(grid):
     whole = resized(image, *grid.shape(32, 16))[..., 0]
     assert whole.shape == (side(grid.rows, 32, 16), side(grid.cols, 32, 16))
     assert torch.equal(stitch(crops, grid, 16), torch.from_numpy(whole.astype(np.float32)))
+    # an image's tiles, and its mask's, are cut from one resize: each is its own crop
+    assert torch.equal(tile_tensors(image, cut, 32), torch.stack([image_tensor(t.crop(image), 32) for t in cut]))
+    mask = rng.random((90, 120)) > 0.7
+    assert torch.equal(tile_mask_tensors(mask, cut, 32), torch.stack([torch.from_numpy(t.crop_mask(mask)) for t in cut]))
 
 
 def test_the_seam_lies_mid_overlap():

@@ -120,9 +120,7 @@ class Tile:
 
     def crop_mask(self, mask: np.ndarray) -> np.ndarray:
         """The defective fraction of each pixel of the tile (float32, size x size) of an H x W bool mask."""
-        h, w = self.shape
-        img = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX)
-        return self.cut(np.asarray(img, dtype=np.float32)) / 255.0
+        return self.cut(defective_fraction(mask, *self.shape))
 
 
 def resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -136,6 +134,12 @@ def resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if img.size != (width, height):
         img = img.resize((width, height), Image.BILINEAR)
     return np.asarray(img)
+
+
+def defective_fraction(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An H x W bool mask at height x width: the defective fraction of each pixel (float32)."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BOX)
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 def tiles(grid: Grid, size: int, overlap: int) -> list[Tile]:

@@ -9,8 +9,10 @@ from defectloop.features.embedding import (
            image_tensor,
            mask_cells,
            mask_tensor,
+           tile_mask_tensors,
            tile_tensors,
 )
 
 __all__ = ["KNOWN_BACKBONES", "Extracted", "FeatureBackbone", "PatchEmbedder", "extract", "feature_buffer", "image_tensor",
-           "load_backbone", "mask_cells", "mask_tensor", "pretrained_model", "tile_tensors"]
+           "load_backbone", "mask_cells", "mask_tensor", "pretrained_model", "tile_mask_tensors",
+           "tile_tensors"]

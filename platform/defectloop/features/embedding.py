@@ -25,7 +25,7 @@ from torch import nn
 
 from defectloop.data.images import ImageError, load_image, load_mask, reduction
 from defectloop.data.mvtec import Sample
-from defectloop.data.tiles import Tile, resized
+from defectloop.data.tiles import Tile, defective_fraction, resized
 from defectloop.features.backbones import FeatureBackbone
 from defectloop.progress import bar as progress_bar
 
@@ -70,6 +70,15 @@ def tile_tensors(image: np.ndarray, tiling: Sequence[Tile], size: int) -> torch.
         return image_tensor(image, size)[None]
     whole = resized(image, *tiling[0].shape)  # once, not once per tile: 64 resizes of a 12 MP image cost seconds
     return torch.stack([image_tensor(t.cut(whole), size) for t in tiling])
+
+
+def tile_mask_tensors(mask: np.ndarray, tiling: Sequence[Tile], size: int) -> torch.Tensor:
+    """A bool H x W mask as the defective fraction of each pixel of its image's tiles (T x size x
+    size, row by row, as ``tile_tensors``): one resize of the mask, every tile cut from it."""
+    if len(tiling) <= 1:
+        return mask_tensor(mask, size)[None]
+    whole = defective_fraction(mask, *tiling[0].shape)
+    return torch.stack([torch.from_numpy(t.cut(whole)) for t in tiling])
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

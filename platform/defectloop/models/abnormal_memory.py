@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from defectloop.data.tiles import Tile
-from defectloop.features import PatchEmbedder, mask_cells, mask_tensor, tile_tensors
+from defectloop.features import PatchEmbedder, mask_cells, tile_mask_tensors, tile_tensors
 from defectloop.memory import (
     AbnormalBank,
     IndexFactory,
@@ -64,7 +64,7 @@ class AbnormalMemory:
                              f"({mask.shape} vs {image.shape[:2]})")
         tiling, feats = self._features(image, provenance.category)
         size, coverage = self.config.image_size, self.config.dmad.mask_coverage
-        covered = [torch.from_numpy(t.crop_mask(mask)) for t in tiling] if len(tiling) > 1 else [mask_tensor(mask, size)]
+        covered = tile_mask_tensors(mask, tiling, size)
         cells = torch.cat([mask_cells(f, c, coverage) for f, c in zip(feats, covered, strict=True)])
         self.abnormal_bank.add(provenance, cells)
         return len(cells)
