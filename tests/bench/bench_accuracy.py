@@ -145,8 +145,8 @@ def main() -> None:
     ap.add_argument("--mask-labels", type=int, default=5, help="confirmed masks per category that set the mask "
                     "edges (the rest of the test defects measure them); 0: skip")
     ap.add_argument("--crad-epochs", type=int, default=None, help="shorter CRAD runs, e.g. for the ablations")
-    ap.add_argument("--tiles", default="auto", help="tiles a side per category: auto (chosen on the training "
-                    "images, as a fit chooses them), none (every image whole), or JSON, e.g. '{\"screw\": 3}'")
+    ap.add_argument("--tiles", default="auto", help="the grid of tiles per category: auto (chosen on the training "
+                    "images, as a fit chooses them), none (every image whole), or JSON, e.g. '{\"screw\": [3, 3]}'")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     out: dict = {"modes": {}, "image_size": args.image_size}
