@@ -27,6 +27,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from defectloop.data.tiles import Grid
 from defectloop.labeling.inbox import EventInbox
 from defectloop.scoring import ModelHandle, Scored
 from defectloop.serve.api import build_app
@@ -77,15 +78,16 @@ class Scorer:
         log.info("scorer reconfigured: %s", sorted(user_config or {}))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def score_one(self, items: list[tuple[torch.Tensor, str | None]]) -> list[Scored]:
-        """(image, category) pairs of many requests, scored as one batch.
+    async def score_one(self, items: list[tuple[torch.Tensor, str | None, Grid]]) -> list[Scored]:
+        """(image's tiles, category, their grid) of many requests, scored as one batch.
 
         Two batches at a time: with one, the cores idled while a batch's answers went back and
         the next requests came in and were decoded (16 clients, batches of 16, the dev test mix
         with tiles: 1.1 of 2 cores busy, 9.1-10.0 img/s); with two, one is scored while the next
         forms (1.8 cores, 12.0 img/s)."""
         # in a thread: the replica's event loop keeps accepting requests (the next batch) meanwhile
-        return await asyncio.to_thread(self.handle.score, [t for t, _ in items], [c for _, c in items])
+        return await asyncio.to_thread(self.handle.score, [t for t, _, _ in items], [c for _, c, _ in items],
+                                       [g for _, _, g in items])
 
     async def loop_status(self) -> dict:
         return await self.loop.status.remote()

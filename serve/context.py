@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPBasic, HTTPBearer
 
 from defectloop.data import ImageError, ImageTooLarge, read_image
+from defectloop.data.tiles import Grid
 from defectloop.features import tile_tensors
 from defectloop.labeling.brush import BrushRLE, MaskCodec
 from defectloop.labeling.inbox import EventInbox
@@ -58,7 +59,7 @@ class ScoringContext:
     """What the routes need: the model handle, a (batched) scorer for one image, settings, the inbox."""
 
     handle: ModelHandle
-    score_one: Callable[[tuple[torch.Tensor, str | None]], Awaitable[Scored]]  # (image, category)
+    score_one: Callable[[tuple[torch.Tensor, str | None, Grid]], Awaitable[Scored]]  # (image's tiles, category, their grid)
     settings: ServeSettings
     inbox: EventInbox
     codec: MaskCodec = BrushRLE()
@@ -129,7 +130,9 @@ async def score_arrays(ctx: ScoringContext, items: list[Decoded], heatmap: bool,
     config = ctx.handle.served.model.config
     tensors = await asyncio.to_thread(lambda: [tile_tensors(d.image, config.tiling(d.category), config.image_size)
                                                for d in items])
-    scored = await asyncio.gather(*(ctx.score_one((t, d.category)) for t, d in zip(tensors, items, strict=True)))
+    # each image scored as the grid it was cut into, even where a new version sees its category otherwise
+    scored = await asyncio.gather(*(ctx.score_one((t, d.category, config.grid(d.category)))
+                                    for t, d in zip(tensors, items, strict=True)))
 
     def build() -> list[ImageScore]:
         out = []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from defectloop.data.tiles import Grid
 from defectloop.models import AbnormalMemory, AnomalyModel, Prediction, load_model
 from defectloop.registry import TRAINED_BANK, Registry, resolve_model_dir
 from defectloop.store import open_store
@@ -143,18 +144,21 @@ class ModelHandle:
     def stop(self) -> None:
         self._stop.set()
 
-    def score(self, images: list[torch.Tensor], categories: Sequence[str | None], batch_size: int = 64) -> list[Scored]:
+    def score(self, images: list[torch.Tensor], categories: Sequence[str | None], grids: Sequence[Grid] | None = None,
+              batch_size: int = 64) -> list[Scored]:
         """Score preprocessed images (3 x S x S in [0, 1]), or their tiles (T x 3 x S x S, see
         ``features.tile_tensors``), as one batch with the model in force; the backbone takes at
-        most ``batch_size`` tiles at a time (memory stays bounded whatever the images' sizes)."""
+        most ``batch_size`` tiles at a time (memory stays bounded whatever the images' sizes).
+        ``grids``: the grid each image was cut into (default: its category's under the model in
+        force; a caller that cut the tiles before a version swap says which it used)."""
         served = self.served
         stacks = [t if t.dim() == 4 else t[None] for t in images]
         inputs = torch.cat(stacks)
         feats = torch.cat([served.model.embedder(inputs[i:i + batch_size].to(self.device)).float().cpu()
                            for i in range(0, len(inputs), batch_size)])
-        grids = [served.model.config.grid(c) for c in categories]
+        grids = grids or [served.model.config.grid(c) for c in categories]
         for t, g, c in zip(stacks, grids, categories, strict=True):
-            if len(t) != g.count:  # cut by a version that saw the category otherwise
-                raise ValueError(f"category {c!r}: {len(t)} tiles given, the served model sees it as {g.rows} x {g.cols}")
+            if len(t) != g.count:
+                raise ValueError(f"category {c!r}: {len(t)} tiles given for a grid of {g.rows} x {g.cols}")
         preds = served.model.predict_features(feats, categories, grids)
         return [Scored(p, served) for p in preds]

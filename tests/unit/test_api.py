@@ -31,8 +31,8 @@ def ctx(served_copy, tmp_path):
     handle = ModelHandle(root)
 
     async def score_one(item):
-        image, category = item
-        return (await asyncio.to_thread(handle.score, [image], [category]))[0]
+        image, category, grid = item
+        return (await asyncio.to_thread(handle.score, [image], [category], [grid]))[0]
 
     return ScoringContext(handle, score_one, settings, EventInbox(settings.inbox_dir()))
 

@@ -130,6 +130,9 @@ def test_a_tiled_model_finds_the_defects_and_every_path_scores_an_image_alike(ti
     assert torch.allclose(torch.tensor([r.prediction.score for r in by_handle]), scores[:6], atol=1e-4)
     with pytest.raises(ValueError, match="tiles given"):  # cut for another grid than the version's
         handle.score([inputs[0][:1]], [test[0].category])
+    # tiles cut before a version swap are scored as the grid they were cut into
+    one = handle.score([tile_tensors(images[0], tiles(WHOLE, 64, 32), 64)], [test[0].category], [WHOLE])[0]
+    assert one.prediction.amap.shape == (64, 64)
 
     tasks = [{"id": i + 1, "data": {"image": str(s.path), "category": s.category}} for i, s in enumerate(test[:6])]
     pool = PoolPredictor(model, tasks, lambda t: Path(t["data"]["image"]).read_bytes(),
