@@ -28,7 +28,7 @@ class Evaluated:
 
 def evaluate_extracted(model: AnomalyModel, test: Extracted) -> Evaluated:
     """The metrics of test features embedded as the model's tiles (``models.tiled``): per category
-    and mean, the served masks' IoU, the tiles a side each category is seen as and, for DMAD,
+    and mean, the served masks' IoU, the grid of tiles each category is seen as and, for DMAD,
     which score serves it."""
     parents = [s.parent_id for s in test.samples]
     grids = image_grids(test.samples)

@@ -153,12 +153,12 @@ class ModelHandle:
         force; a caller that cut the tiles before a version swap says which it used)."""
         served = self.served
         stacks = [t if t.dim() == 4 else t[None] for t in images]
+        grids = grids or [served.model.config.grid(c) for c in categories]
+        for t, g, c in zip(stacks, grids, categories, strict=True):  # before the backbone runs
+            if len(t) != g.count:
+                raise ValueError(f"category {c!r}: {len(t)} tiles given for a grid of {g.rows} x {g.cols}")
         inputs = torch.cat(stacks)
         feats = torch.cat([served.model.embedder(inputs[i:i + batch_size].to(self.device)).float().cpu()
                            for i in range(0, len(inputs), batch_size)])
-        grids = grids or [served.model.config.grid(c) for c in categories]
-        for t, g, c in zip(stacks, grids, categories, strict=True):
-            if len(t) != g.count:
-                raise ValueError(f"category {c!r}: {len(t)} tiles given for a grid of {g.rows} x {g.cols}")
         preds = served.model.predict_features(feats, categories, grids)
         return [Scored(p, served) for p in preds]
