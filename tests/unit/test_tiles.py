@@ -11,7 +11,18 @@ import pytest
 import torch
 
 from defectloop.data import Sample, load_image, load_mask, load_split
-from defectloop.data.tiles import WHOLE, Grid, firsts, image_grids, resized, side, stitch, tiles, tiles_for
+from defectloop.data.tiles import (
+    WHOLE,
+    Grid,
+    defective_fraction,
+    firsts,
+    image_grids,
+    resized,
+    side,
+    stitch,
+    tiles,
+    tiles_for,
+)
 from defectloop.features import extract, image_tensor, tile_mask_tensors, tile_tensors
 from defectloop.metrics import auroc
 from defectloop.models import Fitter, ModelConfig, choose_tiles, create_model, tiled
@@ -50,7 +61,7 @@ def test_stitched_crops_give_back_the_image_at_the_grid_s_shape(grid):
     # an image's tiles, and its mask's, are cut from one resize: each is its own crop
     assert torch.equal(tile_tensors(image, cut, 32), torch.stack([image_tensor(t.crop(image), 32) for t in cut]))
     mask = rng.random((90, 120)) > 0.7
-    assert torch.equal(tile_mask_tensors(mask, cut, 32), torch.stack([torch.from_numpy(t.crop_mask(mask)) for t in cut]))
+    assert torch.equal(tile_mask_tensors(mask, cut, 32), torch.stack([torch.from_numpy(t.cut(defective_fraction(mask, *t.shape))) for t in cut]))
 
 
 def test_the_seam_lies_mid_overlap():
@@ -188,3 +199,30 @@ def test_image_tensor_of_one_tile_is_the_whole_image():
     image = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     assert torch.equal(tile_tensors(image, tiles(WHOLE, 32, 16), 32)[0], image_tensor(image, 32))
     assert Sample(Path("c/train/good/x.png"), "c").tiled(tiles(WHOLE, 32, 16))[0].tile is None
+
+
+def test_extract_decodes_an_image_once_for_all_its_tiles(tiled_model, tiny_data, monkeypatch):
+    """Training and evaluation read each image (and its mask) once and cut its tiles from one resize:
+    the same inputs as the Serve path's, in the samples' order, a lone tile included."""
+    import defectloop.features.embedding as embedding
+
+    model = tiled_model
+    test = [s for s in load_split(tiny_data).test if s.category == "tile"]
+    test = test[:2] + [s for s in test if s.mask_path is not None][:2]
+    samples = tiled(test, model.config)
+    samples = samples + samples[4:5]  # one tile of an image on its own
+    reads: list[Path] = []
+    monkeypatch.setattr(embedding, "load_image", lambda p: reads.append(p) or load_image(p))
+    got = extract(model.embedder, samples, 64, batch_size=5)
+    assert reads == [s.path for s in test] + [samples[4].path]  # per image, not per tile
+    tiling = model.config.tiling("tile")
+    inputs = torch.cat([tile_tensors(load_image(s.path), tiling, 64) for s in test] + [image_tensor(samples[4].read(), 64)[None]])
+    assert torch.allclose(got.features, model.embedder(inputs).float(), atol=1e-5)
+    n = len(tiling)
+    for i, s in enumerate(test):
+        masks = got.masks[i * n:(i + 1) * n]
+        if s.mask_path is None:
+            assert all(m is not None and not m.any() for m in masks)  # a normal image: no defect anywhere
+        else:
+            expect = tile_mask_tensors(load_mask(s.mask_path), tiling, 64)
+            assert torch.equal(torch.stack(masks), expect) and expect.any()

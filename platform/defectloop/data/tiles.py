@@ -118,10 +118,6 @@ class Tile:
         y, x = self.box
         return pixels[y:y + self.size, x:x + self.size]
 
-    def crop_mask(self, mask: np.ndarray) -> np.ndarray:
-        """The defective fraction of each pixel of the tile (float32, size x size) of an H x W bool mask."""
-        return self.cut(defective_fraction(mask, *self.shape))
-
 
 def resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """An H x W x 3 uint8 image at height x width: what a grid's tiles are cut from, and what its

@@ -12,10 +12,9 @@ import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 
 import numpy as np
 import torch
@@ -64,21 +63,26 @@ def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def tile_tensors(image: np.ndarray, tiling: Sequence[Tile], size: int) -> torch.Tensor:
-    """An image as the model inputs of its tiles (T x 3 x size x size, row by row); with one tile
-    or none, the whole image."""
-    if len(tiling) <= 1:
+    """An image as the model inputs of these tiles of it (T x 3 x size x size, in their order);
+    for no tiles or the whole grid's one, the whole image."""
+    if whole_image(tiling):
         return image_tensor(image, size)[None]
-    whole = resized(image, *tiling[0].shape)  # once, not once per tile: 64 resizes of a 12 MP image cost seconds
-    return torch.stack([image_tensor(t.cut(whole), size) for t in tiling])
+    pixels = resized(image, *tiling[0].shape)  # once, not once per tile: 64 resizes of a 12 MP image cost seconds
+    return torch.stack([image_tensor(t.cut(pixels), size) for t in tiling])
 
 
 def tile_mask_tensors(mask: np.ndarray, tiling: Sequence[Tile], size: int) -> torch.Tensor:
     """A bool H x W mask as the defective fraction of each pixel of its image's tiles (T x size x
-    size, row by row, as ``tile_tensors``): one resize of the mask, every tile cut from it."""
-    if len(tiling) <= 1:
+    size, as ``tile_tensors``): one resize of the mask, every tile cut from it."""
+    if whole_image(tiling):
         return mask_tensor(mask, size)[None]
-    whole = defective_fraction(mask, *tiling[0].shape)
-    return torch.stack([torch.from_numpy(t.cut(whole)) for t in tiling])
+    fraction = defective_fraction(mask, *tiling[0].shape)
+    return torch.stack([torch.from_numpy(t.cut(fraction)) for t in tiling])
+
+
+def whole_image(tiling: Sequence[Tile]) -> bool:
+    """Whether these tiles are the image whole (none, or the one tile of a 1 x 1 grid)."""
+    return not tiling or tiling[0].grid.count == 1
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -107,15 +111,32 @@ class Extracted:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def _load(sample: Sample, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    image = load_image(sample.path)
-    mask = None
-    if sample.mask_path is not None:
-        full = load_mask(sample.mask_path, expected_hw=image.shape[:2])
-        mask = torch.from_numpy(sample.tile.crop_mask(full)) if sample.tile else mask_tensor(full, size)
-    elif sample.label == 0:
-        mask = torch.zeros(size, size)
-    return image_tensor(sample.tile.crop(image) if sample.tile else image, size), mask
+def _load(group: Sequence[Sample], size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The model inputs and defect coverage of samples of one image (some or all of its tiles, or
+    the image whole): the image and its mask are decoded once and resized once, and each tile is
+    cut from that (a 12 MP image decoded once per tile of a 6 x 8 grid would be 48 decodes)."""
+    first = group[0]
+    image = load_image(first.path)
+    tiling = [s.tile for s in group if s.tile is not None]
+    inputs = tile_tensors(image, tiling, size)
+    if first.mask_path is not None:
+        masks = list(tile_mask_tensors(load_mask(first.mask_path, expected_hw=image.shape[:2]), tiling, size))
+    else:
+        masks = [torch.zeros(size, size) if s.label == 0 else None for s in group]
+    return list(zip(inputs, masks, strict=True))
+
+
+def _by_image(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
+    """Consecutive samples that are tiles of one image (one grid), as one group; others alone."""
+    group: list[Sample] = []
+    for s in samples:
+        if group and not (s.tile and group[0].tile and s.path == group[0].path and s.tile.grid == group[0].tile.grid
+                          and s.mask_path == group[0].mask_path):
+            yield group
+            group = []
+        group.append(s)
+    if group:
+        yield group
 
 
 def feature_buffer(shape: tuple[int, ...], max_memory: int, cache_dir: str | None = None) -> torch.Tensor:
@@ -152,9 +173,9 @@ def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int 
     desc = progress if isinstance(progress, str) else "features"
     bar = progress_bar(total=len(samples), desc=desc, unit="img", shown=progress)
 
-    def load(s: Sample):
+    def load(group: list[Sample]):
         try:
-            return _load(s, image_size)
+            return _load(group, image_size)
         except ImageError as e:
             return e
 
@@ -167,28 +188,36 @@ def extract(embedder: PatchEmbedder, samples: Sequence[Sample], image_size: int 
             batch.clear()
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        # decoding runs ahead of the backbone, at most a few batches (bounded memory)
+        # decoding runs ahead of the backbone by at most a few batches of tiles (bounded memory),
+        # one image (all its tiles) per job
         queue: deque = deque()
-        todo = iter(samples)
-        for s in islice(todo, 4 * batch_size):
-            queue.append((s, pool.submit(load, s)))
+        groups = _by_image(samples)
+        ahead = 0
+
+        def submit() -> None:
+            nonlocal ahead
+            while ahead < 4 * batch_size and (group := next(groups, None)) is not None:
+                queue.append((group, pool.submit(load, group)))
+                ahead += len(group)
+
+        submit()
         batch: list[torch.Tensor] = []
         while queue:
-            sample, future = queue.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(load, nxt)))
+            group, future = queue.popleft()
+            ahead -= len(group)
+            submit()
             res = future.result()
             if isinstance(res, ImageError):
-                skipped.append((str(sample.path), res.reason))
-                log.warning("skipped %s: %s", sample.path, res.reason)
-                bar.update(1)
+                skipped.extend((str(s.path), res.reason) for s in group)
+                log.warning("skipped %s: %s", group[0].path, res.reason)
+                bar.update(len(group))
                 continue
-            batch.append(res[0])
-            kept.append(sample)
-            masks.append(res[1])
-            if len(batch) == batch_size:
-                flush(batch)
+            for sample, (tensor, mask) in zip(group, res, strict=True):
+                batch.append(tensor)
+                kept.append(sample)
+                masks.append(mask)
+                if len(batch) == batch_size:
+                    flush(batch)
         flush(batch)
     bar.close()
     if not kept:
