@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from defectloop.features import mask_cells
-from defectloop.memory import ExactIndex, Provenance
+from defectloop.memory import EXACT_MAX, ExactIndex, Provenance
 from defectloop.metrics import auroc
 from defectloop.models import (
     ANY_CATEGORY,
@@ -223,6 +223,15 @@ def test_pool_scores_follow_the_abnormal_bank_at_the_cost_of_what_changed(fitted
     model.forget(model.abnormal_bank.annotations[0].annotation_id)  # an entry the pool scored against at first
     check(pool.refresh(), before)
     assert len(pool.refresh()) == 0
+    # more entries at once than are searched in the pool's maps: through the memory's index
+    bad = [k for k, s in enumerate(test.samples) if s.label == 1][:3]
+    many = test.features[bad].permute(0, 2, 3, 1).reshape(-1, test.features.shape[1])
+    assert len(many) > EXACT_MAX
+    before = fresh()
+    model.abnormal_bank.add(Provenance("ls-8", "many", test.samples[bad[0]].category, "scratch"), many)
+    moved = pool.refresh()
+    assert set(bad) <= set(moved.tolist())
+    check(moved, before)
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "dmad"])

@@ -8,7 +8,16 @@ from defectloop.memory.coreset import (
     extend_farthest,
     target_size,
 )
-from defectloop.memory.nn_index import ExactIndex, IndexFactory, IVFIndex, NNIndex, build_index, knn
+from defectloop.memory.nn_index import (
+    EXACT_MAX,
+    ExactIndex,
+    IndexFactory,
+    IVFIndex,
+    NNIndex,
+    build_index,
+    knn,
+    nearer_columns,
+)
 
-__all__ = ["AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "IndexFactory", "KCenterGreedy", "NNIndex", "NormalBank",
-           "NormalEvidence", "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "target_size"]
+__all__ = ["EXACT_MAX", "AbnormalBank", "CoresetSampler", "ExactIndex", "IVFIndex", "IndexFactory", "KCenterGreedy", "NNIndex", "NormalBank",
+           "NormalEvidence", "Provenance", "RandomSampler", "build_index", "extend_farthest", "knn", "nearer_columns", "target_size"]

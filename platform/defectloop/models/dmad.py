@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectloop.memory import AbnormalBank, ExactIndex, IndexFactory, NormalBank, build_index
+from defectloop.memory import (
+    EXACT_MAX,
+    AbnormalBank,
+    ExactIndex,
+    IndexFactory,
+    NormalBank,
+    build_index,
+    nearer_columns,
+)
 from defectloop.models.abnormal_memory import AbnormalMemory
 from defectloop.models.base import AnomalyModel, kept_patches
 from defectloop.models.config import ModelConfig
@@ -246,12 +254,13 @@ class DMADPatchScores(PatchScores):
         self.ids: dict[str, int] = {}  # group id -> its number in ``nearest`` / ``normal_from`` (-1: none, the bank)
         self._bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _bank_nearest
         self.shape = tuple(feats.shape[2:])
-        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head = self._evidence(0)
+        self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head, self.sq = self._evidence(0)
 
     @torch.no_grad()
     def _evidence(self, first: int) -> tuple[torch.Tensor, ...]:
         """Per patch of the images from ``first`` on (images x patches): base, l_n, d_a, nearest
-        annotation, d_n, where the nearest normal came from, and whether the head serves it."""
+        annotation, d_n, where the nearest normal came from, whether the head serves it, and the
+        patch's squared norm (for the searches of added entries)."""
         model, parts = self.model, []
         model.eval()
         for start in range(first, len(self.feats), self.batch_size):
@@ -262,9 +271,9 @@ class DMADPatchScores(PatchScores):
             log_dn, base = model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, d_a, gate))
             parts.append((base, log_dn, d_a, self._owners(rows, model.abnormal_bank), d_n,
                           self._numbers(group, model.normal_evidence),
-                          torch.ones(len(q), dtype=torch.bool) if gate is None else gate))
+                          torch.ones(len(q), dtype=torch.bool) if gate is None else gate, q.pow(2).sum(1)))
         cells = self.shape[0] * self.shape[1]
-        return tuple(torch.cat([p[i] for p in parts]).view(-1, cells) for i in range(7))
+        return tuple(torch.cat([p[i] for p in parts]).view(-1, cells) for i in range(8))
 
     def grow(self, feats: torch.Tensor) -> None:
         """New pool images (``feats``: the whole pool, the new images last), scored against the memory
@@ -272,7 +281,7 @@ class DMADPatchScores(PatchScores):
         to them as they were scored, and one removed is not what they point to."""
         first = len(self.feats)
         self.feats = feats
-        names = ("base", "log_dn", "d_a", "nearest", "d_n", "normal_from", "head")
+        names = ("base", "log_dn", "d_a", "nearest", "d_n", "normal_from", "head", "sq")
         for name, new in zip(names, self._evidence(first), strict=True):
             setattr(self, name, torch.cat([getattr(self, name), new]))
 
@@ -358,18 +367,29 @@ class DMADPatchScores(PatchScores):
         gone = [name for name, t in old.items() if now.get(name) is not t]
         return gone, {name: t for name, t in now.items() if old.get(name) is not t}
 
-    def _nearer(self, added: dict[str, torch.Tensor]):
-        """For each batch of pool images, the patches that one of the ``added`` groups' entries is
-        nearer to: (batch slice, distances, entries' rows in the added features, group numbers per row)."""
+    def _nearer(self, added: dict[str, torch.Tensor], than: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pool's patches that an entry of the ``added`` groups is nearer to than ``than``
+        (images x patches): (image, patch, distance, that entry's features, its group's number).
+
+        A few entries (one annotation's) are searched exactly in the pool's maps as they lie
+        (``nearer_columns``); more than the exact index takes, through the memory's index."""
         numbers = torch.tensor([self.ids.setdefault(name, len(self.ids)) for name in added])
         owner = numbers.repeat_interleave(torch.tensor([len(t) for t in added.values()]))
         feats = torch.cat(list(added.values()))
-        index = self.model.index_factory(feats)
-        n_cells = self.d_a.shape[1]
+        index = None if len(feats) <= EXACT_MAX else self.model.index_factory(feats)
+        found = []
         for start in range(0, len(self.feats), self.batch_size):
             at = slice(start, start + self.batch_size)
-            d, rows = index.search(self._patches(at))
-            yield at, d.view(-1, n_cells), rows.view(-1, n_cells), owner, feats
+            if index is None:
+                pos, d, rows = nearer_columns(feats, self.feats[at].flatten(2), self.sq[at], than[at])
+            else:
+                d, rows = (t.view(-1, than.shape[1]) for t in index.search(self._patches(at)))
+                pos = (d < than[at]).nonzero()
+                d, rows = d[pos[:, 0], pos[:, 1]], rows[pos[:, 0], pos[:, 1]]
+            found.append((pos[:, 0] + start, pos[:, 1], d, rows))
+        img, cell, d, rows = (torch.cat(t) for t in zip(*found, strict=True)) if found else (torch.zeros(0, dtype=torch.long),) * 4
+        return img, cell, d.float(), feats[rows], owner[rows]
 
     def _follow_normals(self, now: dict[str, torch.Tensor]) -> None:
         gone, added = self._changes(self.normals, now)
@@ -381,11 +401,7 @@ class DMADPatchScores(PatchScores):
             d, nearest, group, _ = model.nearest_normal(self.feats.flatten(2)[img, :, cell].float())
             self._renormal(img, cell, d, nearest, self._numbers(group, model.normal_evidence))
         if added:
-            for at, d, rows, owner, feats in self._nearer(added):
-                cells = (d < self.d_n[at]).nonzero()
-                img, cell = cells[:, 0] + at.start, cells[:, 1]
-                r = rows[cells[:, 0], cells[:, 1]]
-                self._renormal(img, cell, d[cells[:, 0], cells[:, 1]], feats[r], owner[r])
+            self._renormal(*self._nearer(added, self.d_n))
 
     def _renormal(self, img: torch.Tensor, cell: torch.Tensor, d_n: torch.Tensor, nearest: torch.Tensor,
                   number: torch.Tensor) -> None:
@@ -407,10 +423,8 @@ class DMADPatchScores(PatchScores):
             d, rows = self.model.nearest_abnormal(q)
             self.d_a[img, cell], self.nearest[img, cell] = d, self._owners(rows, self.model.abnormal_bank)
         if added:  # only the new entries can come nearer
-            for at, d, rows, owner, _ in self._nearer(added):
-                nearer = d < self.d_a[at]
-                self.d_a[at][nearer] = d[nearer]
-                self.nearest[at][nearer] = owner[rows[nearer]]
+            img, cell, d, _, number = self._nearer(added, self.d_a)
+            self.d_a[img, cell], self.nearest[img, cell] = d, number
 
 
 def _nearest_outside(bank: AbnormalBank, groups: set[str], q: torch.Tensor, none: float
