@@ -78,7 +78,7 @@ class LabelingProject:
     def __init__(self, url: str, token: str, project_id: int):
         self.url, self.token, self.id = url, token, project_id
         self.ls = _studio(url, token)
-        self._predictions: dict[int, tuple[int, str]] | None = None  # task -> (prediction id, digest)
+        self._predictions: dict[int, str] | None = None  # task -> digest of its one prediction
         self._data: dict[int, dict] | None = None  # task -> its data, as Label Studio holds it
         self.config = LabelConfig.parse(self.ls.projects.get(id=project_id).label_config)
 
@@ -168,7 +168,7 @@ class LabelingProject:
         for p in predictions:
             digest = _digest(p, model_version)
             have = current.get(p["task"])
-            if have is not None and have[1] == digest:
+            if have == digest:
                 continue
             if have is not None:
                 replaced.append(p["task"])
@@ -180,13 +180,9 @@ class LabelingProject:
                                    selected_items={"all": False, "included": replaced})
         for i in range(0, len(new), 500):
             self.ls.projects.import_predictions(id=self.id, request=new[i:i + 500])
-        if new:  # the ids of imported predictions: read back once (what they say is what we sent,
-            # or, for the others, what was known of them: a digest of Label Studio's copy can differ)
-            digests = {**{task: d for task, (_, d) in current.items()}, **digests}
-            self._predictions = None
-            for task, (pred_id, _) in self._current_predictions().items():
-                if task in digests:
-                    self._predictions[task] = (pred_id, digests[task])
+        # what they say is what was sent: not read back (reading every prediction of the project
+        # after each push made an annotation cost the pool); the next reconcile reads them all
+        current.update(digests)
         self._write_decisions({p["task"]: p["decision"] for p in predictions if "decision" in p})
         if self.model_version() != model_version:
             self.ls.projects.update(id=self.id, model_version=model_version)
@@ -202,8 +198,8 @@ class LabelingProject:
                 data["decision"] = decision
                 self.ls.tasks.update(id=task, data=data)
 
-    def _current_predictions(self) -> dict[int, tuple[int, str]]:
-        """task -> (prediction id, digest) of its one prediction; duplicates deleted (newest kept)."""
+    def _current_predictions(self) -> dict[int, str]:
+        """task -> digest of its one prediction; duplicates deleted (newest kept)."""
         if self._predictions is None:
             by_task: dict[int, list] = {}
             for pred in self.ls.predictions.list(project=self.id):
@@ -214,8 +210,7 @@ class LabelingProject:
                 for old in preds[:-1]:
                     self.ls.predictions.delete(id=old.id)
                 keep = preds[-1]
-                self._predictions[task] = (keep.id, _digest({"result": keep.result, "score": keep.score},
-                                                           keep.model_version or ""))
+                self._predictions[task] = _digest({"result": keep.result, "score": keep.score}, keep.model_version or "")
         return self._predictions
 
     def forget_predictions(self) -> None:
