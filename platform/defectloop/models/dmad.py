@@ -255,6 +255,7 @@ class DMADPatchScores(PatchScores):
         self._bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _bank_nearest
         self.shape = tuple(feats.shape[2:])
         self.base, self.log_dn, self.d_a, self.nearest, self.d_n, self.normal_from, self.head, self.sq = self._evidence(0)
+        self.scores = self._score(slice(None))  # the patch scores, kept: a refresh compares only what it touched
 
     @torch.no_grad()
     def _evidence(self, first: int) -> tuple[torch.Tensor, ...]:
@@ -284,6 +285,19 @@ class DMADPatchScores(PatchScores):
         names = ("base", "log_dn", "d_a", "nearest", "d_n", "normal_from", "head", "sq")
         for name, new in zip(names, self._evidence(first), strict=True):
             setattr(self, name, torch.cat([getattr(self, name), new]))
+        self.scores = torch.cat([self.scores, self._score(slice(first, None))])
+
+    def _score(self, *at) -> torch.Tensor:
+        """Patch scores from the evidence at ``at`` (an index into images x patches)."""
+        return self.base[at] + self.model.scorer.abnormal_term(self.log_dn[at], self.d_a[at])
+
+    def _rescored(self, img: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """The kept scores of these patches brought up to date with their evidence; returns the
+        images of those that changed."""
+        new = self._score(img, cell)
+        changed = new != self.scores[img, cell]
+        self.scores[img, cell] = new
+        return img[changed]
 
     def _patches(self, images: slice) -> torch.Tensor:
         f = self.feats[images]
@@ -303,8 +317,7 @@ class DMADPatchScores(PatchScores):
                              if len(bank) else torch.full_like(rows, -1), bank)
 
     def of(self, images: torch.Tensor) -> torch.Tensor:
-        d_a = self.d_a[images]
-        return (self.base[images] + self.model.scorer.abnormal_term(self.log_dn[images], d_a)).view(-1, *self.shape)
+        return self.scores[images].view(-1, *self.shape)
 
     def defects(self, images: torch.Tensor) -> list[str | None]:
         """The defect type of the annotation nearest to each image's most anomalous patch, when that
@@ -355,11 +368,7 @@ class DMADPatchScores(PatchScores):
         abnormal, normals = self.model.abnormal_bank.entries(), self.model.normal_evidence.entries()
         if _same(self.entries, abnormal) and _same(self.normals, normals):
             return torch.zeros(0, dtype=torch.long)
-        everything = torch.arange(len(self.feats))
-        before = self.of(everything)
-        self._follow_normals(normals)
-        self._follow_abnormal(abnormal)
-        return (self.of(everything) != before).flatten(1).any(1).nonzero()[:, 0]
+        return torch.cat([self._follow_normals(normals), self._follow_abnormal(abnormal)]).unique()
 
     def _changes(self, old: dict[str, torch.Tensor], now: dict[str, torch.Tensor]
                  ) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -391,40 +400,49 @@ class DMADPatchScores(PatchScores):
         img, cell, d, rows = (torch.cat(t) for t in zip(*found, strict=True)) if found else (torch.zeros(0, dtype=torch.long),) * 4
         return img, cell, d.float(), feats[rows], owner[rows]
 
-    def _follow_normals(self, now: dict[str, torch.Tensor]) -> None:
+    def _follow_normals(self, now: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The normal evidence as it is ``now``; returns the images whose scores it moved."""
         gone, added = self._changes(self.normals, now)
         self.normals = now
-        model = self.model
+        model, moved = self.model, [torch.zeros(0, dtype=torch.long)]
         if gone:  # patches whose nearest normal entry left: searched again against the whole memory
             stale = torch.isin(self.normal_from, torch.tensor([self.ids[name] for name in gone])).nonzero()
             img, cell = stale[:, 0], stale[:, 1]
             d, nearest, group, _ = model.nearest_normal(self.feats.flatten(2)[img, :, cell].float())
-            self._renormal(img, cell, d, nearest, self._numbers(group, model.normal_evidence))
+            moved.append(self._renormal(img, cell, d, nearest, self._numbers(group, model.normal_evidence)))
         if added:
-            self._renormal(*self._nearer(added, self.d_n))
+            moved.append(self._renormal(*self._nearer(added, self.d_n)))
+        return torch.cat(moved)
 
     def _renormal(self, img: torch.Tensor, cell: torch.Tensor, d_n: torch.Tensor, nearest: torch.Tensor,
-                  number: torch.Tensor) -> None:
-        """New nearest normal entries for some patches: their base scores computed again."""
+                  number: torch.Tensor) -> torch.Tensor:
+        """New nearest normal entries for some patches: their base scores computed again; returns
+        the images whose scores moved."""
         if not len(img):
-            return
+            return img
         q = self.feats.flatten(2)[img, :, cell].float()
         # the nearest normal-bank entry, and so the patch's category and head gate, stay as they were
         log_dn, base = self.model.scorer.normal_terms(Enhanced(q, q - nearest, d_n, self.d_a[img, cell], self.head[img, cell]))
         self.base[img, cell], self.log_dn[img, cell], self.d_n[img, cell], self.normal_from[img, cell] = base, log_dn, d_n, number
+        return self._rescored(img, cell)
 
-    def _follow_abnormal(self, now: dict[str, torch.Tensor]) -> None:
+    def _follow_abnormal(self, now: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The abnormal bank as it is ``now``; returns the images whose scores it moved."""
         gone, added = self._changes(self.entries, now)
         self.entries = now
+        moved = [torch.zeros(0, dtype=torch.long)]
         if gone:  # patches whose nearest entry left: searched again against the whole bank
             stale = torch.isin(self.nearest, torch.tensor([self.ids[name] for name in gone])).nonzero()
             img, cell = stale[:, 0], stale[:, 1]
             q = self.feats.flatten(2)[img, :, cell].float()
             d, rows = self.model.nearest_abnormal(q)
             self.d_a[img, cell], self.nearest[img, cell] = d, self._owners(rows, self.model.abnormal_bank)
+            moved.append(self._rescored(img, cell))
         if added:  # only the new entries can come nearer
             img, cell, d, _, number = self._nearer(added, self.d_a)
             self.d_a[img, cell], self.nearest[img, cell] = d, number
+            moved.append(self._rescored(img, cell))
+        return torch.cat(moved)
 
 
 def _nearest_outside(bank: AbnormalBank, groups: set[str], q: torch.Tensor, none: float
