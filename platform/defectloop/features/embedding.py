@@ -130,8 +130,7 @@ def _by_image(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
     """Consecutive samples that are tiles of one image (one grid), as one group; others alone."""
     group: list[Sample] = []
     for s in samples:
-        if group and not (s.tile and group[0].tile and s.path == group[0].path and s.tile.grid == group[0].tile.grid
-                          and s.mask_path == group[0].mask_path):
+        if group and not (s.tile and group[0].tile and s.path == group[0].path and s.tile.grid == group[0].tile.grid):
             yield group
             group = []
         group.append(s)
